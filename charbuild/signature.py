@@ -1,0 +1,105 @@
+"""Input signatures for expensive targets (trained LoRAs).
+
+doit records a task's dependencies only when the task *finishes*, and loses the
+whole run's records on SIGTERM/SIGKILL. A training that runs for an hour must
+not be marked fresh for inputs edited while it ran, and must not be retrained
+because a database record was lost. So the train action computes a signature of
+its inputs when it *starts* and stores it in a sidecar beside the LoRA; an
+``uptodate`` check compares the sidecar with the inputs on disk.
+
+A signature maps each input file to (size, mtime_ns, md5) plus an ``extra``
+dict (training parameters, model signature, dataset semantics). Checking is
+cheap: a file whose size and mtime match the sidecar is not re-hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from .fsutil import write_text_atomic
+
+SIDECAR_VERSION = 1
+
+
+def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
+    """MD5 hex digest of a file, read in chunks."""
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """A stable JSON spelling of ``value`` (sorted keys, no spaces) for hashing and comparing."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def compute_signature(files: Iterable[str | Path], root: str | Path, extra: dict) -> dict:
+    """Signature of ``files`` (keyed by path relative to ``root``) and ``extra``."""
+    root = Path(root)
+    entries = {}
+    for f in sorted(Path(p) for p in files):
+        st = f.stat()
+        key = Path(os.path.relpath(f, root)).as_posix()
+        entries[key] = [st.st_size, st.st_mtime_ns, file_md5(f)]
+    return {"version": SIDECAR_VERSION, "files": entries, "extra": json.loads(canonical_json(extra))}
+
+
+def write_sidecar(path: str | Path, signature: dict) -> None:
+    """Write a signature sidecar atomically."""
+    write_text_atomic(path, json.dumps(signature, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
+
+
+def read_sidecar(path: str | Path) -> dict | None:
+    """The sidecar's signature, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def describe_difference(saved: dict | None, files: Iterable[str | Path], root: str | Path, extra: dict) -> str | None:
+    """Why ``saved`` does not match the current inputs, or None when it does.
+
+    Files whose (size, mtime) match are trusted without hashing; others are
+    compared by MD5, so a touched but identical file is not a change.
+    """
+    if saved is None:
+        return "no signature of a finished training"
+    if saved.get("version") != SIDECAR_VERSION:
+        return "signature format changed"
+    root = Path(root)
+    current = json.loads(canonical_json(extra))
+    old_extra = saved.get("extra", {})
+    if old_extra != current:
+        changed = sorted(k for k in set(old_extra) | set(current) if old_extra.get(k) != current.get(k))
+        return "settings changed: " + ", ".join(changed)
+    old_files = saved.get("files", {})
+    keys = {}
+    for f in files:
+        keys[Path(os.path.relpath(Path(f), root)).as_posix()] = Path(f)
+    added = sorted(set(keys) - set(old_files))
+    removed = sorted(set(old_files) - set(keys))
+    if added or removed:
+        parts = []
+        if added:
+            parts.append(f"{len(added)} input(s) added (e.g. {added[0]})")
+        if removed:
+            parts.append(f"{len(removed)} input(s) removed (e.g. {removed[0]})")
+        return "; ".join(parts)
+    for key, path in sorted(keys.items()):
+        size, mtime_ns, md5 = old_files[key]
+        try:
+            st = path.stat()
+        except OSError:
+            return f"input missing: {key}"
+        if st.st_size == size and st.st_mtime_ns == mtime_ns:
+            continue
+        if st.st_size != size or file_md5(path) != md5:
+            return f"input changed: {key}"
+    return None
