@@ -103,3 +103,38 @@ def describe_difference(saved: dict | None, files: Iterable[str | Path], root: s
         if st.st_size != size or file_md5(path) != md5:
             return f"input changed: {key}"
     return None
+
+
+def model_signature(value: str | None, root: str | Path, cache_dir: str | Path) -> dict | None:
+    """A base model's identity for training signatures, hashed once and cached.
+
+    ``"tiny"`` is its own identity. A file (or every file of a diffusers folder)
+    is hashed with MD5 once; the hash is cached by (path, size, mtime) in
+    ``cache_dir/model-hashes.json``, so multi-GB checkpoints are not re-read on
+    every build.
+    """
+    if value is None:
+        return None
+    if value == "tiny":
+        return {"tiny": True}
+    root = Path(root)
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else root / path
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    cache_file = Path(cache_dir) / "model-hashes.json"
+    cache = read_sidecar(cache_file) or {}
+    changed = False
+    digest = hashlib.md5()
+    for f in files:
+        st = f.stat()
+        key = str(f.resolve())
+        entry = cache.get(key)
+        if not entry or entry[0] != st.st_size or entry[1] != st.st_mtime_ns:
+            entry = [st.st_size, st.st_mtime_ns, file_md5(f)]
+            cache[key] = entry
+            changed = True
+        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        digest.update(f"{rel}\0{entry[2]}\0".encode())
+    if changed:
+        write_sidecar(cache_file, cache)
+    return {"md5": digest.hexdigest()}

@@ -1,0 +1,54 @@
+"""One build at a time per project, and builds that keep their work when stopped.
+
+doit's sqlite3 state is written once, at the end of a run; a second writer
+finishing meanwhile fails with "database is locked", and SIGTERM (an editor's
+"stop build", a CI timeout) would lose every success of the run. So a build
+takes an OS file lock (released by the kernel when the process dies: no stale
+lock files to remove) and turns SIGTERM into KeyboardInterrupt, which doit
+handles by recording the tasks that finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
+
+from .errors import CharbuildError
+
+
+class BuildLocked(CharbuildError):
+    exit_code = 3
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def install_sigterm_handler() -> None:
+    """Make SIGTERM behave like Ctrl-C (main thread only; a no-op elsewhere)."""
+    with contextlib.suppress(ValueError, AttributeError):
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: str | Path) -> Iterator[None]:
+    """Hold the project's build lock; fail at once with a clear message when it is taken."""
+    lock_dir = Path(build_dir) / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_dir / "build.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise BuildLocked(
+            "another build of this project is running (build/locks/build.lock is held); "
+            "wait for it to finish or stop it first", path=lock_dir / "build.lock") from None
+    try:
+        (lock_dir / "build.pid").write_text(str(os.getpid()), encoding="utf-8")
+        yield
+    finally:
+        lock.release()

@@ -1,0 +1,277 @@
+"""The ``charbuild`` command: check, build, status, new, tags, train, tensorboard, and the
+LoRA tools (inspect, merge, compress, combine).
+
+Every user-facing failure is a ``CharbuildError``; :func:`main` is the one place
+that prints them (``path:line: error: message``) and picks the exit status.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import CharbuildError
+
+CHARACTER_TEMPLATE = '''# Character "{name}". Pictures: face/f00.png ... (face images, nude upper body),
+# outfits/<outfit>/b00.png ... (full body in that outfit). Codes: f/b, then 0 horizontal /
+# 1 from above / 2 from below, then 0 front .. 4 behind (5-7: mirrored 3-1).
+keyword = "{keyword}"        # trigger word, also the face LoRA's name
+class = "girl"               # class_tokens = "{keyword} girl"
+tags = []                    # extra caption tags after the keyword, e.g. ["short hair", "choker"]
+background = "black"         # transparent areas filled "black" (dark hair) or "white" (light hair)
+symmetric = true             # left-right symmetric: flip_aug; false needs the codes 5-7 too
+
+[face]                       # the face LoRA
+repeats = 4
+steps = 1000
+# variants = ["Lora3x3A50p-AdamW8", "LohaA50p-AdamW8"]
+# merge = "FACE"             # block weights: preset name, 17/26 values, or a block table
+{outfit_block}'''
+
+OUTFIT_TEMPLATE = '''
+[outfits.{outfit}]            # a body LoRA: face pictures + outfits/{outfit}/b??.png
+keyword = "{keyword}{short}"
+tags = []
+repeats = 2
+steps = 1200
+'''
+
+
+def _root(root: str | None) -> Path:
+    from .config import find_root
+
+    return find_root(Path(root) if root else None)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="charbuild")
+def cli():
+    """Build Stable Diffusion character LoRAs from a folder of pictures, incrementally."""
+
+
+@cli.command()
+@click.option("--root", type=click.Path(file_okay=False), help="Project folder (default: found from here upwards).")
+@click.option("--quick", is_flag=True, help="Read picture headers only (skip decoding every picture).")
+def check(root, quick):
+    """Validate the project; list every problem as path:line: message."""
+    from .config import load_project
+
+    project = load_project(_root(root), verify_images=not quick)
+    for w in project.warnings:
+        click.echo(str(w), err=True)
+    pictures = sum(len(p.images) for ch in project.characters.values() for p in [ch.face, *ch.outfits.values()])
+    kinds = {}
+    for lora in project.loras.values():
+        kinds[lora.kind] = kinds.get(lora.kind, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    click.echo(f"ok: {len(project.characters)} character(s), {pictures} picture(s), "
+               f"{len(project.loras)} LoRA(s) ({summary}), {len(project.warnings)} warning(s)")
+
+
+@cli.command()
+@click.argument("targets", nargs=-1)
+@click.option("-n", "--jobs", type=int, default=1, show_default=True, help="Tasks run in parallel (trainings still take one GPU each).")
+@click.option("--for", "for_file", type=click.Path(exists=True, dir_okay=False), help="Build what depends on this file.")
+@click.option("--train/--no-train", "with_training", default=False, help="With --for: also train, merge and compress.")
+@click.option("--continue", "keep_going", is_flag=True, help="Go on past failed tasks; summary at the end.")
+@click.option("--root", type=click.Path(file_okay=False))
+def build(targets, jobs, for_file, with_training, keep_going, root):
+    """Build TARGETS (default: everything): task names, groups, characters or LoRA names."""
+    from .dodo import run_doit
+
+    root_path = _root(root)
+    targets = list(targets)
+    if for_file:
+        targets += targets_for_file(root_path, Path(for_file), with_training)
+        if not targets:
+            click.echo(f"{for_file}: nothing in the project depends on this file")
+            return
+    argv = ["run"]
+    if jobs > 1:
+        argv += ["-n", str(jobs), "-P", "process"]
+    if keep_going:
+        argv.append("--continue")
+    code = run_doit(root_path, argv + targets)
+    sys.exit(code)
+
+
+def targets_for_file(root: Path, file: Path, with_training: bool = False) -> list[str]:
+    """doit task names that depend on ``file`` (a source picture or a TOML of the project)."""
+    from .dodo import graph
+    from .tasks import image_task_name
+
+    g = graph(root)
+    project = g.project
+    file = file.resolve()
+    names: list[str] = []
+    loras = []
+    for part in g.parts():
+        for img in part.images:
+            if img.path.resolve() == file:
+                for _, size, _, _ in [t for t in g.part_files(part) if t[0] is img]:
+                    names += [f"image:{image_task_name(part, img, size)}", f"caption:{image_task_name(part, img, size)}"]
+                loras += [lora for lora in project.loras.values() if part in lora.parts]
+    chars_dir = project.characters_dir.resolve()
+    if file.name == "character.toml" and file.parent.parent == chars_dir:
+        ch = file.parent.name
+        for part in g.parts():
+            if part.character == ch:
+                for img, size, _, _ in g.part_files(part):
+                    names += [f"image:{image_task_name(part, img, size)}", f"caption:{image_task_name(part, img, size)}"]
+        loras += [lora for lora in project.loras.values() if ch in lora.characters]
+    if file.parent == chars_dir and file.name in ("project.toml", "groups.toml"):
+        names += ["image", "caption"]
+        loras += list(project.loras.values())
+    for lora in dict.fromkeys(loras):
+        names += [f"dataset:{lora.name}", f"preview:{lora.name}"]
+        if with_training:
+            names += [f"compress:{lora.name}/{p.name}" for p in g.variants(lora)]
+    return list(dict.fromkeys(names))
+
+
+@cli.command()
+@click.option("--root", type=click.Path(file_okay=False))
+@click.option("--all", "show_all", is_flag=True, help="List every stale task, not the first few per group.")
+def status(root, show_all):
+    """Targets out of date, and why."""
+    from .status import stale_tasks
+
+    root_path = _root(root)
+    stale = stale_tasks(root_path)
+    if not stale:
+        click.echo("everything is up to date")
+        return
+    groups: dict[str, list] = {}
+    for name, reasons in stale:
+        groups.setdefault(name.split(":", 1)[0], []).append((name, reasons))
+    for group, items in groups.items():
+        click.echo(f"{group}: {len(items)} to build")
+        for name, reasons in items if show_all else items[:5]:
+            click.echo(f"  {name}: {reasons}")
+        if not show_all and len(items) > 5:
+            click.echo(f"  ... and {len(items) - 5} more (--all lists them)")
+    click.echo("(tasks downstream of these rebuild too when their inputs change)")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--keyword", help="Trigger word (default: the name without spaces).")
+@click.option("--outfit", "outfits", multiple=True, help="Add an outfit (repeatable).")
+@click.option("--root", type=click.Path(file_okay=False))
+def new(name, keyword, outfits, root):
+    """Scaffold characters/NAME with a commented character.toml."""
+    root_path = Path(root) if root else Path.cwd()
+    try:
+        root_path = _root(root)
+    except CharbuildError:
+        pass
+    folder = root_path / "characters" / name
+    if (folder / "character.toml").exists():
+        raise CharbuildError(f"{name!r} already exists; nothing was changed", path=folder / "character.toml")
+    keyword = keyword or "".join(name.split())
+    outfit_block = "".join(OUTFIT_TEMPLATE.format(outfit=o, keyword=keyword, short=o[:2]) for o in outfits)
+    text = CHARACTER_TEMPLATE.format(name=name, keyword=keyword, outfit_block=outfit_block)
+    (folder / "face").mkdir(parents=True, exist_ok=True)
+    for o in outfits:
+        (folder / "outfits" / o).mkdir(parents=True, exist_ok=True)
+    from .fsutil import write_text_atomic
+
+    write_text_atomic(folder / "character.toml", text)
+    click.echo(f"created {folder.relative_to(root_path).as_posix()}/character.toml; put pictures in face/"
+               + (" and outfits/<outfit>/" if outfits else ""))
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--keyword", help="Keyword (default: from the folder name, as the original tool did).")
+@click.option("--tag", "tags", multiple=True, help="Extra tag after the keyword (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Replace .txt files that differ from the generated caption.")
+def tags(folder, keyword, tags, overwrite):
+    """Caption every coded picture in FOLDER in place (the original drag-and-drop tool)."""
+    from .captions import caption_folder
+
+    report = caption_folder(Path(folder), keyword=keyword, tags=list(tags), overwrite=overwrite)
+    click.echo(str(report))
+
+
+@cli.command()
+@click.argument("loras", nargs=-1)
+@click.option("--dry-run", is_flag=True, help="Print the training commands; run nothing.")
+@click.option("--root", type=click.Path(file_okay=False))
+@click.option("-n", "--jobs", type=int, default=1, help="Parallel tasks (trainings still one per GPU).")
+def train(loras, dry_run, root, jobs):
+    """Train LORAS (default: every stale one), or print the commands with --dry-run."""
+    from .dodo import graph, run_doit
+
+    root_path = _root(root)
+    g = graph(root_path)
+    selected = [g.project.loras[n] for n in loras] if loras else list(g.project.loras.values())
+    unknown = [n for n in loras if n not in g.project.loras]
+    if unknown:
+        raise CharbuildError(f"no LoRA named {', '.join(unknown)}; known: {', '.join(g.project.loras)}")
+    if dry_run:
+        from .train.runner import dry_run_commands
+
+        for lora in selected:
+            for params in g.variants(lora):
+                job, _ = g.train_job(lora, params)
+                click.echo(f"# train:{lora.name}/{params.name}")
+                for line in dry_run_commands(job):
+                    click.echo(line)
+        return
+    targets = [f"train:{lora.name}/{p.name}" for lora in selected for p in g.variants(lora)]
+    argv = ["run", "--continue"] + (["-n", str(jobs), "-P", "process"] if jobs > 1 else [])
+    sys.exit(run_doit(root_path, argv + targets))
+
+
+@cli.command()
+@click.option("--root", type=click.Path(file_okay=False))
+@click.option("--port", type=int, default=6006, show_default=True)
+def tensorboard(root, port):
+    """Show the training logs of every LoRA in TensorBoard."""
+    root_path = _root(root)
+    logdir = root_path / "build" / "loras"
+    click.echo(f"TensorBoard on http://localhost:{port} (logs: {logdir})")
+    sys.exit(subprocess.call([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port)]))
+
+
+def _register_lora_commands() -> None:
+    try:
+        from .lora.cli import COMMANDS
+    except ImportError:  # the LoRA toolkit is optional at import time only while developing
+        return
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_register_lora_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: the one handler for every CharbuildError."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except CharbuildError as exc:
+        for problem in exc.problems():
+            click.echo(str(problem), err=True)
+        for warning in getattr(exc, "warnings", []):
+            click.echo(str(warning), err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("stopped", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The doit entry point of a charbuild project.
+
+A project's ``dodo.py`` is one line, ``from charbuild.dodo import *``; doit runs
+it with the project folder as working directory. ``charbuild build`` uses the
+same task creators through :func:`run_doit`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .errors import CharbuildError
+
+__all__ = ["DOIT_CONFIG", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
+           "task_merge", "task_compress", "task__prune", "task__aliases"]
+
+DOIT_CONFIG = {
+    "backend": "sqlite3",
+    "dep_file": "build/.doit.db",
+    "check_file_uptodate": "md5",
+    "verbosity": 1,
+    "action_string_formatting": "new",
+}
+
+# doit commands that only read state: they must not take the build lock.
+READ_ONLY_COMMANDS = {"list", "info", "help", "dumpdb", "tabcompletion", "strace"}
+_graphs: dict[Path, object] = {}
+
+
+def graph(root: Path | None = None):
+    """The task graph of the project at ``root`` (default: the working directory), loaded once."""
+    from doit.exceptions import InvalidDodoFile
+
+    from .config import load_project
+    from .tasks import Graph
+
+    root = (root or Path.cwd()).resolve()
+    if root not in _graphs:
+        (root / "build").mkdir(exist_ok=True)
+        try:
+            project = load_project(root)
+        except CharbuildError as exc:
+            for problem in exc.problems():
+                print(problem, file=sys.stderr)
+            for problem in getattr(exc, "warnings", []):
+                print(problem, file=sys.stderr)
+            raise InvalidDodoFile(f"{exc.message}; fix them (`charbuild check` lists them again)") from None
+        for warning in project.warnings:
+            print(warning, file=sys.stderr)
+        _graphs[root] = Graph(project)
+    return _graphs[root]
+
+
+def forget_loaded_projects() -> None:
+    """Drop cached projects (tests and long-lived processes that rebuild after edits)."""
+    _graphs.clear()
+
+
+def task_image():
+    """prepared pictures: background flattened, one folder per ladder size"""
+    yield from graph().image_tasks()
+
+
+def task_caption():
+    """caption .txt per prepared picture, from its angle code"""
+    yield from graph().caption_tasks()
+
+
+def task_dataset():
+    """dataset TOML per LoRA for kohya-ss sd-scripts"""
+    yield from graph().dataset_tasks()
+
+
+def task_preview():
+    """contact sheet per LoRA: what will be trained"""
+    yield from graph().preview_tasks()
+
+
+def task_train():
+    """raw LoRA per LoRA and variant (holds a GPU lock)"""
+    yield from graph().train_tasks()
+
+
+def task_merge():
+    """block-weight-merged LoRA"""
+    yield from graph().merge_tasks()
+
+
+def task_compress():
+    """compressed LoRA: the file to use"""
+    yield from graph().compress_tasks()
+
+
+def task__prune():
+    """remove prepared pictures whose source is gone"""
+    yield from graph().prune_tasks()
+
+
+def task__aliases():
+    """one task per character and per LoRA name"""
+    yield from graph().alias_tasks()
+
+
+def _command_of(argv: list[str]) -> str:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return "run"
+
+
+def _guard_plain_doit() -> None:
+    """Under a plain ``doit`` command line: take the build lock and handle SIGTERM for runs."""
+    prog = Path(sys.argv[0]).name.lower() if sys.argv else ""
+    if not (prog.startswith("doit") or (prog == "__main__.py" and "doit" in sys.argv[0])):
+        return
+    command = _command_of(sys.argv[1:])
+    from .buildlock import build_lock, install_sigterm_handler
+
+    install_sigterm_handler()
+    if command in READ_ONLY_COMMANDS:
+        return
+    try:
+        lock = build_lock(Path.cwd() / "build")
+        lock.__enter__()
+    except CharbuildError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(exc.exit_code)
+    _held.append(lock)
+
+
+_held: list = []
+_guard_plain_doit()
+
+
+def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = None) -> int:
+    """Run doit on the project at ``root`` in this process, holding the build lock for runs.
+
+    ``argv`` is doit's command line (``["run", "-n", "4", "krnk"]``, ``["list"]``).
+    Returns doit's exit code.
+    """
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.doit_cmd import DoitMain
+
+    from . import dodo as this
+    from .buildlock import build_lock, install_sigterm_handler
+
+    root = Path(root).resolve()
+    old = Path.cwd()
+    os.chdir(root)
+    try:
+        forget_loaded_projects()
+        install_sigterm_handler()
+        command = _command_of(argv)
+        namespace = {name: getattr(this, name) for name in __all__}
+        main = DoitMain(ModuleTaskLoader(namespace), extra_config={"GLOBAL": extra_config or {}})
+        if command in READ_ONLY_COMMANDS:
+            return main.run(argv)
+        (root / "build").mkdir(exist_ok=True)
+        with build_lock(root / "build"):
+            return main.run(argv)
+    finally:
+        os.chdir(old)

@@ -1,0 +1,432 @@
+"""doit task creators: one task per artifact, each depending on exactly what it uses.
+
+| group     | target                                              | depends on                              |
+|-----------|-----------------------------------------------------|-----------------------------------------|
+| image     | build/images/<char>/<part>/<size>/<stem>.png        | source file (md5), size, background     |
+| caption   | …/<stem>.txt                                        | the caption text itself                 |
+| dataset   | build/loras/<lora>/dataset.toml                     | the TOML text itself                    |
+| preview   | build/loras/<lora>/preview.png                      | largest prepared images + captions (md5)|
+| train     | build/loras/<lora>/<variant>/raw.safetensors        | signature sidecar: inputs, params, model|
+| merge     | …/<variant>/merged.safetensors                      | raw file (md5), resolved block weights  |
+| compress  | …/<variant>/<lora>-<variant>.safetensors            | merged file (md5), compression settings |
+
+Text targets (captions, TOMLs) are computed while tasks load, so a task's
+``config_changed`` value *is* its output: a change elsewhere that leaves the
+text equal rebuilds nothing. Every action is a module-level function with
+plain arguments, so ``doit -n N`` can pickle tasks under any start method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from doit.exceptions import TaskFailed
+from doit.tools import config_changed
+
+from .config import Lora, Part, Project, SourceImage, image_dir, prepared_sizes, resolve_merge_weights
+from .errors import CharbuildError
+
+GROUP_DOCS = {
+    "image": "prepared pictures: background flattened, one folder per ladder size",
+    "caption": "caption .txt per prepared picture, from its angle code",
+    "dataset": "dataset TOML per LoRA for kohya-ss sd-scripts",
+    "preview": "contact sheet per LoRA: what will be trained",
+    "train": "raw LoRA per LoRA and training variant (holds a GPU lock)",
+    "merge": "block-weight-merged LoRA (FACE/BODY presets or your own)",
+    "compress": "compressed LoRA (SVD rank reduction): the file to use",
+}
+
+
+# --------------------------------------------------------------------------- actions
+
+
+def write_text_action(target: str, text: str) -> bool:
+    """Write a text artifact atomically (UTF-8, ``\\n`` line ends)."""
+    from .fsutil import write_text_atomic
+
+    write_text_atomic(target, text)
+    return True
+
+
+def merge_action(src: str, dst: str, weights: dict, keywords: list[str], note: str):
+    """Block-weight merge of a raw LoRA into ``dst``."""
+    from .lora.merge import merge_file
+
+    try:
+        merge_file(src, dst, weights, keywords=keywords, note=note)
+    except CharbuildError as exc:
+        return TaskFailed(str(exc))
+    return True
+
+
+def compress_action(src: str, dst: str, settings: dict):
+    """SVD rank reduction of a merged LoRA into ``dst`` (the deliverable file)."""
+    from .lora.compress import compress_file
+
+    method = settings["method"]
+    param = None if method == "rank" else settings[method]
+    try:
+        report = compress_file(src, dst, method=None if method == "rank" else method, param=param,
+                               new_rank=settings["new_rank"], new_conv_rank=settings.get("new_conv_rank"),
+                               save_precision=settings["save_precision"])
+    except CharbuildError as exc:
+        return TaskFailed(str(exc))
+    return {"report": _json_safe(report)}
+
+
+def prune_action(images_dir: str, expected: list[str]) -> bool:
+    """Delete prepared pictures and captions whose source is gone (only under build/images)."""
+    keep = set(expected)
+    root = Path(images_dir)
+    if not root.is_dir():
+        return True
+    removed = 0
+    for path in sorted(root.rglob("*"), reverse=True):
+        rel = path.as_posix()
+        if path.is_file() and rel not in keep and path.suffix in (".png", ".txt"):
+            path.unlink()
+            removed += 1
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    if removed:
+        print(f"removed {removed} prepared file(s) whose source picture is gone")
+    return True
+
+
+def _json_safe(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return json.loads(json.dumps(value, default=str))
+
+
+class TrainUpToDate:
+    """doit ``uptodate`` check of a training: compares the signature sidecar with the inputs.
+
+    Its ``repr`` is what ``doit info`` / ``charbuild status`` print as the reason.
+    """
+
+    def __init__(self, job: dict):
+        self.job = job
+        self.reason: str | None = None
+
+    def __call__(self, task, values) -> bool:
+        from .train.runner import is_up_to_date
+
+        ok, reason = is_up_to_date(self.job)
+        self.reason = reason
+        return ok
+
+    def __repr__(self) -> str:
+        return f"training: {self.reason or 'inputs and settings unchanged'}"
+
+
+# --------------------------------------------------------------------------- path helpers
+
+
+def prepared_png(part: Part, size: int, img: SourceImage) -> str:
+    return f"{image_dir(part, size)}/{img.stem}.png"
+
+
+def prepared_txt(part: Part, size: int, img: SourceImage) -> str:
+    return f"{image_dir(part, size)}/{img.stem}.txt"
+
+
+def lora_dir(lora: Lora) -> str:
+    return f"build/loras/{lora.name}"
+
+
+def image_task_name(part: Part, img: SourceImage, size: int) -> str:
+    return f"{part.character}/{part.name}/{img.stem}@{size}"
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+class Graph:
+    """All task dicts of a project, grouped by basename, plus the aliases."""
+
+    def __init__(self, project: Project):
+        self.project = project
+        from .captions import rules_with_overrides
+
+        self.rules = rules_with_overrides(project.captions)
+        self.sizes = project.dataset["sizes"]
+        self._model_sig: dict | None = None
+
+    # -- helpers
+    def parts(self) -> Iterator[Part]:
+        for ch in self.project.characters.values():
+            yield ch.face
+            yield from ch.outfits.values()
+
+    def part_files(self, part: Part) -> list[tuple[SourceImage, int, str, str]]:
+        out = []
+        for size in self.sizes:
+            for img, _ in prepared_sizes(part, size):
+                out.append((img, size, prepared_png(part, size, img), prepared_txt(part, size, img)))
+        return out
+
+    def caption(self, part: Part, img: SourceImage) -> str:
+        from .captions import caption_text
+
+        return caption_text(img.code, part.lead_tags, self.rules)
+
+    def dataset_text(self, lora: Lora) -> str:
+        from .dataset_toml import Subset, render_dataset_toml
+
+        subsets = []
+        for part in lora.parts:
+            for size in self.sizes:
+                dims = prepared_sizes(part, size)
+                if dims:
+                    subsets.append(Subset(image_dir(part, size), part.class_tokens, part.flip_aug,
+                                          tuple(d for _, d in dims)))
+        return render_dataset_toml(lora.repeats, subsets, self.project.dataset["batch_sizes"])
+
+    # -- groups
+    def image_tasks(self):
+        yield {"basename": "image", "name": None, "doc": GROUP_DOCS["image"]}
+        for part in self.parts():
+            from .images import prepare_image_action
+
+            for img, size, png, _ in self.part_files(part):
+                yield {
+                    "basename": "image",
+                    "name": image_task_name(part, img, size),
+                    "actions": [(prepare_image_action, [img.rel, png, size, part.background])],
+                    "file_dep": [img.rel],
+                    "targets": [png],
+                    "uptodate": [config_changed({"size": size, "background": part.background, "v": 1})],
+                    "clean": True,
+                }
+
+    def caption_tasks(self):
+        yield {"basename": "caption", "name": None, "doc": GROUP_DOCS["caption"]}
+        for part in self.parts():
+            for img, size, _, txt in self.part_files(part):
+                text = self.caption(part, img)
+                yield {
+                    "basename": "caption",
+                    "name": image_task_name(part, img, size),
+                    "actions": [(write_text_action, [txt, text])],
+                    "targets": [txt],
+                    "uptodate": [config_changed(text)],
+                    "clean": True,
+                }
+
+    def prune_tasks(self):
+        expected = []
+        for part in self.parts():
+            for _, _, png, txt in self.part_files(part):
+                expected += [png, txt]
+        expected.sort()
+        yield {
+            "basename": "_prune",
+            "doc": "remove prepared pictures whose source is gone",
+            "actions": [(prune_action, ["build/images", expected])],
+            "uptodate": [config_changed(expected)],
+            "verbosity": 2,
+        }
+
+    def dataset_tasks(self):
+        yield {"basename": "dataset", "name": None, "doc": GROUP_DOCS["dataset"]}
+        for lora in self.project.loras.values():
+            text = self.dataset_text(lora)
+            yield {
+                "basename": "dataset",
+                "name": lora.name,
+                "actions": [(write_text_action, [f"{lora_dir(lora)}/dataset.toml", text])],
+                "targets": [f"{lora_dir(lora)}/dataset.toml"],
+                "uptodate": [config_changed(text)],
+                "clean": True,
+            }
+
+    def preview_entries(self, lora: Lora) -> list[tuple[str, str, str]]:
+        entries = []
+        for part in lora.parts:
+            for img in part.images:
+                best = None
+                for size in self.sizes:
+                    if prepared_sizes_one(img, size):
+                        best = size
+                if best is not None:
+                    entries.append((prepared_png(part, best, img), img.code, self.caption(part, img)))
+        return entries
+
+    def preview_tasks(self):
+        yield {"basename": "preview", "name": None, "doc": GROUP_DOCS["preview"]}
+        from .preview import render_preview_action
+
+        for lora in self.project.loras.values():
+            entries = self.preview_entries(lora)
+            out = f"{lora_dir(lora)}/preview.png"
+            yield {
+                "basename": "preview",
+                "name": lora.name,
+                "actions": [(render_preview_action, [entries, out, f"{lora.name} ({lora.kind})"])],
+                "file_dep": [e[0] for e in entries],
+                "targets": [out],
+                "uptodate": [config_changed({"captions": [e[1:] for e in entries], "v": 1})],
+                "clean": True,
+            }
+
+    def variants(self, lora: Lora):
+        from .train.variants import resolve_variant
+
+        defaults = {k: v for k, v in self.project.training.items() if k != "variants" and not k.startswith("_")}
+        entries = lora.variants or self.project.training["variants"]
+        return [resolve_variant(e, defaults=defaults, overrides=lora.training, steps=lora.steps) for e in entries]
+
+    def model_signature(self) -> dict:
+        if self._model_sig is None:
+            from .signature import model_signature
+
+            m = self.project.model
+            self._model_sig = {
+                "base": model_signature(m["base"], self.project.root, self.project.build_dir / "cache"),
+                "vae": model_signature(m["vae"], self.project.root, self.project.build_dir / "cache") if m["vae"] else None,
+                "arch": m["arch"],
+                "clip_skip": m["clip_skip"],
+            }
+        return self._model_sig
+
+    def train_job(self, lora: Lora, params) -> dict:
+        from .dataset_toml import dataset_semantics
+
+        root = self.project.root
+        vdir = f"{lora_dir(lora)}/{params.name}"
+        inputs, deps = [], [f"dataset:{lora.name}"]
+        for part in lora.parts:
+            for img, size, png, txt in self.part_files(part):
+                inputs += [str(root / png), str(root / txt)]
+                deps += [f"image:{image_task_name(part, img, size)}", f"caption:{image_task_name(part, img, size)}"]
+        trainer = dict(self.project.trainer)
+        trainer["lock_dir"] = str(self.project.build_dir / "locks")
+        if trainer.get("sd_scripts"):
+            sd = Path(trainer["sd_scripts"]).expanduser()
+            trainer["sd_scripts"] = str(sd if sd.is_absolute() else root / sd)
+        if trainer.get("fake_record"):
+            fr = Path(trainer["fake_record"])
+            trainer["fake_record"] = str(fr if fr.is_absolute() else root / fr)
+        model = dict(self.project.model)
+        for key in ("base", "vae"):
+            if model[key] and model[key] != "tiny" and not Path(model[key]).is_absolute():
+                model[key] = str(root / model[key])
+        job = {
+            "lora": lora.name,
+            "kind": lora.kind,
+            "variant": params.name,
+            "project_root": str(root),
+            "dataset_toml": str(root / lora_dir(lora) / "dataset.toml"),
+            "output": str(root / vdir / "raw.safetensors"),
+            "variant_dir": str(root / vdir),
+            "params": params.to_dict(),
+            "model": model,
+            "trainer": trainer,
+            "keywords": lora.keywords,
+            "inputs": inputs,
+            "signature_extra": {
+                "params": params.to_dict(),
+                "model": self.model_signature(),
+                "backend": trainer["backend"],
+                "dataset": dataset_semantics(self.dataset_text(lora)),
+                "keywords": lora.keywords,
+            },
+            "continue_from": None,
+        }
+        return job, deps
+
+    def train_tasks(self):
+        yield {"basename": "train", "name": None, "doc": GROUP_DOCS["train"]}
+        from .train.runner import train_action
+
+        for lora in self.project.loras.values():
+            for params in self.variants(lora):
+                job, deps = self.train_job(lora, params)
+                yield {
+                    "basename": "train",
+                    "name": f"{lora.name}/{params.name}",
+                    "actions": [(train_action, [job])],
+                    "task_dep": deps,
+                    "targets": [f"{lora_dir(lora)}/{params.name}/raw.safetensors"],
+                    "uptodate": [TrainUpToDate(job)],
+                    "verbosity": 2,
+                    "io": {"capture": False},
+                }
+
+    def merge_weights(self, lora: Lora) -> dict:
+        spec = lora.merge if lora.merge is not None else self.project.merge[lora.kind]
+        return resolve_merge_weights(spec, self.project)
+
+    def merge_tasks(self):
+        yield {"basename": "merge", "name": None, "doc": GROUP_DOCS["merge"]}
+        for lora in self.project.loras.values():
+            weights = self.merge_weights(lora)
+            spec = lora.merge if lora.merge is not None else self.project.merge[lora.kind]
+            for params in self.variants(lora):
+                vdir = f"{lora_dir(lora)}/{params.name}"
+                note = spec if isinstance(spec, str) else "custom block weights"
+                yield {
+                    "basename": "merge",
+                    "name": f"{lora.name}/{params.name}",
+                    "actions": [(merge_action, [f"{vdir}/raw.safetensors", f"{vdir}/merged.safetensors", weights, lora.keywords, note])],
+                    "file_dep": [f"{vdir}/raw.safetensors"],
+                    "targets": [f"{vdir}/merged.safetensors"],
+                    "uptodate": [config_changed({"weights": weights, "keywords": lora.keywords, "note": note})],
+                    "clean": True,
+                }
+
+    def compress_settings(self, lora: Lora) -> dict:
+        settings = {k: v for k, v in self.project.compress.items()}
+        settings.update(lora.compress)
+        return settings
+
+    def compress_tasks(self):
+        yield {"basename": "compress", "name": None, "doc": GROUP_DOCS["compress"]}
+        for lora in self.project.loras.values():
+            settings = self.compress_settings(lora)
+            for params in self.variants(lora):
+                vdir = f"{lora_dir(lora)}/{params.name}"
+                yield {
+                    "basename": "compress",
+                    "name": f"{lora.name}/{params.name}",
+                    "actions": [(compress_action, [f"{vdir}/merged.safetensors", f"{vdir}/{lora.name}-{params.name}.safetensors", settings])],
+                    "file_dep": [f"{vdir}/merged.safetensors"],
+                    "targets": [f"{vdir}/{lora.name}-{params.name}.safetensors"],
+                    "uptodate": [config_changed(settings)],
+                    "clean": True,
+                }
+
+    def alias_tasks(self):
+        project = self.project
+        for ch in project.characters.values():
+            deps = []
+            for part in [ch.face, *ch.outfits.values()]:
+                for img, size, _, _ in self.part_files(part):
+                    deps += [f"image:{image_task_name(part, img, size)}", f"caption:{image_task_name(part, img, size)}"]
+            for lora in project.loras.values():
+                if lora.kind != "group" and lora.characters == [ch.name]:
+                    deps += self.lora_deps(lora)
+            yield {"basename": ch.name, "actions": None, "task_dep": deps,
+                   "doc": f"character {ch.name}: its pictures, captions and LoRAs"}
+        for lora in project.loras.values():
+            if lora.name in project.characters:
+                continue  # the character alias already builds its face LoRA
+            yield {"basename": lora.name, "actions": None, "task_dep": self.lora_deps(lora),
+                   "doc": f"{lora.kind} LoRA {lora.name}: dataset, preview, training, merge, compress"}
+
+    def lora_deps(self, lora: Lora) -> list[str]:
+        deps = [f"dataset:{lora.name}", f"preview:{lora.name}"]
+        deps += [f"compress:{lora.name}/{p.name}" for p in self.variants(lora)]
+        return deps
+
+
+def prepared_sizes_one(img: SourceImage, size: int):
+    from .images import fitted_size
+
+    return fitted_size(img.width, img.height, size)

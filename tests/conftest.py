@@ -1,0 +1,82 @@
+"""Shared fixtures: small projects made on the fly (no model weights, no network)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def draw_picture(path: Path, code: str, size=(96, 96), seed: int = 0, mode: str = "RGBA") -> Path:
+    """A small coded test picture: a shape that differs per code and seed, transparent around."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGBA", size, (0, 0, 0, 0))
+    d = ImageDraw.Draw(img)
+    h = int(code[2]) if code[2].isdigit() else 0
+    v = int(code[1]) if code[1].isdigit() else 0
+    w, ht = size
+    d.ellipse([w * 0.2 + h * 2, ht * 0.1 + v * 3, w * 0.8, ht * 0.9], fill=(200 - seed * 10, 150, 120 + h * 10, 255))
+    d.rectangle([w * 0.4, ht * 0.3, w * 0.4 + 4 + h, ht * 0.5], fill=(20, 20, 20 + seed, 255))
+    if mode == "RGB":
+        img = img.convert("RGB")
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        img.convert("RGB").save(path, quality=90)
+    else:
+        img.save(path)
+    return path
+
+
+def make_project(root: Path, *, sizes=(64, 96), characters=None, groups=None, project_extra: str = "") -> Path:
+    """Write a small project: characters = {folder: {"keyword":..., "face": [codes], "outfits": {o: (kw, [codes])}}}."""
+    characters = characters or {
+        "alice": {"keyword": "alc", "face": ["f00", "f01", "f02"], "outfits": {"dress": ("alcdr", ["b00", "b01"])}},
+        "bob": {"keyword": "bbo", "face": ["f00", "f03"], "outfits": {}},
+    }
+    chars = root / "characters"
+    chars.mkdir(parents=True, exist_ok=True)
+    (chars / "project.toml").write_text(
+        "[dataset]\n"
+        f"sizes = [{', '.join(str(s) for s in sizes)}]\n"
+        "[training]\nvariants = [\"Lora1x1A1-AdamW8\"]\ndim = 4\n"
+        "[trainer]\nbackend = \"fake\"\n" + project_extra,
+        encoding="utf-8",
+    )
+    for name, spec in characters.items():
+        folder = chars / name
+        folder.mkdir(parents=True, exist_ok=True)
+        text = f'keyword = "{spec["keyword"]}"\nclass = "girl"\ntags = {spec.get("tags", [])!r}\n'.replace("'", '"')
+        text += f'background = "{spec.get("background", "black")}"\n[face]\nsteps = 5\n'
+        for outfit, (kw, _codes) in spec.get("outfits", {}).items():
+            text += f'[outfits."{outfit}"]\nkeyword = "{kw}"\nsteps = 5\n'
+        (folder / "character.toml").write_text(text, encoding="utf-8")
+        for i, code in enumerate(spec["face"]):
+            draw_picture(folder / "face" / f"{code}.png", code, seed=i)
+        for outfit, (kw, codes) in spec.get("outfits", {}).items():
+            for i, code in enumerate(codes):
+                draw_picture(folder / "outfits" / outfit / f"{code}.png", code, seed=i)
+    if groups:
+        text = ""
+        for g, members in groups.items():
+            text += f"[{g}]\nmembers = {members!r}\nsteps = 5\n".replace("'", '"')
+        (chars / "groups.toml").write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    return make_project(tmp_path / "proj")
+
+
+@pytest.fixture
+def example_copy(tmp_path) -> Path:
+    """A copy of the repo's example project (characters/ only)."""
+    dst = tmp_path / "example"
+    shutil.copytree(REPO / "characters", dst / "characters")
+    return dst
