@@ -1,0 +1,124 @@
+"""A stand-in for kohya-ss sd-scripts' training scripts, for charbuild's tests.
+
+It parses its arguments strictly (an unknown or malformed flag exits with status 2,
+as argparse does in sd-scripts), checks what charbuild must pass, and writes
+``<output_dir>/<output_name>.safetensors``: a small valid LoRA (via
+``charbuild.train.fake.write_fake_lora``). Environment knobs for tests:
+``FAKE_SD_SECONDS`` (sleep, printing progress), ``FAKE_SD_FAIL`` (exit 1 after
+printing an error), ``FAKE_SD_ARGV`` (append argv and cwd as one JSON line to this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def parser(sdxl: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdxl_train_network.py" if sdxl else "train_network.py", allow_abbrev=False)
+    p.add_argument("--pretrained_model_name_or_path", required=True)
+    p.add_argument("--vae")
+    p.add_argument("--dataset_config", required=True)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_name", required=True)
+    p.add_argument("--network_module", required=True, choices=["networks.lora", "lycoris.kohya"])
+    p.add_argument("--network_dim", type=int, required=True)
+    p.add_argument("--network_alpha", type=float, required=True)
+    p.add_argument("--network_args", nargs="*")
+    p.add_argument("--network_weights")
+    p.add_argument("--network_train_unet_only", action="store_true")
+    p.add_argument("--optimizer_type", required=True, choices=["AdamW8bit", "AdamW", "adafactor"])
+    p.add_argument("--optimizer_args", nargs="*")
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--text_encoder_lr", type=float)
+    p.add_argument("--lr_scheduler")
+    p.add_argument("--max_train_steps", type=int, required=True)
+    if not sdxl:
+        p.add_argument("--clip_skip", type=int, required=True)
+    p.add_argument("--logging_dir", required=True)
+    p.add_argument("--log_prefix", required=True)
+    p.add_argument("--xformers", action="store_true")
+    p.add_argument("--save_model_as", required=True, choices=["safetensors"])
+    p.add_argument("--mixed_precision", required=True, choices=["no", "fp16", "bf16"])
+    p.add_argument("--save_precision", required=True, choices=["fp16", "bf16", "float"])
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--persistent_data_loader_workers", action="store_true")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--resolution")
+    p.add_argument("--min_bucket_reso", type=int)
+    p.add_argument("--max_bucket_reso", type=int)
+    p.add_argument("--max_data_loader_n_workers", type=int)
+    return p
+
+
+def fail(msg: str) -> None:
+    print(f"fake sd-scripts: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(3)
+
+
+def main(sdxl: bool) -> int:
+    if os.environ.get("FAKE_SD_ARGV"):
+        with open(os.environ["FAKE_SD_ARGV"], "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"argv": sys.argv, "cwd": os.getcwd(),
+                                 "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
+    args = parser(sdxl).parse_args()
+    for name in ("pretrained_model_name_or_path", "dataset_config"):
+        if not Path(getattr(args, name)).exists():
+            fail(f"--{name}: {getattr(args, name)} does not exist (cwd {os.getcwd()})")
+    if args.vae and not Path(args.vae).exists():
+        fail(f"--vae: {args.vae} does not exist")
+    if args.network_weights and not Path(args.network_weights).is_file():
+        fail(f"--network_weights: {args.network_weights} does not exist")
+    if not Path(args.output_dir).is_dir():
+        fail(f"--output_dir {args.output_dir} is not a folder")
+    if args.log_prefix != args.output_name:
+        fail("--log_prefix differs from --output_name")
+    net = dict(a.split("=", 1) for a in args.network_args or [])
+    if args.network_module == "lycoris.kohya" and net.get("algo") not in ("lora", "loha"):
+        fail("lycoris.kohya needs network_args algo=lora|loha")
+    if ("conv_dim" in net) != ("conv_alpha" in net):
+        fail("conv_dim and conv_alpha come together")
+    if args.optimizer_type == "adafactor":
+        if sorted(args.optimizer_args or []) != ["relative_step=True", "scale_parameter=True", "warmup_init=False"]:
+            fail(f"adafactor optimizer_args {args.optimizer_args}")
+    elif args.learning_rate is None:
+        fail("AdamW needs --learning_rate")
+    print(f"fake sd-scripts: {Path(sys.argv[0]).name} steps={args.max_train_steps}", flush=True)
+
+    seconds = float(os.environ.get("FAKE_SD_SECONDS", "0") or 0)
+    start = time.time()
+    while time.time() - start < seconds:
+        print(f"\rsteps: {int(100 * (time.time() - start) / seconds)}%", end="", flush=True)
+        time.sleep(0.05)
+    print("\rsteps: 100%", flush=True)
+    if os.environ.get("FAKE_SD_FAIL"):
+        print("RuntimeError: CUDA out of memory (fake)", file=sys.stderr, flush=True)
+        return 1
+
+    from charbuild.train.fake import write_fake_lora
+
+    params = {
+        "network_module": args.network_module,
+        "algo": net.get("algo"),
+        "dim": args.network_dim,
+        "alpha": args.network_alpha,
+        "conv_dim": int(net["conv_dim"]) if "conv_dim" in net else None,
+        "conv_alpha": float(net["conv_alpha"]) if "conv_alpha" in net else None,
+        "optimizer": args.optimizer_type,
+        "lr": args.learning_rate,
+        "text_encoder_lr": args.text_encoder_lr,
+        "steps": args.max_train_steps,
+        "seed": args.seed,
+        "save_precision": args.save_precision,
+        "mixed_precision": args.mixed_precision,
+        "clip_skip": getattr(args, "clip_skip", None),
+    }
+    out = Path(args.output_dir) / f"{args.output_name}.safetensors"
+    write_fake_lora(out, params, arch="sdxl" if sdxl else "sd15", name=args.output_name,
+                    seed_material=Path(args.dataset_config).read_text(encoding="utf-8"))
+    print(f"fake sd-scripts: saved {out}", flush=True)
+    return 0
