@@ -161,25 +161,6 @@ def is_up_to_date(job: Mapping[str, Any]) -> Freshness:
     return Freshness(reason is None, reason or "up to date")
 
 
-class TrainUpToDate:
-    """A doit ``uptodate`` callable for a training job; its ``repr`` says why it is stale.
-
-    ``doit info`` prints the repr of a false uptodate check, so the reason shows there.
-    Picklable (holds only the job dict).
-    """
-
-    def __init__(self, job: Mapping[str, Any]):
-        self.job = dict(job)
-        self.reason = "not checked yet"
-
-    def __call__(self, task=None, values=None) -> bool:
-        fresh, self.reason = is_up_to_date(self.job)
-        return fresh
-
-    def __repr__(self) -> str:
-        return f"<training {self.job.get('lora')}/{self.job.get('variant')}: {self.reason}>"
-
-
 # ---------------------------------------------------------------------------- process handling
 
 
