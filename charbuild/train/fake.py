@@ -177,14 +177,37 @@ def write_fake_lora(
     tag_freq: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a small valid LoRA for ``params`` to ``path`` atomically; return the path."""
-    from safetensors.numpy import save
-
     from ..fsutil import write_bytes_atomic
 
     tensors = fake_lora_tensors(params, arch=arch, seed_material=seed_material)
     meta = fake_lora_metadata(params, arch=arch, name=name, keywords=keywords, tag_freq=tag_freq)
-    write_bytes_atomic(path, save(tensors, metadata=meta))
+    write_bytes_atomic(path, safetensors_bytes(tensors, meta))
     return Path(path)
+
+
+_DTYPES = {"float16": "F16", "float32": "F32", "float64": "F64", "int64": "I64", "int32": "I32"}
+
+
+def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file with a byte-stable layout (sorted header keys and tensors).
+
+    ``safetensors.numpy.save`` orders the metadata through a hash map, so the same
+    input can give different bytes; a fake run must give identical bytes.
+    """
+    import numpy as np
+
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _DTYPES[arr.dtype.name], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
 
 
 def append_record(path: str | Path, record: Mapping[str, Any]) -> None:

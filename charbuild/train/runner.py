@@ -235,7 +235,27 @@ def _group_alive(proc: subprocess.Popen) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return _linux_group_has_live_member(proc.pid)
+
+
+def _linux_group_has_live_member(pgid: int) -> bool:
+    """On Linux, whether group ``pgid`` has a member that is not a zombie (True elsewhere).
+
+    An orphaned zombie stays in its group until its new parent reaps it, and in a
+    container nobody may: without this, every stop would wait the whole grace period.
+    """
+    proc_dir = Path("/proc")
+    if not (proc_dir / "self" / "stat").exists():
+        return True
+    for stat in proc_dir.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # fields: state, ppid, pgrp, ...
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
