@@ -33,6 +33,11 @@ Backends: ``builtin`` runs ``python -m charbuild.train.builtin job.json``, ``fak
 ``python -m charbuild.train.fake job.json`` (both with this interpreter), and
 ``sd-scripts`` the command of :func:`charbuild.train.sdscripts.build_command`.
 All run with ``cwd = project_root`` and write ``<temp>/<output_name>.safetensors``.
+
+Optional ``job["trainer"]`` keys read here: ``kill_grace`` (seconds between SIGTERM
+and SIGKILL, default 5), ``lock_poll`` (seconds between GPU lock tries, default 1),
+``lock_dir`` (default ``<root>/build/locks``), ``gpus`` (default ``[0]``); the fake
+backend reads ``fake_seconds``, ``fake_fail``, ``fake_record``, ``fake_grandchild``.
 """
 
 from __future__ import annotations
@@ -391,7 +396,9 @@ def run_training(job: Mapping[str, Any], *, echo: bool = True) -> None:
     with _variant_lock(variant_dir, echo) as variant_fd:
         _remove_stale_temps(variant_dir)
         sidecar_path(job).unlink(missing_ok=True)
-        with gpu_lease(lock_dir, gpus, on_wait=lambda m: _say(m.removeprefix("charbuild: "), echo=echo)) as lease:
+        poll = float(trainer.get("lock_poll", 1.0))
+        say = lambda m: _say(m.removeprefix("charbuild: "), echo=echo)  # noqa: E731
+        with gpu_lease(lock_dir, gpus, poll=poll, on_wait=say) as lease:
             try:
                 signature = compute_signature(job["inputs"], root, job["signature_extra"])
             except OSError as e:

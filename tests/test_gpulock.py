@@ -1,0 +1,122 @@
+"""The GPU lock: one training per GPU across threads and processes, released when its holder dies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from charbuild.train.gpulock import acquire_gpu, gpu_lease, wait_message
+from charbuild.train.runner import run_training
+from test_train_runner import make_job, wait_for
+
+
+def test_first_free_gpu_is_taken_in_order(tmp_path):
+    with acquire_gpu(tmp_path, [0, 1], on_wait=None) as a:
+        with acquire_gpu(tmp_path, [0, 1], on_wait=None) as b:
+            assert (a, b) == (0, 1)
+        with acquire_gpu(tmp_path, ["1", "0"], on_wait=None) as c:
+            assert c == "1"
+    with gpu_lease(tmp_path, [0], on_wait=None) as lease:
+        assert lease.gpu == 0 and lease.lock_path == tmp_path / "gpu-0.lock"
+        assert lease.lock_fd is None or isinstance(lease.lock_fd, int)
+
+
+def test_busy_gpus_wait_with_one_message(tmp_path):
+    messages, got = [], []
+
+    def hold_briefly():
+        with acquire_gpu(tmp_path, [0], poll=0.02, on_wait=messages.append):
+            got.append(time.monotonic())
+
+    with acquire_gpu(tmp_path, [0], on_wait=None):
+        waiter = threading.Thread(target=hold_briefly)
+        waiter.start()
+        time.sleep(0.3)
+        assert got == []  # still waiting
+        released = time.monotonic()
+    waiter.join(5)
+    assert len(got) == 1 and got[0] >= released
+    assert messages == [wait_message([0])]  # once, however long the wait
+    assert "waiting for a free GPU" in messages[0]
+
+
+def test_lock_of_a_killed_process_is_released(tmp_path):
+    code = (
+        "import sys, time\n"
+        "from charbuild.train.gpulock import acquire_gpu\n"
+        "with acquire_gpu(sys.argv[1], [0], on_wait=None):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"held"
+    messages = []
+    threading.Timer(0.3, proc.kill).start()
+    start = time.monotonic()
+    with acquire_gpu(tmp_path, [0], poll=0.02, on_wait=messages.append) as gpu:
+        assert gpu == 0 and time.monotonic() - start >= 0.25
+    assert len(messages) == 1
+    proc.wait(5)
+    proc.stdout.close()
+
+
+def test_no_gpus_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="trainer.gpus is empty"):
+        with acquire_gpu(tmp_path, []):
+            pass
+
+
+def _two_trainings(tmp_path, gpus):
+    record = tmp_path / "record.jsonl"
+    jobs = [make_job(tmp_path, lora=name, gpus=gpus, fake_seconds=0.8, fake_record=str(record), lock_poll=0.05)
+            for name in "ab"]
+    errors = []
+
+    def run(job):
+        try:
+            run_training(job, echo=False)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    recs = sorted((json.loads(line) for line in record.read_text().splitlines()), key=lambda r: r["start"])
+    assert [r["ok"] for r in recs] == [True, True] and {r["lora"] for r in recs} == {"a", "b"}
+    assert all(Path(j["output"]).is_file() for j in jobs)
+    return recs
+
+
+def test_one_gpu_serialises_trainings(tmp_path):
+    first, second = _two_trainings(tmp_path, [0])
+    assert first["end"] <= second["start"]
+    assert first["gpu"] == second["gpu"] == "0"
+
+
+def test_two_gpus_train_in_parallel_on_different_devices(tmp_path):
+    first, second = _two_trainings(tmp_path, [0, 1])
+    assert second["start"] < first["end"]  # they overlap
+    assert {first["gpu"], second["gpu"]} == {"0", "1"}
+
+
+def test_same_variant_waits_for_the_running_training(tmp_path):
+    """Two runs of one variant (two doit processes) never share its folder."""
+    record = tmp_path / "record.jsonl"
+    job = make_job(tmp_path, gpus=[0, 1], fake_seconds=0.6, fake_record=str(record))
+    threads = [threading.Thread(target=run_training, args=(job,), kwargs={"echo": False}) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    recs = sorted((json.loads(line) for line in record.read_text().splitlines()), key=lambda r: r["start"])
+    assert len(recs) == 2 and recs[0]["end"] <= recs[1]["start"]
+    wait_for(lambda: Path(job["output"]).is_file())
