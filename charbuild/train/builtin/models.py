@@ -1,0 +1,151 @@
+"""Loading the base model: the tiny model, a local diffusers folder, or a single-file SD1.5.
+
+Classes: diffusers' ``UNet2DConditionModel``, ``AutoencoderKL`` and ``DDPMScheduler``, and
+transformers' ``CLIPTextModel`` + ``CLIPTokenizer``. They are well maintained, load every
+SD1.5 checkpoint layout, and (the point for a LoRA trainer) use SD1.5's module names, so kohya's
+LoRA key names follow directly from ``named_modules()`` with no conversion table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from charbuild.errors import TrainingError
+
+
+class UnsupportedError(TrainingError):
+    """A job the builtin trainer cannot run by design (exit code 2): use another backend."""
+
+    exit_code = 2
+
+
+@dataclass
+class BaseModel:
+    """The parts of a Stable Diffusion 1.x model that training needs."""
+
+    unet: object
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    noise_scheduler: object
+    name: str  # what ss_sd_model_name shows
+
+
+def _load_diffusers_folder(folder: Path):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / sub).is_dir()]
+    if missing:
+        raise TrainingError(
+            f"{folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}/", path=folder
+        )
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+    if (folder / "scheduler").is_dir():
+        sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    else:
+        from .tiny import SD15_SCHEDULER_CONFIG
+
+        sched = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
+    return unet, vae, text_encoder, tokenizer, sched
+
+
+def _load_single_file(path: Path):
+    """SD1.5 ``.safetensors``/``.ckpt`` through ``StableDiffusionPipeline.from_single_file``.
+
+    diffusers needs the model's config files (and the CLIP tokenizer) for that; offline they
+    must already be in the Hugging Face cache. Otherwise the error says what to do.
+    """
+    from diffusers import DDPMScheduler
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+    except Exception as e:  # diffusers raises many kinds here (OSError, ValueError, HF errors)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(
+            f"cannot load single-file checkpoint offline ({first[:200]}); diffusers needs SD1.5's config "
+            "files and tokenizer in the Hugging Face cache for from_single_file. Convert the checkpoint to a "
+            "diffusers folder on a machine with network access (StableDiffusionPipeline.from_single_file(...)"
+            ".save_pretrained(DIR)) and set the model base to DIR",
+            path=path,
+        ) from e
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, sched
+
+
+def _load_vae(path: Path, like):
+    from diffusers import AutoencoderKL
+
+    try:
+        if path.is_dir():
+            sub = "vae" if (path / "vae").is_dir() else None
+            return AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
+        return AutoencoderKL.from_single_file(str(path), config=None, local_files_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"cannot load VAE offline: {first[:300]}", path=path) from e
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers to errors only and without their loading progress bars:
+    the training log should show charbuild's lines and the step bar."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def load_base_model(model: dict, project_root: str | Path) -> BaseModel:
+    """Load ``job["model"]``: base "tiny" (see :mod:`.tiny`), a diffusers folder or a single file.
+
+    The models come back in float32 on the CPU, frozen (``requires_grad`` off).
+    """
+    quiet_libraries()
+    arch = model.get("arch", "sd15")
+    if arch != "sd15":
+        raise UnsupportedError(f"the builtin trainer supports SD1.x only, not arch {arch!r}; use backend = 'sd-scripts'")
+    base = model.get("base")
+    if not base:
+        raise TrainingError("no base model given (model.base)")
+    if base == "tiny" or str(base).startswith("tiny:"):
+        from .tiny import ensure_tiny_model
+
+        seed = int(str(base).partition(":")[2] or 0)
+        folder = ensure_tiny_model(Path(project_root), seed)
+        parts = _load_diffusers_folder(folder)
+        name = f"tiny-{seed}"
+    else:
+        path = Path(base)
+        if not path.is_absolute():
+            path = Path(project_root) / path
+        if path.is_dir():
+            parts = _load_diffusers_folder(path)
+        elif path.is_file():
+            if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".bin"):
+                raise TrainingError("base model file must be .safetensors or .ckpt", path=path)
+            parts = _load_single_file(path)
+        else:
+            raise TrainingError("base model not found", path=path)
+        name = path.name
+    unet, vae, text_encoder, tokenizer, sched = parts
+    if model.get("vae"):
+        vpath = Path(model["vae"])
+        if not vpath.is_absolute():
+            vpath = Path(project_root) / vpath
+        if not vpath.exists():
+            raise TrainingError("VAE not found", path=vpath)
+        vae = _load_vae(vpath, vae)
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    return BaseModel(unet, vae, text_encoder, tokenizer, sched, name)
