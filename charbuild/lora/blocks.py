@@ -1,0 +1,227 @@
+"""Block weights in the "LoRA Block Weight" (LBW) convention: names, presets, stem mapping.
+
+Block names: SD1.5 ``BASE, IN00…IN11, M00, OUT00…OUT11`` (26; 17 for the blocks a plain LoRA
+touches), SDXL ``BASE, IN00…IN08, M00, OUT00…OUT08`` (20; 12). ``MID`` is accepted for ``M00``.
+
+A weights spec (:func:`resolve_block_weights`) is one of
+
+* a preset name: the user's ``presets`` first, then :data:`BUILTIN_PRESETS`;
+* a list of 12/17/20/26 numbers, or the same as a comma string (``"0,1,1,…"``);
+* a dict block name -> value; **blocks the dict does not name keep 1.0** (full strength).
+
+A short list (17 for SD1.5, 12 for SDXL) maps into the full set by block name; blocks it does
+not name get 0, as in the LBW extension. The result always names every block of the arch.
+
+Modules that belong to no block (``conv_out``, the time embedding: :func:`block_of` returns
+``None``) stay at ×1 whatever the weights, as the inference-time extension does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Mapping, Sequence
+
+SD15_26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+SD15_17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)]
+SDXL_20 = ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)]
+SDXL_12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(6)]
+
+_NAMES = {("sd15", 26): SD15_26, ("sd15", 17): SD15_17, ("sdxl", 20): SDXL_20, ("sdxl", 12): SDXL_12}
+_FULL = {"sd15": 26, "sdxl": 20}
+
+
+def _v(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+BUILTIN_PRESETS: dict[str, list[float]] = {
+    # charframework-rules.md §7 (26 values, SD1.5)
+    "FACE": _v("0,1,1,1,1,1,0,0,0,1,0,0,0,0,1,0,1,1,1,0,1,1,1,0,0,1"),
+    "BODY": _v("0,1,1,1,0,1,0,0,0,1,0,0,0,0,0,0,1,1,1,1,1,1,1,0,0,1"),
+    # shipped by the LBW extension (17 values)
+    "NONE": [0.0] * 17,
+    "ALL": [1.0] * 17,
+    "INS": _v("1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0"),
+    "IND": _v("1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0"),
+    "INALL": _v("1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0"),
+    "MIDD": _v("1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0"),
+    "OUTD": _v("1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0"),
+    "OUTS": _v("1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1"),
+    "OUTALL": _v("1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"),
+    "ALL0.5": [0.5] * 17,
+}
+
+
+def block_names(arch: str, n: int) -> list[str]:
+    """The ``n`` block names of ``arch`` (SD1.5: 17 or 26; SDXL: 12 or 20), in list order."""
+    try:
+        return list(_NAMES[(arch, n)])
+    except KeyError:
+        valid = ", ".join(f"{a} {k}" for a, k in _NAMES)
+        raise ValueError(f"no {n}-value block list for arch {arch!r}; valid: {valid}") from None
+
+
+def all_blocks(arch: str) -> list[str]:
+    """Every block name of ``arch`` (26 for SD1.5, 20 for SDXL)."""
+    _check_arch(arch)
+    return block_names(arch, _FULL[arch])
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in _FULL:
+        raise ValueError(f"unknown arch {arch!r}; valid: sd15, sdxl")
+
+
+_SD15_RULES = [
+    (re.compile(r"^lora_te\d?_"), lambda m: "BASE"),
+    (re.compile(r"^lora_unet_down_blocks_(\d+)_(?:resnets|attentions)_(\d+)(?:_|$)"), lambda m: f"IN{3 * int(m[1]) + int(m[2]) + 1:02d}"),
+    (re.compile(r"^lora_unet_down_blocks_(\d+)_downsamplers_0(?:_|$)"), lambda m: f"IN{3 * int(m[1]) + 3:02d}"),
+    (re.compile(r"^lora_unet_mid_block(?:_|$)"), lambda m: "M00"),
+    (re.compile(r"^lora_unet_up_blocks_(\d+)_(?:resnets|attentions)_(\d+)(?:_|$)"), lambda m: f"OUT{3 * int(m[1]) + int(m[2]):02d}"),
+    (re.compile(r"^lora_unet_up_blocks_(\d+)_upsamplers_0(?:_|$)"), lambda m: f"OUT{3 * int(m[1]) + 2:02d}"),
+    (re.compile(r"^lora_unet_conv_in(?:_|$)"), lambda m: "IN00"),
+]
+_SDXL_RULES = [
+    (re.compile(r"^lora_te\d?_"), lambda m: "BASE"),
+    (re.compile(r"^lora_unet_input_blocks_(\d+)(?:_|$)"), lambda m: f"IN{int(m[1]):02d}"),
+    (re.compile(r"^lora_unet_middle_block(?:_|$)"), lambda m: "M00"),
+    (re.compile(r"^lora_unet_output_blocks_(\d+)(?:_|$)"), lambda m: f"OUT{int(m[1]):02d}"),
+]
+
+
+def block_of(stem: str, arch: str) -> str | None:
+    """The LBW block of a kohya stem, or ``None`` for block-less modules (always ×1).
+
+    Block-less: ``conv_out``, ``time_embedding_*`` (SD1.5), ``out_*``, ``time_embed_*``,
+    ``label_emb_*`` (SDXL), and any stem outside the known UNet/text-encoder layout.
+    """
+    _check_arch(arch)
+    valid = set(all_blocks(arch))
+    for rx, name in _SD15_RULES if arch == "sd15" else _SDXL_RULES:
+        m = rx.match(stem)
+        if m:
+            block = name(m)
+            return block if block in valid else None
+    return None
+
+
+def _canonical(name: str) -> str:
+    n = name.strip().upper()
+    return "M00" if n in ("MID", "M0", "M00") else n
+
+
+def resolve_block_weights(
+    spec: str | Sequence[float] | Mapping[str, float],
+    arch: str = "sd15",
+    presets: Mapping[str, Sequence[float]] | None = None,
+) -> dict[str, float]:
+    """Turn a weights spec into ``{block: weight}`` over every block of ``arch``.
+
+    ``spec``: a preset name (``presets`` override and extend :data:`BUILTIN_PRESETS`), a list of
+    12/17/20/26 numbers or a comma string of them, or a dict block -> value (unnamed blocks
+    1.0). Raises ``ValueError`` naming the valid presets/lengths/blocks.
+    """
+    _check_arch(arch)
+    table = {**BUILTIN_PRESETS, **{k: list(v) for k, v in (presets or {}).items()}}
+    full = all_blocks(arch)
+    lengths = sorted(n for (a, n) in _NAMES if a == arch)
+    if isinstance(spec, Mapping):
+        out = {b: 1.0 for b in full}
+        bad = []
+        for name, value in spec.items():
+            b = _canonical(str(name))
+            if b not in out:
+                bad.append(str(name))
+            else:
+                out[b] = _number(value, f"block {name}")
+        if bad:
+            raise ValueError(f"unknown block name(s) for {arch}: {', '.join(bad)}; valid: {', '.join(full)}")
+        return out
+    if isinstance(spec, str):
+        text = spec.strip()
+        if "," in text or _is_number(text):
+            values = [_number(x, "block weight") for x in text.split(",")]
+        else:
+            if text not in table:
+                upper = {k.upper(): k for k in table}
+                if text.upper() in upper:
+                    text = upper[text.upper()]
+                else:
+                    close = difflib.get_close_matches(text.upper(), list(upper), n=1)
+                    hint = f" Did you mean {upper[close[0]]}?" if close else ""
+                    raise ValueError(
+                        f"unknown block-weight preset {spec!r}.{hint} Presets: {', '.join(sorted(table))}; "
+                        f"or give {'/'.join(map(str, lengths))} comma-separated numbers"
+                    )
+            values = list(table[text])
+            if len(values) not in lengths and len(set(values)) == 1:
+                values = values[:1] * _FULL[arch]  # uniform presets (NONE, ALL, ALL0.5) fit any arch
+            if len(values) not in lengths:
+                raise ValueError(
+                    f"preset {text} has {len(values)} values, but {arch} takes {' or '.join(map(str, lengths))}"
+                )
+    else:
+        values = [_number(x, "block weight") for x in spec]
+    if len(values) not in lengths:
+        raise ValueError(
+            f"{len(values)} block weights given; {arch} takes {' or '.join(map(str, lengths))} values "
+            f"({', '.join(f'{n}: {block_names(arch, n)[0]}…{block_names(arch, n)[-1]}' for n in lengths)})"
+        )
+    names = block_names(arch, len(values))
+    out = {b: 0.0 for b in full}
+    out.update(zip(names, values))
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number(value: object, what: str) -> float:
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: {value!r} is not a number") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise ValueError(f"{what}: {value!r} is not a finite number")
+    return f
+
+
+def parse_preset_file(text: str, source: str = "preset file") -> dict[str, list[float]]:
+    """Parse the LBW preset file format: one ``NAME:v1,v2,…`` a line (12/17/20/26 values).
+
+    Lines containing ``#`` and blank lines are ignored. ``R``, ``U`` and ``X`` (random values, plot
+    variable) are rejected: a build needs fixed numbers. Raises ``ValueError`` naming the line.
+    """
+    presets: dict[str, list[float]] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or "#" in line:
+            continue
+        where = f"{source}:{lineno}"
+        if ":" not in line:
+            raise ValueError(f"{where}: expected NAME:v1,v2,…, got {line!r}")
+        name, _, rest = line.partition(":")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"{where}: missing preset name before ':'")
+        parts = [p.strip() for p in rest.split(",")]
+        special = sorted({p.upper() for p in parts if p.upper() in ("R", "U", "X")})
+        if special:
+            raise ValueError(
+                f"{where}: preset {name} uses {', '.join(special)} (random values / plot variable), "
+                "which only make sense interactively; give fixed numbers"
+            )
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"{where}: preset {name}: values must be numbers, got {rest.strip()!r}") from None
+        if len(values) not in (12, 17, 20, 26):
+            raise ValueError(f"{where}: preset {name} has {len(values)} values; expected 12, 17, 20 or 26")
+        presets[name] = values
+    return presets

@@ -1,0 +1,118 @@
+"""Combine several LoRAs into one file, each at its own ratio, without cross-terms.
+
+Exact (``rank=None``): per module the inputs' ranks are concatenated. Each input's
+``ratio · alpha_i / r_i`` is folded into its up factor and the output alpha is the total rank
+(scale 1), so ``ΔW = Σ ratio_i · ΔW_i`` exactly. LoCon Tucker modules are folded into plain
+down factors first (exact); LoHa/LoKr inputs need ``rank``.
+
+Re-factorised (``rank=N``): per module the full deltas ``Σ ratio_i · ΔW_i`` (float32) are
+summed and cut to rank N by SVD (``up = U·S``, ``down = Vh``, alpha = N): what sd-scripts'
+``svd_merge_lora.py`` does; lossy where the sum has rank above N. Any input format.
+
+Inputs must share one architecture; a module present in only some inputs is taken from those.
+The output is kohya LoRA in the first input's dtype, with the first input's metadata,
+``modelspec.merged_from`` and ``charbuild.combine`` (JSON list of ``[file, ratio]``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from charbuild.errors import LoraFileError
+from charbuild.lora.compress import target_shape
+from charbuild.lora.io import LoraFile, fold_tucker_down, load_lora, save_lora
+
+
+def _plain_factors(lora: LoraFile, stem: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up 2-D, down 2-D, scale) in float32 of a LoRA/LoCon module (Tucker folded)."""
+    m = lora.modules[stem]
+    down = m.params["lora_down.weight"]
+    if "lora_mid.weight" in m.params:
+        down = fold_tucker_down(m.params["lora_mid.weight"], down)
+    up = m.params["lora_up.weight"].float()
+    return up.reshape(up.shape[0], -1), down.float().reshape(down.shape[0], -1), m.scale
+
+
+def combine_loras(loras: Sequence[tuple[LoraFile, float]], *, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """Pure core of :func:`combine_files`: the combined tensors (float32, kohya LoRA keys)."""
+    if not loras:
+        raise ValueError("nothing to combine")
+    arch = loras[0][0].arch
+    for lora, _ in loras:
+        if lora.arch != arch:
+            raise LoraFileError(f"cannot combine a {lora.arch} LoRA with a {arch} one", lora.path)
+        if rank is None and lora.format in ("loha", "lokr"):
+            raise LoraFileError(
+                f"{lora.format} modules cannot be combined exactly by concatenating ranks; give a rank "
+                "(--rank N) to re-factorise the summed deltas by SVD",
+                lora.path,
+            )
+    stems = sorted({s for lora, _ in loras for s in lora.modules})
+    out: dict[str, torch.Tensor] = {}
+    for stem in stems:
+        present = [(lora, ratio) for lora, ratio in loras if stem in lora.modules]
+        shapes = {target_shape(lora.modules[stem], arch) for lora, _ in present}
+        if len(shapes) != 1:
+            files = ", ".join(str(lora.path) for lora, _ in present)
+            raise LoraFileError(f"{stem}: the inputs adapt layers of different shapes {sorted(shapes)} ({files})")
+        shape = shapes.pop()
+        if rank is None:
+            ups, downs = [], []
+            for lora, ratio in present:
+                up, down, scale = _plain_factors(lora, stem)
+                ups.append(up * (ratio * scale))
+                downs.append(down)
+            up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+        else:
+            delta = sum(lora.modules[stem].delta() * ratio for lora, ratio in present)
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            k = min(rank, len(s))
+            up, down = u[:, :k] * s[:k], vh[:k]
+            if k < rank:  # keep the requested rank: zero directions
+                up = torch.cat([up, up.new_zeros(up.shape[0], rank - k)], dim=1)
+                down = torch.cat([down, down.new_zeros(rank - k, down.shape[1])], dim=0)
+        r = up.shape[1]
+        if len(shape) == 4:
+            up, down = up.reshape(shape[0], r, 1, 1), down.reshape(r, *shape[1:])
+        out[f"{stem}.lora_up.weight"] = up.contiguous()
+        out[f"{stem}.lora_down.weight"] = down.contiguous()
+        out[f"{stem}.alpha"] = torch.tensor(float(r))
+    return out
+
+
+def combine_files(
+    inputs: Sequence[tuple[str | Path, float]], dst: str | Path, *, rank: int | None = None
+) -> dict:
+    """Combine ``inputs`` [(path, ratio), …] into ``dst`` (exact, or SVD to ``rank``); return a report."""
+    if not inputs:
+        raise LoraFileError("combine needs at least one input LoRA")
+    if rank is not None and rank < 1:
+        raise LoraFileError(f"rank must be at least 1, got {rank}")
+    loras = [(load_lora(path), float(ratio)) for path, ratio in inputs]
+    tensors = combine_loras(loras, rank=rank)
+    first = loras[0][0]
+    dtype = next((t.dtype for t in first.tensors.values() if t.is_floating_point()), torch.float32)
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    ranks = sorted({int(v.shape[0]) for k, v in tensors.items() if k.endswith("lora_down.weight")})
+    metadata = dict(first.metadata)
+    for key in ("sshs_model_hash", "sshs_legacy_hash", "ss_network_args"):
+        metadata.pop(key, None)
+    metadata["ss_network_module"] = "networks.lora"
+    metadata["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
+    metadata["ss_network_alpha"] = metadata["ss_network_dim"]
+    names = [Path(p).name for p, _ in inputs]
+    metadata["modelspec.merged_from"] = ", ".join(names)
+    metadata["charbuild.combine"] = json.dumps([[name, float(r)] for name, (_, r) in zip(names, inputs)])
+    save_lora(dst, tensors, metadata)
+    return {
+        "inputs": [[str(p), float(r)] for p, r in inputs],
+        "dst": str(dst),
+        "mode": "exact" if rank is None else f"svd rank {rank}",
+        "modules": sum(1 for k in tensors if k.endswith(".alpha")),
+        "ranks": ranks,
+        "arch": first.arch,
+    }

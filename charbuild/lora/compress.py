@@ -1,0 +1,334 @@
+"""Rank reduction of LoRA files, choosing ranks exactly as sd-scripts' ``networks/resize_lora.py``.
+
+Per module, with ``M = up @ down`` (float32, conv flattened, alpha scale excluded) and its
+singular values S (descending, length ``min(out, in·kh·kw)``):
+
+* ``sv_ratio p``: n = #(S > S[0]/p); ``sv_fro p``: n = searchsorted(cumsum(S²)/ΣS², p²) + 1;
+  ``sv_cumulative p``: n = searchsorted(cumsum(S)/ΣS, p) + 1; n clamped to [1, len(S) − 1] and
+  **the new rank is n + 1** (``rank_rule="legacy"``, the rule of the resize_lora.py that real
+  files were made with, lora-formats.md §4). ``rank_rule="current"`` gives today's upstream
+  rule instead (rank = n clamped to [1, len(S)]). ``method=None`` (CLI ``rank``): rank =
+  ``new_rank``.
+* then capped at ``new_rank`` (``new_conv_rank`` for 1x1 and 3x3 conv modules); a module with
+  S[0] ≤ 1e-6 gets rank 1.
+* ``new_up = U[:, :k]·diag(S[:k])``, ``new_down = Vh[:k]``, ``new_alpha = alpha / r · k``
+  (computed in float32 as sd-scripts does, stored in the save dtype like every tensor).
+
+M has rank ≤ r, so instead of resize_lora.py's SVD of the full (out × in·kh·kw) matrix we take
+thin QR factorisations ``up = Qu Ru`` and ``downᵀ = Qd Rd`` and the SVD of the r × r matrix
+``Ru Rdᵀ``: the same S, U = Qu·U', Vh = Vh'·Qdᵀ, at a fraction of the cost. Singular values
+beyond r are exactly 0 and enter the rank rules as such.
+
+LoCon Tucker modules (``lora_mid``) are folded exactly into a plain (r, in, k, k) down first.
+LoHa and LoKr modules are converted to kohya LoRA through the SVD of their full delta (scale
+included, so the output alpha equals the new rank); that conversion keeps only the top
+singular directions, so it is lossy wherever the rank is cut.
+
+Metadata as resize_lora.py writes it: ``ss_training_comment`` prefixed with
+``Dynamic resize with <method>: <param> from <old dim>; `` and ``ss_network_dim`` /
+``ss_network_alpha`` = ``"Dynamic"`` (fixed rank: ``dimension is resized from <old> to <new>[ (conv:
+N)]; ``, ``ss_network_dim`` = new rank, ``ss_network_alpha`` = the alpha of the last module in
+key order), fresh sshs hashes at save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from charbuild.errors import LoraFileError
+from charbuild.lora.io import LoraFile, LoraModule, build_modules_unchecked, fold_tucker_down, load_lora, save_lora
+from charbuild.lora.keysets import layer_shapes
+
+MIN_SV = 1e-6
+METHODS = ("sv_ratio", "sv_fro", "sv_cumulative", None)
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, "fp32": torch.float32}
+RANK_RULES = ("legacy", "current")
+
+
+def choose_rank(S: torch.Tensor, method: str | None, param: float, max_rank: int, rank_rule: str = "legacy") -> int:
+    """The new rank for descending singular values ``S`` (full length min(out, in)), as resize_lora.py."""
+    n_sv = len(S)
+    if method == "sv_ratio":
+        count = int(torch.sum(S > S[0] / param).item())
+        idx = count if rank_rule == "legacy" else count - 1
+    elif method in ("sv_cumulative", "sv_fro"):
+        if method == "sv_cumulative":
+            cum = torch.cumsum(S, dim=0) / float(torch.sum(S))
+            target = param
+        else:
+            sq = S.pow(2)
+            cum = torch.cumsum(sq, dim=0) / float(torch.sum(sq))
+            target = param**2
+        idx = int(torch.searchsorted(cum, torch.tensor(target, dtype=cum.dtype)))
+        if rank_rule == "legacy":
+            idx += 1
+    elif method is None:
+        idx = None
+    else:
+        raise ValueError(f"unknown method {method!r}; valid: sv_ratio, sv_fro, sv_cumulative, or None (fixed rank)")
+    if idx is None:
+        new_rank = max_rank
+    elif rank_rule == "legacy":
+        new_rank = max(1, min(idx, n_sv - 1)) + 1
+    else:
+        new_rank = max(0, min(idx, n_sv - 1)) + 1
+    if float(S[0]) <= MIN_SV:
+        return 1
+    return min(new_rank, max_rank)
+
+
+def _stats(S: torch.Tensor, k: int) -> dict[str, float]:
+    s_sum = float(torch.sum(torch.abs(S)))
+    sq = S.pow(2)
+    fro = math.sqrt(float(torch.sum(sq)))
+    last = float(S[k - 1]) if k - 1 < len(S) else 0.0
+    return {
+        "sum_retained": float(torch.sum(torch.abs(S[:k]))) / s_sum if s_sum else float("nan"),
+        "fro_retained": math.sqrt(float(torch.sum(sq[:k]))) / fro if fro else float("nan"),
+        "max_ratio": float(S[0]) / last if last else float("inf"),
+    }
+
+
+def _padded(S: torch.Tensor, length: int) -> torch.Tensor:
+    if len(S) >= length:
+        return S[:length]
+    return torch.cat([S, S.new_zeros(length - len(S))])
+
+
+def resize_factors(
+    up: torch.Tensor,
+    down: torch.Tensor,
+    scale: float | torch.Tensor,
+    max_rank: int,
+    method: str | None,
+    param: float,
+    rank_rule: str = "legacy",
+):
+    """Resize one 2-D factor pair; returns ``(new_up, new_down, new_alpha, new_rank, stats)``."""
+    qu, ru = torch.linalg.qr(up)
+    qd, rd = torch.linalg.qr(down.T)
+    uk, s, vkh = torch.linalg.svd(ru @ rd.T, full_matrices=False)
+    full = _padded(s, min(up.shape[0], down.shape[1]))
+    k = choose_rank(full, method, param, max_rank, rank_rule)
+    kk = min(k, len(s))
+    new_up = (qu @ uk[:, :kk]) * s[:kk]
+    new_down = vkh[:kk] @ qd.T
+    return _finish(new_up, new_down, k, scale, full)
+
+
+def resize_full(delta: torch.Tensor, max_rank: int, method: str | None, param: float, rank_rule: str = "legacy"):
+    """Resize a full 2-D delta (scale included) by its SVD; returns like :func:`resize_factors`."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = choose_rank(s, method, param, max_rank, rank_rule)
+    kk = min(k, len(s))
+    return _finish(u[:, :kk] * s[:kk], vh[:kk], k, 1.0, s)
+
+
+def _finish(new_up, new_down, k, scale, S):
+    if new_up.shape[1] < k:  # rank above the matrix rank: the extra directions carry S = 0
+        pad = k - new_up.shape[1]
+        new_up = torch.cat([new_up, new_up.new_zeros(new_up.shape[0], pad)], dim=1)
+        new_down = torch.cat([new_down, new_down.new_zeros(pad, new_down.shape[1])], dim=0)
+    new_alpha = float(scale * k)
+    return new_up, new_down, new_alpha, k, _stats(S, k)
+
+
+def _scale_of(module: LoraModule) -> float | torch.Tensor:
+    """alpha / r the way resize_lora.py computes it (a float32 tensor; 1.0 without alpha)."""
+    if module.alpha is None:
+        return 1.0
+    return torch.tensor(module.alpha, dtype=torch.float32) / module.rank
+
+
+def target_shape(module: LoraModule, arch: str) -> tuple[int, ...]:
+    """The adapted layer's weight shape: from the factors, or the SD key set for LoHa/LoKr."""
+    p = module.params
+    if module.kind == "lora":
+        up, down = p["lora_up.weight"], p["lora_down.weight"]
+        if down.dim() == 2:
+            return (up.shape[0], down.shape[1])
+        kernel = p["lora_mid.weight"].shape[2:] if "lora_mid.weight" in p else down.shape[2:]
+        return (up.shape[0], down.shape[1], *kernel)
+    known = layer_shapes(arch).get(module.stem)
+    out, n = _flat_shape(module)
+    if known is not None and known[0] == out and math.prod(known[1:]) == n:
+        return known
+    for key in ("hada_t1", "lokr_t2", "lokr_w2"):
+        t = p.get(key)
+        if t is not None and t.dim() == 4:
+            kh, kw = t.shape[2], t.shape[3]
+            return (out, n // (kh * kw), kh, kw)
+    return (out, n)
+
+
+def _flat_shape(module: LoraModule) -> tuple[int, int]:
+    p = module.params
+    if module.kind == "loha":
+        a, b, t = p["hada_w1_a"], p["hada_w1_b"], p.get("hada_t1")
+        if t is None:
+            return a.shape[0], math.prod(b.shape[1:])
+        return a.shape[1], b.shape[1] * t.shape[2] * t.shape[3]
+    w1 = p.get("lokr_w1")
+    a1, c1 = (w1.shape[0], w1.shape[1]) if w1 is not None else (p["lokr_w1_a"].shape[0], p["lokr_w1_b"].shape[1])
+    if "lokr_w2" in p:
+        w2 = p["lokr_w2"]
+        b2, d2 = w2.shape[0], math.prod(w2.shape[1:])
+    elif "lokr_t2" in p:
+        t = p["lokr_t2"]
+        b2, d2 = p["lokr_w2_a"].shape[1], p["lokr_w2_b"].shape[1] * t.shape[2] * t.shape[3]
+    else:
+        b2, d2 = p["lokr_w2_a"].shape[0], math.prod(p["lokr_w2_b"].shape[1:])
+    return a1 * b2, c1 * d2
+
+
+def compress_lora(
+    lora: LoraFile,
+    *,
+    method: str | None = "sv_ratio",
+    param: float = 16.0,
+    new_rank: int = 128,
+    new_conv_rank: int | None = None,
+    save_precision: str = "fp16",
+    progress: bool = False,
+    verbose: bool = False,
+    rank_rule: str = "legacy",
+) -> tuple[LoraFile, dict]:
+    """Resize every module as resize_lora.py does; return the kohya-format LoRA and a report.
+
+    Report: ``modules`` {stem: old_rank, new_rank, new_alpha, sum_retained, fro_retained,
+    max_ratio}, ``mean_sum_retained``, ``mean_fro_retained``, ``mean_retained`` (their mean),
+    ``old_dim``, ``converted`` (stems converted from Tucker/LoHa/LoKr). ``verbose`` prints the
+    per-module lines and the averages.
+    """
+    from tqdm import tqdm
+
+    if method == "rank":
+        method = None
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: sv_ratio, sv_fro, sv_cumulative, rank")
+    if save_precision not in PRECISIONS:
+        raise ValueError(f"unknown save precision {save_precision!r}; valid: fp16, bf16, float")
+    if rank_rule not in RANK_RULES:
+        raise ValueError(f"unknown rank rule {rank_rule!r}; valid: {', '.join(RANK_RULES)}")
+    if method is not None and not param > 0:
+        raise ValueError(f"{method} needs a positive parameter, got {param}")
+    if new_rank < 1 or (new_conv_rank is not None and new_conv_rank < 1):
+        raise ValueError("new_rank and new_conv_rank must be at least 1")
+    conv_rank = new_conv_rank if new_conv_rank is not None else new_rank
+    dtype = PRECISIONS[save_precision]
+    out: dict[str, torch.Tensor] = {}
+    report_modules: dict[str, dict] = {}
+    converted: list[str] = []
+    last_alpha = None
+    old_dim = 0
+    stems = sorted(lora.modules, key=lambda s: f"{s}.lora_down.weight")
+    with torch.no_grad():
+        for stem in tqdm(stems, disable=not progress, desc="compress", unit="module"):
+            module = lora.modules[stem]
+            shape = target_shape(module, lora.arch)
+            conv = len(shape) == 4
+            cap = conv_rank if conv else new_rank
+            old_dim = max(old_dim, module.rank)
+            if module.kind == "lora":
+                p = module.params
+                down = p["lora_down.weight"]
+                if "lora_mid.weight" in p:
+                    down = fold_tucker_down(p["lora_mid.weight"], down)
+                    converted.append(stem)
+                up2 = p["lora_up.weight"].float().reshape(shape[0], -1)
+                down2 = down.float().reshape(down.shape[0], -1)
+                new_up, new_down, alpha, k, stats = resize_factors(
+                    up2, down2, _scale_of(module), cap, method, param, rank_rule
+                )
+            else:
+                converted.append(stem)
+                new_up, new_down, alpha, k, stats = resize_full(module.delta(), cap, method, param, rank_rule)
+            if conv:
+                new_up = new_up.reshape(shape[0], k, 1, 1)
+                new_down = new_down.reshape(k, *shape[1:])
+            out[f"{stem}.lora_down.weight"] = new_down.to(dtype).contiguous()
+            out[f"{stem}.lora_up.weight"] = new_up.to(dtype).contiguous()
+            out[f"{stem}.alpha"] = torch.tensor(alpha).to(dtype)
+            last_alpha = alpha
+            report_modules[stem] = {"old_rank": module.rank, "new_rank": k, "new_alpha": alpha, **stats}
+            if verbose:
+                line = (
+                    f"{stem:75} | sum(S) retained: {stats['sum_retained']:.1%}, "
+                    f"fro retained: {stats['fro_retained']:.1%}, max(S) ratio: {stats['max_ratio']:0.1f}"
+                )
+                if method:
+                    line += f", dynamic | dim: {k}, alpha: {alpha}"
+                tqdm.write(line)
+    fro = [m["fro_retained"] for m in report_modules.values() if not math.isnan(m["fro_retained"])]
+    sums = [m["sum_retained"] for m in report_modules.values() if not math.isnan(m["sum_retained"])]
+    mean_fro = sum(fro) / len(fro) if fro else float("nan")
+    mean_sum = sum(sums) / len(sums) if sums else float("nan")
+    std_fro = math.sqrt(sum((f - mean_fro) ** 2 for f in fro) / len(fro)) if fro else float("nan")
+    if verbose:
+        print(f"Average Frobenius norm retention: {mean_fro:.2%} | std: {std_fro:0.3f}")
+        print(f"Average sum(S) retention: {mean_sum:.2%}")
+    metadata = dict(lora.metadata)
+    comment = metadata.get("ss_training_comment", "")
+    if method:
+        metadata["ss_training_comment"] = f"Dynamic resize with {method}: {param} from {old_dim}; {comment}"
+        metadata["ss_network_dim"] = "Dynamic"
+        metadata["ss_network_alpha"] = "Dynamic"
+    else:
+        conv_desc = "" if new_rank == conv_rank else f" (conv: {conv_rank})"
+        metadata["ss_training_comment"] = f"dimension is resized from {old_dim} to {new_rank}{conv_desc}; {comment}"
+        metadata["ss_network_dim"] = str(new_rank)
+        metadata["ss_network_alpha"] = str(last_alpha)
+    if converted:
+        metadata["ss_network_module"] = "networks.lora"
+        metadata.pop("ss_network_args", None)
+        metadata["charbuild.converted_from"] = lora.format
+    for key in ("sshs_model_hash", "sshs_legacy_hash"):
+        metadata.pop(key, None)
+    result = LoraFile(
+        tensors=out,
+        metadata=metadata,
+        format="lora",
+        arch=lora.arch,
+        modules=build_modules_unchecked(out),
+        path=lora.path,
+    )
+    report = {
+        "method": method or "rank",
+        "param": param,
+        "new_rank": new_rank,
+        "new_conv_rank": conv_rank,
+        "save_precision": save_precision,
+        "rank_rule": rank_rule,
+        "old_dim": old_dim,
+        "modules": report_modules,
+        "mean_sum_retained": mean_sum,
+        "mean_fro_retained": mean_fro,
+        "std_fro_retained": std_fro,
+        "mean_retained": (mean_sum + mean_fro) / 2,
+        "converted": converted,
+    }
+    return result, report
+
+
+def compress_file(src: str | Path, dst: str | Path, **kwargs) -> dict:
+    """Read ``src``, :func:`compress_lora` it with ``kwargs``, write ``dst`` atomically; return the report.
+
+    The report adds ``src``, ``dst``, ``size_in`` and ``size_out`` (bytes). Nothing is written on error.
+    """
+    lora = load_lora(src)
+    try:
+        result, report = compress_lora(lora, **kwargs)
+    except ValueError as exc:
+        raise LoraFileError(str(exc), src) from None
+    save_lora(dst, result.tensors, result.metadata)
+    report.update(src=str(src), dst=str(dst), size_in=Path(src).stat().st_size, size_out=Path(dst).stat().st_size)
+    return report
+
+
+def report_json(report: dict) -> str:
+    """The report as JSON text (for logs and ``--json`` output)."""
+    return json.dumps(report, indent=2, default=str)
