@@ -414,11 +414,28 @@ def run_job(job: dict) -> dict:
     }
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header in sorted key order.
+
+    The safetensors library writes the metadata map in hash-map order, which changes from
+    process to process; sorting makes equal inputs give equal bytes. Tensor data and offsets
+    are untouched (the header keeps its length: same content, other order).
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
 def save_lora(tensors: dict, metadata: dict, output: Path) -> None:
-    """Write ``tensors`` + string ``metadata`` as safetensors to ``output``, atomically."""
+    """Write ``tensors`` + string ``metadata`` as safetensors to ``output``, atomically.
+
+    The header is written in sorted order, so a rerun with the same inputs gives the same bytes.
+    """
     from safetensors.torch import save
 
-    data = save(tensors, {k: str(v) for k, v in metadata.items()})
+    data = canonical_safetensors(save(tensors, {k: str(v) for k, v in metadata.items()}))
     with atomic_path(output) as tmp:
         tmp.write_bytes(data)
 
