@@ -383,3 +383,38 @@ def test_buckets_no_upscale_and_batches(tmp_path):
         assert all(not flip or dataset.items[i].flip_aug for i, flip in b)
     no_cap = [it for it in dataset.items if it.path.stem == "f02"]
     assert no_cap and all(it.caption == "krnk" for it in no_cap)
+
+
+def test_file_applied_as_webui_merge_equals_trained_network(project, lora3x3):
+    """W + (alpha / r) · up @ down (lora-formats.md §1), merged into a fresh UNet, gives the
+    output of the UNet with the trained adapters hooked in: the saved file means what it did
+    in training (scales, conv shapes, key names)."""
+    from diffusers import UNet2DConditionModel
+
+    from charbuild.train.builtin.network import LoRANetwork, NetworkSpec
+
+    job, _ = lora3x3
+    sd = {k: v.float() for k, v in load_file(job["output"]).items() if k.startswith("lora_unet")}
+    folder = tiny_model_dir(project) / "unet"
+    hooked = UNet2DConditionModel.from_pretrained(folder)
+    net = LoRANetwork(hooked, None, NetworkSpec("lora", 4, 2.0, 4, 2.0))
+    missing, unexpected = net.load_kohya_state_dict(sd)
+    assert not missing and not unexpected
+    net.apply_to()
+    merged = UNet2DConditionModel.from_pretrained(folder)
+    modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in merged.named_modules()}
+    with torch.no_grad():
+        for key in [k for k in sd if k.endswith(".lora_down.weight")]:
+            stem = key[: -len(".lora_down.weight")]
+            down, up, alpha = sd[key], sd[f"{stem}.lora_up.weight"], float(sd[f"{stem}.alpha"])
+            r = down.shape[0]
+            w = modules[stem].weight
+            delta = (up.reshape(up.shape[0], r) @ down.reshape(r, -1)).reshape(w.shape) * (alpha / r)
+            w += delta
+        torch.manual_seed(0)
+        x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([400]), torch.randn(1, 77, 32)
+        a = hooked(x, t, cond).sample
+        b = merged(x, t, cond).sample
+        base = UNet2DConditionModel.from_pretrained(folder)(x, t, cond).sample
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert (a - base).abs().max() > 1e-4  # the LoRA changes the output at all

@@ -329,7 +329,7 @@ def run_job(job: dict) -> dict:
     writer = _summary_writer(job)
     te_cache: dict[str, torch.Tensor] = {}
     rng = random.Random(seed)
-    loss_sum, loss_count, losses = 0.0, 0, []
+    loss_sum, loss_count, losses, step_ends = 0.0, 0, [], []
     step = 0
     trainable = [p for p in network.parameters() if p.requires_grad]
     autocast = torch.autocast("cuda", dtype=weight_dtype) if weight_dtype != torch.float32 else None
@@ -372,7 +372,8 @@ def run_job(job: dict) -> dict:
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                cur = float(loss.detach())
+                cur = float(loss.detach())  # also waits for the GPU: honest step times
+                step_ends.append(time.time())
                 losses.append(cur)
                 loss_sum += cur
                 loss_count += 1
@@ -409,6 +410,8 @@ def run_job(job: dict) -> dict:
         "average_loss": loss_sum / loss_count,
         "losses": losses,
         "steps_per_s": steps / max(train_s, 1e-9),
+        "step_durations": [b - a for a, b in zip([t_train] + step_ends[:-1], step_ends)],
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if is_cuda else None,
         "modules": n_unet + n_te,
         "output": str(output),
     }
