@@ -15,12 +15,16 @@ AdamW, text encoder trained, clip skip 2. steps/s excludes the first 2 (warm-up)
 The full model (UNet 320/640/1280/1280, cross-attention 768, CLIP-L-shaped 12-layer text
 encoder, SD VAE shape; random weights, 4 GB) is generated once under ``benchmarks/out/``.
 
-Results (2-core shared CPU, torch 2.13 CPU, 1 torch thread as the trainer picked under load,
-``python benchmarks/bench_train.py --steps 12``), 2026-11-25:
+Results (2-core CPU shared with other jobs, load average ~3.5, torch 2.13 CPU; the trainer
+picked 1 torch thread because of that load; ``python benchmarks/bench_train.py --steps 12``),
+2026-11-25:
 
-    config                         device  steps/s  s/step  peak RSS MiB  peak CUDA MiB
-    tiny 512px b2                  cpu     RESULT_TINY
-    tiny 512px b2 +grad-ckpt       cpu     RESULT_TINY_GC
+    config                                 device  steps/s  s/step  peak RSS MiB  peak CUDA MiB
+    tiny 512px b2                          cpu/1t     1.56   0.641           702              -
+    tiny 512px b2 +grad-ckpt               cpu/1t     1.06   0.944           650              -
+
+(The whole example project's face LoRA, 75 images at 128-512 px, 40 steps: model load 8 s,
+latent cache 11 s, training 27 s, under the same load.)
 
 ``--full`` was not run here (no GPU in this session; on this CPU sd-scripts needs ~31 s a
 step for the same shapes, see docs).

@@ -322,7 +322,6 @@ def run_job(job: dict) -> dict:
     note(f"optimizer {opt_desc}; scheduler {params.get('scheduler') or 'cosine_with_restarts'}; seed {seed}")
     scaler = torch.amp.GradScaler("cuda") if (is_cuda and weight_dtype == torch.float16) else None
     noise_scheduler = base.noise_scheduler
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     n_timesteps = int(noise_scheduler.config.num_train_timesteps)
     prediction_type = noise_scheduler.config.prediction_type
 
