@@ -47,8 +47,8 @@ def graph(root: Path | None = None):
             for problem in getattr(exc, "warnings", []):
                 print(problem, file=sys.stderr)
             raise InvalidDodoFile(f"{exc.message}; fix them (`charbuild check` lists them again)") from None
-        for warning in project.warnings:
-            print(warning, file=sys.stderr)
+        if project.warnings:
+            print(f"charbuild: {len(project.warnings)} warning(s); `charbuild check` lists them", file=sys.stderr)
         _graphs[root] = Graph(project)
     return _graphs[root]
 
@@ -116,6 +116,8 @@ def _guard_plain_doit() -> None:
     if not (prog.startswith("doit") or (prog == "__main__.py" and "doit" in sys.argv[0])):
         return
     command = _command_of(sys.argv[1:])
+    # doit opens its state database (build/.doit.db) before loading any task
+    (Path.cwd() / "build").mkdir(exist_ok=True)
     from .buildlock import build_lock, install_sigterm_handler
 
     install_sigterm_handler()

@@ -229,7 +229,7 @@ class Graph:
             "basename": "_prune",
             "doc": "remove prepared pictures whose source is gone",
             "actions": [(prune_action, ["build/images", expected])],
-            "uptodate": [config_changed(expected)],
+            "uptodate": [config_changed({"files": expected})],
             "verbosity": 2,
         }
 
