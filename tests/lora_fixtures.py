@@ -69,13 +69,18 @@ def module_tensors(
     return {f"{stem}.{suffix}": v for suffix, v in t.items()}
 
 
-def representative_modules(arch: str = "sd15", *, extra: bool = True) -> list[tuple[str, int, int, int]]:
-    """A small subset of the real key set: per block one Linear, one 1x1 and one 3x3 module."""
+def representative_modules(
+    arch: str = "sd15", *, extra: bool = True, max_numel: int = 1_700_000
+) -> list[tuple[str, int, int, int]]:
+    """A small subset of the real key set: per block one module of each kernel kind (Linear,
+    1x1, 3x3, cross-attention, shortcut) whose layer has at most ``max_numel`` weights."""
     from charbuild.lora.blocks import block_of
 
     seen: set[tuple[str | None, int, str]] = set()
     picked = []
     for stem, o, i, k in modules_for(arch, conv=True, te=True, extra=extra):
+        if o * i * max(k, 1) ** 2 > max_numel:
+            continue
         block = block_of(stem, arch)
         sort = "cross" if "attn2_to_k" in stem else "shortcut" if "shortcut" in stem or "skip" in stem else ""
         key = (block, k, sort)
@@ -157,3 +162,9 @@ def reference_delta(tensors: dict[str, torch.Tensor], stem: str) -> torch.Tensor
     r = p["lokr_w2_b"].shape[0] if "lokr_w2_b" in p else p["lokr_w1_b"].shape[0]
     scale = 1.0 if alpha is None else float(alpha) / r
     return torch.kron(w1, w2) * scale
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (Frobenius, float64)."""
+    a, b = a.double(), b.double()
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))

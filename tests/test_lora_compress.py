@@ -1,0 +1,191 @@
+"""Rank reduction: equals a full-SVD reference of resize_lora.py's algorithm (same ranks, same deltas)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from lora_fixtures import make_lora, reference_delta, rel_err, write_lora
+
+from charbuild.errors import LoraFileError
+from charbuild.lora.compress import choose_rank, compress_file, compress_lora
+from charbuild.lora.io import build_lora, load_lora
+
+# real SD1.5 layers: linear, cross-attention, 1x1, 3x3 (incl. a wide up-block conv), text encoder
+MODULES = [
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320, 0),
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 768, 0),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in", 320, 320, 1),
+    ("lora_unet_down_blocks_0_resnets_0_conv1", 320, 320, 3),
+    ("lora_unet_up_blocks_3_resnets_0_conv1", 320, 960, 3),
+    ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 768, 768, 0),
+    ("lora_unet_conv_out", 4, 320, 3),
+]
+RANK = 24
+
+
+def decaying_lora(dtype=torch.float32, seed=0, alpha=12.0):
+    """Factors with geometrically decaying singular values, so the rank rules give varied ranks."""
+    tensors, meta = make_lora("sd15", "lora", modules=MODULES, rank=RANK, alpha=alpha, dtype=torch.float32, seed=seed)
+    for n, key in enumerate(sorted(k for k in tensors if k.endswith("lora_up.weight"))):
+        decay = torch.tensor([(0.45 + 0.09 * n) ** j for j in range(RANK)])
+        t = tensors[key]
+        if True:
+            tensors[key] = t * decay.reshape(1, -1, *([1] * (t.dim() - 2)))
+    tensors["lora_unet_conv_out.lora_up.weight"] = torch.zeros_like(tensors["lora_unet_conv_out.lora_up.weight"])
+    return {k: v.to(dtype) for k, v in tensors.items()}, meta
+
+
+def reference_rank(S, method, param, cap):
+    """resize_lora.py's rank rule as lora-formats.md §4 states it (legacy +1), written independently."""
+    n_all = len(S)
+    if method == "sv_ratio":
+        n = int((S > S[0] / param).sum())
+    elif method == "sv_fro":
+        c = torch.cumsum(S**2, 0) / (S**2).sum()
+        n = int(torch.searchsorted(c, torch.tensor(param**2))) + 1
+    elif method == "sv_cumulative":
+        c = torch.cumsum(S, 0) / S.sum()
+        n = int(torch.searchsorted(c, torch.tensor(float(param)))) + 1
+    else:
+        return 1 if S[0] <= 1e-6 else cap
+    rank = min(max(n, 1), n_all - 1) + 1
+    if S[0] <= 1e-6:
+        return 1
+    return min(rank, cap)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_svd(stem):
+    tensors, _ = decaying_lora()
+    up, down = tensors[f"{stem}.lora_up.weight"].float(), tensors[f"{stem}.lora_down.weight"].float()
+    m = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+    return torch.linalg.svd(m, full_matrices=False)  # resize_lora.py: full_matrices=True; same S and leading vectors
+
+
+def reference_resize(tensors, stem, method, param, cap):
+    """Full SVD of up @ down (fp32), as resize_lora.py: returns (rank, alpha, ΔW)."""
+    r = tensors[f"{stem}.lora_down.weight"].shape[0]
+    u, s, vh = _reference_svd(stem)
+    k = reference_rank(s, method, param, cap)
+    alpha = float(tensors[f"{stem}.alpha"]) / r * k
+    return k, alpha, (u[:, :k] * s[:k]) @ vh[:k] * (alpha / k)
+
+
+@pytest.mark.parametrize(
+    "method,param", [("sv_ratio", 16.0), ("sv_ratio", 4.0), ("sv_fro", 0.9), ("sv_cumulative", 0.7), (None, 0.0)]
+)
+def test_compress_matches_full_svd_reference(method, param):
+    tensors, meta = decaying_lora()
+    out, report = compress_lora(
+        build_lora(tensors, meta), method=method, param=param, new_rank=16, new_conv_rank=10, save_precision="float"
+    )
+    ranks = set()
+    for stem, _, _, k in MODULES:
+        cap = 10 if k else 16
+        ref_rank, ref_alpha, ref_delta = reference_resize(tensors, stem, method, param, cap)
+        got = out.modules[stem]
+        assert got.rank == ref_rank == report["modules"][stem]["new_rank"], stem
+        assert got.alpha == pytest.approx(ref_alpha, rel=1e-6)
+        ranks.add(got.rank)
+        if stem == "lora_unet_conv_out":
+            assert got.rank == 1 and float(got.delta().abs().max()) == 0.0
+            continue
+        assert rel_err(got.delta(), ref_delta) <= 1e-4, stem
+        assert got.params["lora_up.weight"].dim() == tensors[f"{stem}.lora_up.weight"].dim()
+        if k == 3:
+            assert got.params["lora_down.weight"].shape[1:] == tensors[f"{stem}.lora_down.weight"].shape[1:]
+    if method is not None:
+        assert len(ranks) > 2  # the rules actually chose different ranks
+    assert out.format == "lora" and out.arch == "sd15"
+
+
+def test_rank_rules_edge_cases():
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.0, 0.0])
+    assert choose_rank(s, "sv_ratio", 3.0, 128) == 3  # 2 values > 4/3, +1
+    assert choose_rank(s, "sv_ratio", 3.0, 128, rank_rule="current") == 2
+    assert choose_rank(s, "sv_ratio", 1000.0, 128) == 5  # clamped to len - 1, then +1
+    assert choose_rank(s, "sv_ratio", 1000.0, 3) == 3  # cap
+    assert choose_rank(torch.zeros(5), "sv_fro", 0.9, 128) == 1  # S[0] <= 1e-6
+    assert choose_rank(s, None, 0.0, 7) == 7
+    assert choose_rank(s, "sv_cumulative", 0.5, 128) == 2 and choose_rank(s, "sv_cumulative", 0.5, 128, "current") == 1
+
+
+def test_metadata_and_precision(tmp_path):
+    tensors, meta = decaying_lora(dtype=torch.float16)
+    src = write_lora(tmp_path / "raw.safetensors", tensors, meta)
+    report = compress_file(src, tmp_path / "c.safetensors", param=16.0, new_rank=128)
+    out = load_lora(tmp_path / "c.safetensors")
+    assert out.metadata["ss_training_comment"] == "Dynamic resize with sv_ratio: 16.0 from 24; synthetic"
+    assert out.metadata["ss_network_dim"] == out.metadata["ss_network_alpha"] == "Dynamic"
+    assert len(out.metadata["sshs_model_hash"]) == 64 and len(out.metadata["sshs_legacy_hash"]) == 8
+    assert {t.dtype for t in out.tensors.values()} == {torch.float16}
+    assert report["size_out"] < report["size_in"]
+    assert 0 < report["mean_fro_retained"] <= 1 and report["mean_retained"] == pytest.approx(
+        (report["mean_fro_retained"] + report["mean_sum_retained"]) / 2
+    )
+    compress_file(src, tmp_path / "f.safetensors", method="rank", new_rank=8, new_conv_rank=4, save_precision="bf16")
+    fixed = load_lora(tmp_path / "f.safetensors")
+    assert fixed.metadata["ss_training_comment"] == "dimension is resized from 24 to 8 (conv: 4); synthetic"
+    assert fixed.metadata["ss_network_dim"] == "8"
+    # alpha of the last module in key order: the text encoder (linear, rank 8, alpha 12/24*8)
+    assert fixed.metadata["ss_network_alpha"] == "2.0"  # last module in key order: up_blocks_3 conv, 12/24*4
+    assert {t.dtype for t in fixed.tensors.values()} == {torch.bfloat16}
+
+
+def test_verbose_prints_retention(capsys):
+    tensors, meta = decaying_lora()
+    compress_lora(build_lora(tensors, meta), verbose=True)
+    out = capsys.readouterr().out
+    assert "sum(S) retained" in out and "Average Frobenius norm retention" in out and MODULES[0][0] in out
+
+
+SMALL_CONV = [("lora_unet_conv_in", 320, 4, 3), ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320, 0)]
+
+
+@pytest.mark.parametrize("kind", ["locon_tucker", "loha", "loha_tucker", "lokr", "lokr_factored_w1"])
+def test_lycoris_input_becomes_kohya_lora(kind):
+    tensors, meta = make_lora("sd15", kind, modules=SMALL_CONV, rank=4, alpha=2.0)
+    out, report = compress_lora(build_lora(tensors, meta), method="sv_fro", param=0.999999, new_rank=128, save_precision="float")
+    assert out.metadata["ss_network_module"] == "networks.lora" and "ss_network_args" not in out.metadata
+    for stem, o, i, k in SMALL_CONV:
+        m = out.modules[stem]
+        assert m.kind == "lora" and not m.tucker
+        full = reference_delta(tensors, stem)
+        if kind == "locon_tucker":
+            assert m.rank == min(4 + 1, 128)  # folded exactly: rank 4 (+1 of the legacy rule)
+        assert rel_err(m.delta(), full) < 1e-4, stem
+        if k == 3:
+            assert m.params["lora_down.weight"].shape == (m.rank, i, 3, 3)
+    assert len(report["converted"]) == (1 if kind == "locon_tucker" else 2)
+
+
+def test_lossy_conversion_keeps_top_directions():
+    tensors, meta = make_lora("sd15", "loha", modules=SMALL_CONV[1:], rank=4)
+    out, _ = compress_lora(build_lora(tensors, meta), method=None, new_rank=3, save_precision="float")
+    stem = SMALL_CONV[1][0]
+    u, s, vh = torch.linalg.svd(reference_delta(tensors, stem))
+    assert rel_err(out.modules[stem].delta(), (u[:, :3] * s[:3]) @ vh[:3]) < 1e-4
+
+
+def test_bad_options_write_nothing(tmp_path):
+    tensors, meta = decaying_lora()
+    src = write_lora(tmp_path / "raw.safetensors", tensors, meta)
+    for kwargs, message in (
+        ({"method": "svd"}, "unknown method"),
+        ({"save_precision": "fp8"}, "unknown save precision"),
+        ({"param": -1.0}, "positive parameter"),
+        ({"new_rank": 0}, "at least 1"),
+    ):
+        with pytest.raises(LoraFileError, match=message):
+            compress_file(src, tmp_path / "c.safetensors", **kwargs)
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_progress_bar(capsys):
+    tensors, meta = decaying_lora()
+    compress_lora(build_lora(tensors, meta), progress=True)
+    assert "compress" in capsys.readouterr().err
+    assert not math.isnan(1.0)
