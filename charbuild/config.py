@@ -452,6 +452,10 @@ def _lora_settings(c: _Collector, table: dict, keypath: tuple, kind: str) -> dic
     }
     if out["training"]:
         c.check_keys(out["training"], _training_keys(), keypath + ("training",))
+    if "steps" in table:
+        # the LoRA's own steps beat a project-wide [training] steps
+        out["training"] = {**out["training"]}
+        out["training"].setdefault("steps", out["steps"])
     return out
 
 
@@ -697,7 +701,7 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
             s = outfit.settings  # type: ignore[attr-defined]
             if not outfit.images:
                 problems.append(Problem(_show(root, ch.dir / "outfits" / outfit.name), f"outfit {outfit.name!r} has no "
-                                        "body pictures (b00.png ...): add some or remove its table", s["line"] and None))
+                                        "body pictures (b00.png ...): add some or remove its table"))
             add(_make_lora(outfit.keyword, "body", [ch.face, outfit], s, [outfit.keyword, ch.keyword], [ch.name], ch.shown),
                 f"{ch.shown} [outfits.{outfit.name}]")
     for gname, parts, s, shown in _load_groups(root, chars_dir, characters, problems):
