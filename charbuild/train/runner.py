@@ -209,8 +209,11 @@ def _relay(pipe, log_fh, console) -> None:
             break
         if not chunk:
             break
-        log_fh.write(chunk)
-        log_fh.flush()
+        try:
+            log_fh.write(chunk)
+            log_fh.flush()
+        except (OSError, ValueError):  # log closed or disk full: keep draining the pipe
+            pass
         if console is not None:
             console(chunk)
 
