@@ -54,8 +54,16 @@ def precalculate_safetensors_hashes(tensors: dict, metadata: dict) -> tuple[str,
     """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them before saving.
 
     Only the ``ss_`` metadata goes into the serialised bytes that are hashed, so editing other
-    metadata later does not change the hashes.
+    metadata later does not change the hashes. Uses the LoRA toolkit's
+    ``charbuild.lora.io.sd_scripts_hashes`` (one implementation for the whole project) when it
+    is there, else the same computation here.
     """
+    try:
+        from charbuild.lora.io import sd_scripts_hashes
+    except ImportError:
+        sd_scripts_hashes = None
+    if sd_scripts_hashes is not None:
+        return sd_scripts_hashes(tensors, metadata)
     from safetensors.torch import save
 
     data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
