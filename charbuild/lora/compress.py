@@ -14,10 +14,12 @@ singular values S (descending, length ``min(out, in·kh·kw)``):
 * ``new_up = U[:, :k]·diag(S[:k])``, ``new_down = Vh[:k]``, ``new_alpha = alpha / r · k``
   (computed in float32 as sd-scripts does, stored in the save dtype like every tensor).
 
-M has rank ≤ r, so instead of resize_lora.py's SVD of the full (out × in·kh·kw) matrix we take
-thin QR factorisations ``up = Qu Ru`` and ``downᵀ = Qd Rd`` and the SVD of the r × r matrix
-``Ru Rdᵀ``: the same S, U = Qu·U', Vh = Vh'·Qdᵀ, at a fraction of the cost. Singular values
-beyond r are exactly 0 and enter the rank rules as such.
+M has rank ≤ r, so instead of resize_lora.py's SVD of the full (out × in·kh·kw) matrix we use
+the factorisations ``up = Qu Ru`` and ``downᵀ = Qd Rd`` and the SVD of the r × r matrix
+``Ru Rdᵀ``: the same S, U = Qu·U', Vh = Vh'·Qdᵀ, at a fraction of the cost. Ru and Rd come
+from the float64 Gram matrices (matrix products, far faster than Householder QR on a CPU);
+modules whose kept singular values are numerically zero take a thin-QR route instead (see
+:func:`resize_factors`). Singular values beyond r are exactly 0 and enter the rank rules as such.
 
 LoCon Tucker modules (``lora_mid``) are folded exactly into a plain (r, in, k, k) down first.
 LoHa and LoKr modules are converted to kohya LoRA through the SVD of their full delta (scale
@@ -108,16 +110,44 @@ def resize_factors(
     param: float,
     rank_rule: str = "legacy",
 ):
-    """Resize one 2-D factor pair; returns ``(new_up, new_down, new_alpha, new_rank, stats)``."""
+    """Resize one 2-D factor pair; returns ``(new_up, new_down, new_alpha, new_rank, stats)``.
+
+    The r × r core: with ``Gu = upᵀup = Vu Λu Vuᵀ`` and ``Ru = Λu^½ Vuᵀ`` (so ``up = Qu Ru``
+    with orthonormal Qu), likewise ``Rd`` from ``Gd = down downᵀ``, the singular values of
+    ``M = up @ down`` are those of ``K = Ru Rdᵀ = Uk S Vkh``; the kept factors follow without
+    inverting anything: ``Vh_k = S_k⁻¹ Uk_kᵀ Ru down`` and ``U_k S_k = up Gd Ruᵀ Uk_k S_k⁻¹``.
+    Grams and the core are float64, the two large products float32. Where a kept singular
+    value is tiny (S_k < 1e-6·S_0, or S_0 ≤ 1e-6) the thin-QR route is used instead.
+    """
+    r = up.shape[1]
+    up64, down64 = up.double(), down.double()
+    gu, gd = up64.T @ up64, down64 @ down64.T
+    lu, vu = torch.linalg.eigh(gu)
+    ld, vd = torch.linalg.eigh(gd)
+    ru = lu.clamp_min(0).sqrt()[:, None] * vu.T
+    rd = ld.clamp_min(0).sqrt()[:, None] * vd.T
+    uk, s64, _ = torch.linalg.svd(ru @ rd.T)
+    s = s64.float()
+    full = _padded(s, min(up.shape[0], down.shape[1]))
+    k = choose_rank(full, method, param, max_rank, rank_rule)
+    kk = min(k, r)
+    if float(s64[0]) <= MIN_SV or float(s64[kk - 1]) < 1e-6 * float(s64[0]):
+        return _resize_factors_qr(up, down, scale, k, full)
+    inv = 1.0 / s64[:kk]
+    down_coef = (uk[:, :kk].T @ ru) * inv[:, None]  # (kk, r)
+    up_coef = (gd @ ru.T @ uk[:, :kk]) * inv[None, :]  # (r, kk)
+    new_down = down_coef.float() @ down
+    new_up = up @ up_coef.float()
+    return _finish(new_up, new_down, k, scale, full)
+
+
+def _resize_factors_qr(up, down, scale, k, full):
+    """The thin-QR route (robust for rank-deficient factors)."""
     qu, ru = torch.linalg.qr(up)
     qd, rd = torch.linalg.qr(down.T)
     uk, s, vkh = torch.linalg.svd(ru @ rd.T, full_matrices=False)
-    full = _padded(s, min(up.shape[0], down.shape[1]))
-    k = choose_rank(full, method, param, max_rank, rank_rule)
     kk = min(k, len(s))
-    new_up = (qu @ uk[:, :kk]) * s[:kk]
-    new_down = vkh[:kk] @ qd.T
-    return _finish(new_up, new_down, k, scale, full)
+    return _finish((qu @ uk[:, :kk]) * s[:kk], vkh[:kk] @ qd.T, k, scale, full)
 
 
 def resize_full(delta: torch.Tensor, max_rank: int, method: str | None, param: float, rank_rule: str = "legacy"):
