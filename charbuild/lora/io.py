@@ -542,8 +542,27 @@ def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict
                 f.seek(8 + at)
                 f.write(value.encode())
                 header = header[:at] + value.encode() + header[at + len(placeholder) :]
+            _canonicalise_header(f, header)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model, legacy
     return meta
+
+
+def _canonicalise_header(f, header: bytes) -> None:
+    """Rewrite the header with sorted keys, in place, keeping its length.
+
+    The safetensors library orders metadata through a hash map, so identical
+    input gave different bytes in different processes; md5-based early cut-off
+    and ``doit -n`` builds need identical bytes. Offsets are relative to the data
+    part, so reordering the JSON (padded with spaces to the same length) is safe.
+    """
+    parsed = json.loads(header)
+    if "__metadata__" in parsed:
+        parsed["__metadata__"] = dict(sorted(parsed["__metadata__"].items()))
+    text = json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > len(header):  # pragma: no cover - compact JSON is never longer
+        return
+    f.seek(8)
+    f.write(text + b" " * (len(header) - len(text)))
 
 
 def lora_to_tensors(modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
