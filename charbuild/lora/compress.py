@@ -112,8 +112,8 @@ def resize_factors(
 ):
     """Resize one 2-D factor pair; returns ``(new_up, new_down, new_alpha, new_rank, stats)``.
 
-    The r × r core: with ``Gu = upᵀup = Vu Λu Vuᵀ`` and ``Ru = Λu^½ Vuᵀ`` (so ``up = Qu Ru``
-    with orthonormal Qu), likewise ``Rd`` from ``Gd = down downᵀ``, the singular values of
+    The r × r core: with ``Gu = upᵀup = Ruᵀ Ru`` (Cholesky; ``Ru = Λu^½ Vuᵀ`` from eigh if Gu is singular), so ``up = Qu Ru``
+    with orthonormal Qu; likewise ``Rd`` from ``Gd = down downᵀ``, the singular values of
     ``M = up @ down`` are those of ``K = Ru Rdᵀ = Uk S Vkh``; the kept factors follow without
     inverting anything: ``Vh_k = S_k⁻¹ Uk_kᵀ Ru down`` and ``U_k S_k = up Gd Ruᵀ Uk_k S_k⁻¹``.
     Grams and the core are float64, the two large products float32. Where a kept singular
@@ -122,10 +122,7 @@ def resize_factors(
     r = up.shape[1]
     up64, down64 = up.double(), down.double()
     gu, gd = up64.T @ up64, down64 @ down64.T
-    lu, vu = torch.linalg.eigh(gu)
-    ld, vd = torch.linalg.eigh(gd)
-    ru = lu.clamp_min(0).sqrt()[:, None] * vu.T
-    rd = ld.clamp_min(0).sqrt()[:, None] * vd.T
+    ru, rd = _gram_root(gu), _gram_root(gd)
     uk, s64, _ = torch.linalg.svd(ru @ rd.T)
     s = s64.float()
     full = _padded(s, min(up.shape[0], down.shape[1]))
@@ -139,6 +136,15 @@ def resize_factors(
     new_down = down_coef.float() @ down
     new_up = up @ up_coef.float()
     return _finish(new_up, new_down, k, scale, full)
+
+
+def _gram_root(g: torch.Tensor) -> torch.Tensor:
+    """R with ``Rᵀ R = g``: Cholesky (upper factor), or ``Λ^½ Vᵀ`` from eigh when g is singular."""
+    l, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return l.T
+    lam, v = torch.linalg.eigh(g)
+    return lam.clamp_min(0).sqrt()[:, None] * v.T
 
 
 def _resize_factors_qr(up, down, scale, k, full):
