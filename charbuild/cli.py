@@ -125,7 +125,7 @@ def targets_for_file(root: Path, file: Path, with_training: bool = False) -> lis
     if file.parent == chars_dir and file.name in ("project.toml", "groups.toml"):
         names += ["image", "caption"]
         loras += list(project.loras.values())
-    for lora in dict.fromkeys(loras):
+    for lora in {lora.name: lora for lora in loras}.values():
         names += [f"dataset:{lora.name}", f"preview:{lora.name}"]
         if with_training:
             names += [f"compress:{lora.name}/{p.name}" for p in g.variants(lora)]
@@ -208,10 +208,10 @@ def train(loras, dry_run, root, jobs):
 
     root_path = _root(root)
     g = graph(root_path)
-    selected = [g.project.loras[n] for n in loras] if loras else list(g.project.loras.values())
     unknown = [n for n in loras if n not in g.project.loras]
     if unknown:
         raise CharbuildError(f"no LoRA named {', '.join(unknown)}; known: {', '.join(g.project.loras)}")
+    selected = [g.project.loras[n] for n in loras] if loras else list(g.project.loras.values())
     if dry_run:
         from .train.runner import dry_run_commands
 

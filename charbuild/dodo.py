@@ -156,7 +156,9 @@ def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = N
         install_sigterm_handler()
         command = _command_of(argv)
         namespace = {name: getattr(this, name) for name in __all__}
-        main = DoitMain(ModuleTaskLoader(namespace), extra_config={"GLOBAL": extra_config or {}})
+        # doit binds its output stream when it is imported; use the current one
+        config = {"outfile": sys.stdout, **(extra_config or {})}
+        main = DoitMain(ModuleTaskLoader(namespace), extra_config={"GLOBAL": config})
         if command in READ_ONLY_COMMANDS:
             return main.run(argv)
         (root / "build").mkdir(exist_ok=True)

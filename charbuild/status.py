@@ -8,7 +8,6 @@ from pathlib import Path
 
 def stale_tasks(root: Path) -> list[tuple[str, str]]:
     """(task name, reason) for every task that a build would run, in doit's order."""
-    from doit.cmd_base import ModuleTaskLoader
     from doit.control import TaskControl
     from doit.dependency import Dependency, SqliteDB, MD5Checker
 
@@ -19,10 +18,10 @@ def stale_tasks(root: Path) -> list[tuple[str, str]]:
     try:
         dodo.forget_loaded_projects()
         namespace = {name: getattr(dodo, name) for name in dodo.__all__}
-        loader = ModuleTaskLoader(namespace)
-        loader.setup({})
-        config = loader.load_doit_config()
-        tasks = loader.load_tasks(cmd=None, pos_args=[])
+        from doit.loader import load_doit_config, load_tasks
+
+        config = load_doit_config(namespace)
+        tasks = load_tasks(namespace, allow_delayed=False, args=[], config=config)
         control = TaskControl(tasks)
         db_file = root / config["dep_file"]
         dep = Dependency(SqliteDB, str(db_file), checker_cls=MD5Checker)

@@ -1,0 +1,125 @@
+"""The charbuild command line, through its one error handler (`charbuild.cli.main`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from charbuild.cli import main
+from conftest import REPO, draw_picture, make_project
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_check_ok_and_errors(project, capsys):
+    code, out, err = run(capsys, "check", "--root", str(project))
+    assert code == 0 and out.startswith("ok: 2 character(s), 7 picture(s), 3 LoRA(s)")
+    assert "warning: angle codes missing" in err
+    toml = project / "characters/bob/character.toml"
+    toml.write_text('keyword = "bbo"\nbackgrund = "black"\n', encoding="utf-8")
+    (project / "characters/bob/face/f03.png").write_bytes(b"\x89PNG broken")
+    code, out, err = run(capsys, "check", "--root", str(project))
+    assert code == 2
+    assert "characters/bob/character.toml:2: error: unknown key 'backgrund' in the top level; did you mean 'background'?" in err
+    assert "characters/bob/face/f03.png: error:" in err
+
+
+def test_new_scaffolds_and_never_overwrites(project, capsys):
+    code, out, _ = run(capsys, "new", "黒猫", "--keyword", "krnk", "--outfit", "school", "--root", str(project))
+    assert code == 0 and "created characters/黒猫/character.toml" in out
+    toml = project / "characters/黒猫/character.toml"
+    text = toml.read_text(encoding="utf-8")
+    assert 'keyword = "krnk"' in text and "[outfits.school]" in text
+    assert (project / "characters/黒猫/outfits/school").is_dir()
+    toml.write_text(text + "# mine\n", encoding="utf-8")
+    code, _, err = run(capsys, "new", "黒猫", "--root", str(project))
+    assert code == 1 and "already exists" in err
+    assert toml.read_text(encoding="utf-8").endswith("# mine\n")
+    # the scaffold is a valid character once it has pictures
+    draw_picture(project / "characters/黒猫/face/f00.png", "f00")
+    draw_picture(project / "characters/黒猫/outfits/school/b00.png", "b00")
+    code, out, err = run(capsys, "check", "--root", str(project))
+    assert code == 0, err
+
+
+def test_tags_captions_a_folder_in_place(tmp_path, capsys):
+    folder = tmp_path / "kuronekomimi girl, shorthair_f0768"
+    draw_picture(folder / "f00.png", "f00")
+    draw_picture(folder / "notes.png", "f00")
+    code, out, _ = run(capsys, "tags", str(folder))
+    assert code == 0
+    assert (folder / "f00.txt").read_text(encoding="utf-8").startswith(
+        "kuronekomimi, shorthair, white background, black background, simple background, from horizontal")
+    assert "notes.png" in out
+    assert not (folder / "notes.txt").exists()
+
+
+def test_status_build_and_inspect(project, capsys):
+    code, out, _ = run(capsys, "status", "--root", str(project))
+    assert code == 0 and "image: 14 to build" in out and "not built yet" in out
+    code, out, err = run(capsys, "build", "--root", str(project))
+    assert code == 0, out + err
+    code, out, _ = run(capsys, "status", "--root", str(project))
+    assert out.strip() == "everything is up to date"
+    proj = project / "characters/project.toml"
+    proj.write_text(proj.read_text(encoding="utf-8") + "[compress]\nsv_ratio = 4\n", encoding="utf-8")
+    code, out, _ = run(capsys, "status", "--root", str(project))
+    assert "compress: 3 to build" in out and "train" not in out
+    final = project / "build/loras/alc/Lora1x1A1-AdamW8/alc-Lora1x1A1-AdamW8.safetensors"
+    code, out, _ = run(capsys, "inspect", "--json", str(final))
+    info = json.loads(out)
+    assert info["format"] == "lora" and info["arch"] == "sd15"
+
+
+def test_build_for_one_picture(project, capsys):
+    run(capsys, "build", "--root", str(project), "image", "caption", "dataset", "preview")
+    picture = project / "characters/bob/face/f03.png"
+    draw_picture(picture, "f03", seed=5)
+    code, out, err = run(capsys, "build", "--root", str(project), "--for", str(picture))
+    assert code == 0, err
+    ran = [line[3:] for line in out.splitlines() if line.startswith(".  ")]
+    assert sorted(ran) == ["image:bob/face/f03@64", "image:bob/face/f03@96", "preview:bbo"]
+
+
+def test_train_dry_run_prints_commands(project, capsys):
+    code, out, err = run(capsys, "train", "--dry-run", "--root", str(project), "alc")
+    assert code == 0, err
+    assert out.startswith("# train:alc/Lora1x1A1-AdamW8")
+    assert "charbuild.train.fake" in out
+
+
+def test_train_dry_run_sd_scripts_command(tmp_path, capsys):
+    root = make_project(tmp_path / "p", project_extra="")
+    proj = root / "characters/project.toml"
+    fake = REPO / "tests/fake_sd_scripts"
+    model = root / "model.safetensors"
+    model.write_bytes(b"0" * 64)
+    text = proj.read_text(encoding="utf-8").replace('backend = "fake"', f'backend = "sd-scripts"\nsd_scripts = "{fake.as_posix()}"')
+    proj.write_text(f'[model]\nbase = "model.safetensors"\n' + text, encoding="utf-8")
+    code, out, err = run(capsys, "train", "--dry-run", "--root", str(root), "alc")
+    assert code == 0, err
+    assert "accelerate launch" in out and "train_network.py" in out
+    assert "--network_module=networks.lora" in out and "--max_train_steps=5" in out
+
+
+def test_unknown_lora_is_a_clear_error(project, capsys):
+    code, _, err = run(capsys, "train", "--dry-run", "--root", str(project), "nobody")
+    assert code == 1 and "no LoRA named nobody" in err
+
+
+def test_a_second_build_is_refused_while_one_runs(project, capsys):
+    from charbuild.buildlock import build_lock
+
+    with build_lock(project / "build"):
+        code, _, err = run(capsys, "build", "--root", str(project), "image")
+    assert code == 3 and "another build of this project is running" in err
