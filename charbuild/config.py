@@ -268,7 +268,7 @@ PROJECT_KEYS = {"model", "dataset", "training", "trainer", "merge", "compress", 
 MODEL_KEYS = {"base", "vae", "clip_skip", "arch"}
 DATASET_KEYS = {"sizes", "batch_sizes"}
 TRAINER_KEYS = {"backend", "gpus", "sd_scripts", "python", "accelerate", "xformers", "extra_args",
-                "fake_seconds", "fake_record", "fake_fail"}
+                "run_cache", "fake_seconds", "fake_record", "fake_fail"}
 MERGE_KEYS = {"presets", "face", "body", "group"}
 COMPRESS_KEYS = {"method", "sv_ratio", "sv_fro", "sv_cumulative", "new_rank", "new_conv_rank", "save_precision"}
 COMPRESS_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative", "rank")
@@ -362,6 +362,7 @@ def _load_project_toml(root: Path, chars_dir: Path, problems: list[Problem]) -> 
         t["accelerate"] = c.get(tn, "accelerate", is_str, t["accelerate"], ("trainer",))
     t["xformers"] = c.get(tn, "xformers", is_bool, False, ("trainer",))
     t["extra_args"] = c.get(tn, "extra_args", is_str_list, [], ("trainer",))
+    t["run_cache"] = c.get(tn, "run_cache", is_bool, True, ("trainer",))
     for key, check in (("fake_seconds", is_number(False)), ("fake_record", is_str), ("fake_fail", is_bool)):
         if key in tn:
             t[key] = c.get(tn, key, check, None, ("trainer",))

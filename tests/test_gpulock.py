@@ -112,6 +112,7 @@ def test_same_variant_waits_for_the_running_training(tmp_path):
     """Two runs of one variant (two doit processes) never share its folder."""
     record = tmp_path / "record.jsonl"
     job = make_job(tmp_path, gpus=[0, 1], fake_seconds=0.6, fake_record=str(record))
+    job["trainer"]["run_cache"] = False  # the second run would be restored from the first
     threads = [threading.Thread(target=run_training, args=(job,), kwargs={"echo": False}) for _ in range(2)]
     for t in threads:
         t.start()

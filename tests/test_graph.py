@@ -220,3 +220,25 @@ def test_japanese_and_spaced_names_build(tmp_path):
     toml = (root / "build/loras/krnksf/dataset.toml").read_text(encoding="utf-8")
     assert "build/images/黒猫 ちゃん/制服 夏/96" in toml
     assert build(root) == set()
+
+
+def test_reverting_a_setting_restores_the_earlier_training(tmp_path):
+    import json
+
+    root = make_project(tmp_path / "p", project_extra='fake_record = "record.jsonl"\n')
+    build(root)
+    record = root / "record.jsonl"
+    trained = len(record.read_text(encoding="utf-8").splitlines())
+    raw = root / f"build/loras/bbo/{V}/raw.safetensors"
+    first = raw.read_bytes()
+    toml = root / "characters/bob/character.toml"
+    original = toml.read_text(encoding="utf-8")
+    toml.write_text(original.replace("[face]\nsteps = 5", "[face]\nsteps = 6"), encoding="utf-8")
+    build(root)
+    assert len(record.read_text(encoding="utf-8").splitlines()) == trained + 1
+    toml.write_text(original, encoding="utf-8")
+    ran = groups(build(root))
+    assert ran["train"] == {f"bbo/{V}"}  # the task ran ...
+    assert len(record.read_text(encoding="utf-8").splitlines()) == trained + 1  # ... but trained nothing
+    assert raw.read_bytes() == first
+    assert "compress" in ran or "merge" in ran

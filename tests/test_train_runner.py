@@ -178,6 +178,7 @@ def test_train_action_returns_task_failed_and_removes_a_stale_sidecar(tmp_path):
     run_training(job, echo=False)
     assert is_up_to_date(job).fresh
     job["trainer"]["fake_fail"] = True
+    job["trainer"]["run_cache"] = False  # else the earlier result is restored, not retrained
     result = train_action(job)
     assert isinstance(result, TaskFailed) and "failing as asked" in str(result)
     # The old raw file stays, but without its sidecar it is stale: it will be retrained.

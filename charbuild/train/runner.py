@@ -43,6 +43,7 @@ backend reads ``fake_seconds``, ``fake_fail``, ``fake_record``, ``fake_grandchil
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -60,8 +61,8 @@ from doit.exceptions import TaskFailed
 from filelock import FileLock, Timeout
 
 from ..errors import TrainingError
-from ..fsutil import write_text_atomic
-from ..signature import compute_signature, describe_difference, read_sidecar, write_sidecar
+from ..fsutil import atomic_path, write_text_atomic
+from ..signature import canonical_json, compute_signature, describe_difference, read_sidecar, write_sidecar
 from . import BACKENDS
 from .gpulock import gpu_lease, lock_fd
 from .sdscripts import build_command
@@ -399,6 +400,8 @@ def run_training(job: Mapping[str, Any], *, echo: bool = True) -> None:
     with _variant_lock(variant_dir, echo) as variant_fd:
         _remove_stale_temps(variant_dir)
         sidecar_path(job).unlink(missing_ok=True)
+        if _restore_from_run_cache(job, root, output, label, echo):
+            return
         poll = float(trainer.get("lock_poll", 1.0))
         say = lambda m: _say(m.removeprefix("charbuild: "), echo=echo)  # noqa: E731
         with gpu_lease(lock_dir, gpus, poll=poll, on_wait=say) as lease:
@@ -443,9 +446,57 @@ def run_training(job: Mapping[str, Any], *, echo: bool = True) -> None:
                     )
                 os.replace(raw, output)
                 write_sidecar(sidecar_path(job), signature)
+                _store_in_run_cache(job, root, output, signature)
             finally:
                 shutil.rmtree(temp, ignore_errors=True)
     _say(f"trained {label} -> {output}", echo=echo)
+
+
+def run_cache_key(signature: Mapping[str, Any]) -> str:
+    """The identity of a training: its settings and the *content* of its inputs.
+
+    File times and the project's location are left out, so reverting a setting or
+    moving the project finds the earlier result.
+    """
+    content = {"extra": signature["extra"], "files": {k: v[2] for k, v in signature["files"].items()}}
+    return hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()[:32]
+
+
+def run_cache_dir(root: Path) -> Path:
+    """Where finished trainings are kept by :func:`run_cache_key` (safe to delete at any time)."""
+    return root / "build" / "cache" / "trained"
+
+
+def _restore_from_run_cache(job: Mapping[str, Any], root: Path, output: Path, label: str, echo: bool) -> bool:
+    """Put a LoRA trained earlier from identical inputs and settings in place, instead of training."""
+    if not job["trainer"].get("run_cache", True):
+        return False
+    try:
+        signature = compute_signature(job["inputs"], root, job["signature_extra"])
+    except OSError:
+        return False
+    cached = run_cache_dir(root) / f"{run_cache_key(signature)}.safetensors"
+    if not cached.is_file():
+        return False
+    with atomic_path(output) as tmp:
+        shutil.copyfile(cached, tmp)
+    write_sidecar(sidecar_path(job), signature)
+    _say(f"restored {label} from the run cache (same inputs and settings as an earlier training): {cached.name}", echo=echo)
+    return True
+
+
+def _store_in_run_cache(job: Mapping[str, Any], root: Path, output: Path, signature: Mapping[str, Any]) -> None:
+    if not job["trainer"].get("run_cache", True):
+        return
+    cached = run_cache_dir(root) / f"{run_cache_key(signature)}.safetensors"
+    if cached.exists():
+        return
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(output, cached)  # no extra disk space where the file system allows it
+    except OSError:
+        with atomic_path(cached) as tmp:
+            shutil.copyfile(output, tmp)
 
 
 def train_action(job: Mapping[str, Any]) -> bool | TaskFailed:
