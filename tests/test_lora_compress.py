@@ -189,3 +189,64 @@ def test_progress_bar(capsys):
     compress_lora(build_lora(tensors, meta), progress=True)
     assert "compress" in capsys.readouterr().err
     assert not math.isnan(1.0)
+
+
+# --- the float32-Gram fast path and its float64 fallback ----------------------------------------
+
+
+def _fp16_factors(out_dim, n, r, seed, decay=0.97):
+    g = torch.Generator().manual_seed(seed)
+    up = (torch.randn(out_dim, r, generator=g) * 0.02 * torch.tensor([decay**j for j in range(r)])).half().float()
+    down = (torch.randn(r, n, generator=g) * 0.02).half().float()
+    return up, down
+
+
+@pytest.mark.parametrize("method,param", [("sv_ratio", 16.0), ("sv_ratio", 4.0), ("sv_fro", 0.9), ("sv_cumulative", 0.7)])
+def test_fast_path_matches_float64_path(method, param):
+    from charbuild.lora.compress import _resize_fast, _resize_precise
+
+    used = 0
+    for seed, (o, n) in enumerate([(320, 2880), (1280, 11520), (768, 768), (320, 320), (1280, 1280)]):
+        up, down = _fp16_factors(o, n, 64, seed)
+        fast = _resize_fast(up, down, 0.5, 64, method, param, "legacy")
+        ref = _resize_precise(up, down, 0.5, 64, method, param, "legacy")
+        if fast is None:
+            continue
+        used += 1
+        assert fast[3] == ref[3] and fast[2] == ref[2]
+        assert rel_err(fast[0] @ fast[1], ref[0] @ ref[1]) <= 1e-5
+        assert fast[4] == pytest.approx(ref[4], rel=1e-5)
+    assert used >= 4  # the fast path is actually taken for ordinary factors
+
+
+def test_rank_near_threshold_falls_back_to_float64():
+    """A singular value within the fast path's error bound of the sv_ratio threshold: float64 decides."""
+    from charbuild.lora import compress
+
+    g = torch.Generator().manual_seed(3)
+    qu, _ = torch.linalg.qr(torch.randn(320, 8, generator=g, dtype=torch.float64))
+    qd, _ = torch.linalg.qr(torch.randn(960, 8, generator=g, dtype=torch.float64))
+    s = torch.tensor([1.0, 0.5, 0.3, 0.2, 1 / 16 * (1 + 1e-7), 0.01, 0.005, 0.001], dtype=torch.float64)
+    up, down = (qu * s).float(), qd.T.float()
+    assert compress._resize_fast(up, down, 1.0, 8, "sv_ratio", 16.0, "legacy") is None
+    s[4] = 1 / 16 * 1.01  # clearly above: the fast path decides
+    up = (qu * s).float()
+    fast = compress._resize_fast(up, down, 1.0, 8, "sv_ratio", 16.0, "legacy")
+    assert fast is not None and fast[3] == 6  # 5 values > S0/16, legacy +1
+    up, down = (qu * s).float(), qd.T.float()
+    assert compress.resize_factors(up, down, 1.0, 8, "sv_ratio", 16.0)[3] == 6
+
+
+def test_ill_conditioned_factors_take_float64_path():
+    from charbuild.lora import compress
+
+    g = torch.Generator().manual_seed(4)
+    up = torch.randn(640, 16, generator=g)
+    up[:, 1] = up[:, 0] + 1e-4 * up[:, 1]  # nearly collinear columns: float32 Grams lose them
+    down = torch.randn(16, 2880, generator=g)
+    assert compress._resize_fast(up, down, 1.0, 16, "sv_fro", 0.99, "legacy") is None
+    new_up, new_down, _, k, _ = compress.resize_factors(up, down, 1.0, 16, "sv_fro", 0.99)
+    u, s, vh = torch.linalg.svd((up.double() @ down.double()), full_matrices=False)
+    assert k == reference_rank(s.float(), "sv_fro", 0.99, 16)
+    kk = min(k, 16)
+    assert rel_err((new_up @ new_down).double(), (u[:, :kk] * s[:kk]) @ vh[:kk]) <= 1e-4
