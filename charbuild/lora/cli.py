@@ -102,7 +102,7 @@ def merge_cmd(src: Path, dst: Path, weights: str, preset_file: Path | None, keyw
 @click.option("--new-conv-rank", type=int, default=None, help="Rank cap for conv modules (default: --new-rank).")
 @click.option("--save-precision", type=click.Choice(["fp16", "bf16", "float"]), default="fp16", show_default=True)
 @click.option("--rank-rule", type=click.Choice(["legacy", "current"]), default="legacy", show_default=True,
-              help="resize_lora.py's rank rule: legacy (+1, as real files carry) or today's upstream.")
+              help="legacy: resize_lora.py's rule (threshold count + 1); current: the count without the +1.")
 @click.option("--verbose", is_flag=True, help="Print per-module retention.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_user_errors

@@ -5,10 +5,11 @@ singular values S (descending, length ``min(out, in·kh·kw)``):
 
 * ``sv_ratio p``: n = #(S > S[0]/p); ``sv_fro p``: n = searchsorted(cumsum(S²)/ΣS², p²) + 1;
   ``sv_cumulative p``: n = searchsorted(cumsum(S)/ΣS, p) + 1; n clamped to [1, len(S) − 1] and
-  **the new rank is n + 1** (``rank_rule="legacy"``, the rule of the resize_lora.py that real
-  files were made with, lora-formats.md §4). ``rank_rule="current"`` gives today's upstream
-  rule instead (rank = n clamped to [1, len(S)]). ``method=None`` (CLI ``rank``): rank =
-  ``new_rank``.
+  **the new rank is n + 1** (``rank_rule="legacy"``, the default: what resize_lora.py does,
+  checked against sd-scripts main of 2026-02 in benchmarks/SD_SCRIPTS.md, and what real files
+  carry, lora-formats.md §4). ``rank_rule="current"`` is an alternative without the off-by-one
+  (rank = n clamped to [1, len(S)]), for users who want exactly the threshold count.
+  ``method=None`` (CLI ``rank``): rank = ``new_rank``.
 * then capped at ``new_rank`` (``new_conv_rank`` for 1x1 and 3x3 conv modules); a module with
   S[0] ≤ 1e-6 gets rank 1.
 * ``new_up = U[:, :k]·diag(S[:k])``, ``new_down = Vh[:k]``, ``new_alpha = alpha / r · k``
