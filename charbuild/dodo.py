@@ -7,6 +7,7 @@ same task creators through :func:`run_doit`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -148,8 +149,11 @@ def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = N
     from . import dodo as this
     from .buildlock import build_lock, install_sigterm_handler
 
+    import signal
+
     root = Path(root).resolve()
     old = Path.cwd()
+    old_sigterm = signal.getsignal(signal.SIGTERM)
     os.chdir(root)
     try:
         forget_loaded_projects()
@@ -166,3 +170,6 @@ def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = N
             return main.run(argv)
     finally:
         os.chdir(old)
+        # leave the caller's process as it was (a Pool made later inherits the handler)
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, old_sigterm)

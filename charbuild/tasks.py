@@ -51,6 +51,13 @@ def write_text_action(target: str, text: str) -> bool:
     return True
 
 
+def train_action(job: dict):
+    """Train one LoRA variant (imports the training machinery only when a training runs)."""
+    from .train.runner import train_action as run
+
+    return run(job)
+
+
 def merge_action(src: str, dst: str, weights: dict, keywords: list[str], note: str):
     """Block-weight merge of a raw LoRA into ``dst``."""
     from .lora.merge import merge_file
@@ -157,6 +164,8 @@ class Graph:
         self.rules = rules_with_overrides(project.captions)
         self.sizes = project.dataset["sizes"]
         self._model_sig: dict | None = None
+        self._part_files: dict[str, list] = {}
+        self._dataset_texts: dict[str, str] = {}
 
     # -- helpers
     def parts(self) -> Iterator[Part]:
@@ -165,11 +174,15 @@ class Graph:
             yield from ch.outfits.values()
 
     def part_files(self, part: Part) -> list[tuple[SourceImage, int, str, str]]:
-        out = []
-        for size in self.sizes:
-            for img, _ in prepared_sizes(part, size):
-                out.append((img, size, prepared_png(part, size, img), prepared_txt(part, size, img)))
-        return out
+        """(source, size, png, txt) of every prepared picture of ``part`` (computed once)."""
+        cached = self._part_files.get(part.key)
+        if cached is None:
+            cached = []
+            for size in self.sizes:
+                for img, _ in prepared_sizes(part, size):
+                    cached.append((img, size, prepared_png(part, size, img), prepared_txt(part, size, img)))
+            self._part_files[part.key] = cached
+        return cached
 
     def caption(self, part: Part, img: SourceImage) -> str:
         from .captions import caption_text
@@ -177,6 +190,11 @@ class Graph:
         return caption_text(img.code, part.lead_tags, self.rules)
 
     def dataset_text(self, lora: Lora) -> str:
+        if lora.name not in self._dataset_texts:
+            self._dataset_texts[lora.name] = self._render_dataset(lora)
+        return self._dataset_texts[lora.name]
+
+    def _render_dataset(self, lora: Lora) -> str:
         from .dataset_toml import Subset, render_dataset_toml
 
         subsets = []
@@ -299,11 +317,12 @@ class Graph:
         from .dataset_toml import dataset_semantics
 
         root = self.project.root
+        root_s = str(root) + os.sep  # string joins: this runs for thousands of files on every load
         vdir = f"{lora_dir(lora)}/{params.name}"
         inputs, deps = [], [f"dataset:{lora.name}"]
         for part in lora.parts:
             for img, size, png, txt in self.part_files(part):
-                inputs += [str(root / png), str(root / txt)]
+                inputs += [root_s + png, root_s + txt]
                 deps += [f"image:{image_task_name(part, img, size)}", f"caption:{image_task_name(part, img, size)}"]
         trainer = dict(self.project.trainer)
         trainer["lock_dir"] = str(self.project.build_dir / "locks")
@@ -343,8 +362,6 @@ class Graph:
 
     def train_tasks(self):
         yield {"basename": "train", "name": None, "doc": GROUP_DOCS["train"]}
-        from .train.runner import train_action
-
         for lora in self.project.loras.values():
             for params in self.variants(lora):
                 job, deps = self.train_job(lora, params)
