@@ -101,8 +101,6 @@ def build(targets, jobs, for_file, with_training, keep_going, root):
 def targets_for_file(root: Path, file: Path, with_training: bool = False) -> list[str]:
     """doit task names that depend on ``file`` (a source picture or a TOML of the project)."""
     from .dodo import graph
-    from .tasks import image_task_name
-
     g = graph(root)
     project = g.project
     file = file.resolve()
@@ -111,16 +109,14 @@ def targets_for_file(root: Path, file: Path, with_training: bool = False) -> lis
     for part in g.parts():
         for img in part.images:
             if img.path.resolve() == file:
-                for _, size, _, _ in [t for t in g.part_files(part) if t[0] is img]:
-                    names += [f"image:{image_task_name(part, img, size)}", f"caption:{image_task_name(part, img, size)}"]
+                names += g.picture_task_names(part, img)
                 loras += [lora for lora in project.loras.values() if part in lora.parts]
     chars_dir = project.characters_dir.resolve()
     if file.name == "character.toml" and file.parent.parent == chars_dir:
         ch = file.parent.name
         for part in g.parts():
             if part.character == ch:
-                for img, size, _, _ in g.part_files(part):
-                    names += [f"image:{image_task_name(part, img, size)}", f"caption:{image_task_name(part, img, size)}"]
+                names += g.picture_task_names(part)
         loras += [lora for lora in project.loras.values() if ch in lora.characters]
     if file.parent == chars_dir and file.name in ("project.toml", "groups.toml"):
         names += ["image", "caption"]

@@ -69,6 +69,7 @@ class Part:
     flip_aug: bool
     background: str
     images: list[SourceImage] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # its LoRA table: repeats, steps, variants, ...
 
     @property
     def class_tokens(self) -> str:
@@ -109,6 +110,7 @@ class Character:
     symmetric: bool
     face: Part
     outfits: dict[str, Part]
+    source: str = ""                # its character.toml, as shown in messages
 
 
 @dataclass
@@ -490,7 +492,7 @@ def _load_character(root: Path, folder: Path, problems: list[Problem]) -> Charac
     if keyword is None:
         return None
     face = Part(name, "face", "face", keyword, class_token, [keyword, *tags], symmetric, background)
-    face.settings = face_settings  # type: ignore[attr-defined]
+    face.settings = face_settings
     face.settings["line"] = line_of(c.lines, ("face",)) or line_of(c.lines, ("keyword",))
     outfits: dict[str, Part] = {}
     outfit_tables = c.get(data, "outfits", is_table, {})
@@ -511,12 +513,9 @@ def _load_character(root: Path, folder: Path, problems: list[Problem]) -> Charac
             continue
         otags = c.get(table, "tags", is_str_list, [], kp)
         part = Part(name, outfit, "body", okw, class_token, [okw, *otags], symmetric, background)
-        part.settings = _lora_settings(c, table, kp, "body")  # type: ignore[attr-defined]
+        part.settings = _lora_settings(c, table, kp, "body")
         outfits[outfit] = part
-    ch = Character(name, folder, keyword, class_token, tags, background, symmetric, face, outfits)
-    ch.lines = c.lines  # type: ignore[attr-defined]
-    ch.shown = c.shown  # type: ignore[attr-defined]
-    return ch
+    return Character(name, folder, keyword, class_token, tags, background, symmetric, face, outfits, c.shown)
 
 
 def _keyword_check(v):
@@ -677,7 +676,7 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
             for sub in sorted(outfits_dir.iterdir()):
                 if sub.is_dir() and sub.name not in ch.outfits and not sub.name.startswith("."):
                     problems.append(Problem(_show(root, sub), f"outfit folder without an [outfits.{sub.name}] table in "
-                                            f"{ch.shown}: add the table or move the folder", None, "warning"))
+                                            f"{ch.source}: add the table or move the folder", None, "warning"))
         _template_warnings(root, ch, problems)
 
     loras: dict[str, Lora] = {}
@@ -693,18 +692,18 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
         defined_at[lora.name] = where
 
     for ch in characters.values():
-        s = ch.face.settings  # type: ignore[attr-defined]
+        s = ch.face.settings
         if not ch.face.images:
             problems.append(Problem(_show(root, ch.dir / "face"), "no face pictures: every character needs "
                                     "face pictures f00.png ... (the face LoRA and body LoRAs train on them)"))
-        add(_make_lora(ch.keyword, "face", [ch.face], s, [ch.keyword], [ch.name], ch.shown), f"{ch.shown}")
+        add(_make_lora(ch.keyword, "face", [ch.face], s, [ch.keyword], [ch.name], ch.source), f"{ch.source}")
         for outfit in ch.outfits.values():
-            s = outfit.settings  # type: ignore[attr-defined]
+            s = outfit.settings
             if not outfit.images:
                 problems.append(Problem(_show(root, ch.dir / "outfits" / outfit.name), f"outfit {outfit.name!r} has no "
                                         "body pictures (b00.png ...): add some or remove its table"))
-            add(_make_lora(outfit.keyword, "body", [ch.face, outfit], s, [outfit.keyword, ch.keyword], [ch.name], ch.shown),
-                f"{ch.shown} [outfits.{outfit.name}]")
+            add(_make_lora(outfit.keyword, "body", [ch.face, outfit], s, [outfit.keyword, ch.keyword], [ch.name], ch.source),
+                f"{ch.source} [outfits.{outfit.name}]")
     for gname, parts, s, shown in _load_groups(root, chars_dir, characters, problems):
         all_parts: list[Part] = []
         for part in parts:
@@ -735,11 +734,10 @@ def _check_loras(root: Path, settings: dict, characters: dict, loras: dict[str, 
     from .dataset_toml import MixedSizeClassError, folder_class
     from .train.variants import resolve_variant
 
-    defaults = {k: v for k, v in settings["training"].items() if k != "variants" and not k.startswith("_")}
+    defaults = training_defaults(settings["training"])
     for lora in loras.values():
-        entries = lora.variants or settings["training"]["variants"]
         names = set()
-        for entry in entries:
+        for entry in variant_entries(lora, settings["training"]):
             try:
                 params = resolve_variant(entry, defaults=defaults, overrides=lora.training, steps=lora.steps)
             except (ValueError, TypeError) as exc:
@@ -749,9 +747,8 @@ def _check_loras(root: Path, settings: dict, characters: dict, loras: dict[str, 
             if params.name in names:
                 problems.append(Problem(lora.source, f"LoRA {lora.name!r}: variant {params.name!r} listed twice; give one a \"name\"", lora.line))
             names.add(params.name)
-        spec = lora.merge if lora.merge is not None else settings["merge"][lora.kind]
         try:
-            resolve_merge_weights(spec, settings)
+            resolve_merge_weights(merge_spec(lora, settings["merge"]), settings)
         except ValueError as exc:
             problems.append(Problem(lora.source if lora.merge is not None else settings["merge"].get("_file", "characters/project.toml"),
                                     f"LoRA {lora.name!r} merge weights: {exc}", lora.line))
@@ -759,11 +756,11 @@ def _check_loras(root: Path, settings: dict, characters: dict, loras: dict[str, 
     for ch in characters.values():
         for part in [ch.face, *ch.outfits.values()]:
             for size in settings["dataset"]["sizes"]:
-                dims = prepared_sizes(part, size)
-                if not dims:
+                subset = subset_for(part, size)
+                if subset is None:
                     continue
                 try:
-                    folder_class(_subset_for(part, size, dims))
+                    folder_class(subset)
                 except MixedSizeClassError as exc:
                     problems.append(Problem(_show(root, ch.dir / ("face" if part.kind == "face" else f"outfits/{part.name}")),
                                             f"{exc}; crop the pictures to similar proportions"))
@@ -795,7 +792,26 @@ def image_dir(part: Part, size: int) -> str:
     return f"build/images/{part.character}/{part.name}/{size}"
 
 
-def _subset_for(part: Part, size: int, dims):
+def subset_for(part: Part, size: int):
+    """The dataset subset of ``part``'s prepared folder at ``size``, or None when it is empty."""
     from .dataset_toml import Subset
 
+    dims = prepared_sizes(part, size)
+    if not dims:
+        return None
     return Subset(image_dir(part, size), part.class_tokens, part.flip_aug, tuple(d for _, d in dims))
+
+
+def training_defaults(training: dict) -> dict:
+    """The project's ``[training]`` values that apply to every variant (no list, no bookkeeping)."""
+    return {k: v for k, v in training.items() if k != "variants" and not k.startswith("_")}
+
+
+def variant_entries(lora: Lora, training: dict) -> list:
+    """The variant entries of ``lora``: its own list, else the project's."""
+    return lora.variants or training["variants"]
+
+
+def merge_spec(lora: Lora, merge: dict):
+    """The block-weight spec of ``lora``: its own ``merge``, else its kind's project default."""
+    return lora.merge if lora.merge is not None else merge[lora.kind]

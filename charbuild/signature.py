@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .fsutil import write_text_atomic
+from .fsutil import rel_posix, write_text_atomic
 
 SIDECAR_VERSION = 1
 
@@ -45,7 +44,7 @@ def compute_signature(files: Iterable[str | Path], root: str | Path, extra: dict
     entries = {}
     for f in sorted(Path(p) for p in files):
         st = f.stat()
-        key = Path(os.path.relpath(f, root)).as_posix()
+        key = rel_posix(f, root)
         entries[key] = [st.st_size, st.st_mtime_ns, file_md5(f)]
     return {"version": SIDECAR_VERSION, "files": entries, "extra": json.loads(canonical_json(extra))}
 
@@ -82,7 +81,7 @@ def describe_difference(saved: dict | None, files: Iterable[str | Path], root: s
     old_files = saved.get("files", {})
     keys = {}
     for f in files:
-        keys[Path(os.path.relpath(Path(f), root)).as_posix()] = Path(f)
+        keys[rel_posix(f, root)] = Path(f)
     added = sorted(set(keys) - set(old_files))
     removed = sorted(set(old_files) - set(keys))
     if added or removed:

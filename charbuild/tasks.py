@@ -26,7 +26,8 @@ from typing import Iterator
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from .config import Lora, Part, Project, SourceImage, image_dir, prepared_sizes, resolve_merge_weights
+from .config import (Lora, Part, Project, SourceImage, image_dir, merge_spec, prepared_sizes, resolve_merge_weights,
+                     subset_for, training_defaults, variant_entries)
 from .errors import CharbuildError
 
 GROUP_DOCS = {
@@ -166,6 +167,7 @@ class Graph:
         self._model_sig: dict | None = None
         self._part_files: dict[str, list] = {}
         self._dataset_texts: dict[str, str] = {}
+        self._variants: dict[str, list] = {}
 
     # -- helpers
     def parts(self) -> Iterator[Part]:
@@ -184,6 +186,15 @@ class Graph:
             self._part_files[part.key] = cached
         return cached
 
+    def picture_task_names(self, part: Part, img: SourceImage | None = None) -> list[str]:
+        """The image and caption task names of ``part`` (of one source picture when ``img`` is given)."""
+        names = []
+        for source, size, _, _ in self.part_files(part):
+            if img is None or source is img:
+                name = image_task_name(part, source, size)
+                names += [f"image:{name}", f"caption:{name}"]
+        return names
+
     def caption(self, part: Part, img: SourceImage) -> str:
         from .captions import caption_text
 
@@ -195,23 +206,17 @@ class Graph:
         return self._dataset_texts[lora.name]
 
     def _render_dataset(self, lora: Lora) -> str:
-        from .dataset_toml import Subset, render_dataset_toml
+        from .dataset_toml import render_dataset_toml
 
-        subsets = []
-        for part in lora.parts:
-            for size in self.sizes:
-                dims = prepared_sizes(part, size)
-                if dims:
-                    subsets.append(Subset(image_dir(part, size), part.class_tokens, part.flip_aug,
-                                          tuple(d for _, d in dims)))
+        subsets = [subset for part in lora.parts for size in self.sizes if (subset := subset_for(part, size))]
         return render_dataset_toml(lora.repeats, subsets, self.project.dataset["batch_sizes"])
 
     # -- groups
     def image_tasks(self):
+        from .images import prepare_image_action
+
         yield {"basename": "image", "name": None, "doc": GROUP_DOCS["image"]}
         for part in self.parts():
-            from .images import prepare_image_action
-
             for img, size, png, _ in self.part_files(part):
                 yield {
                     "basename": "image",
@@ -265,15 +270,15 @@ class Graph:
             }
 
     def preview_entries(self, lora: Lora) -> list[tuple[str, str, str]]:
+        """(largest prepared png, code, caption) of every picture of ``lora``."""
         entries = []
         for part in lora.parts:
+            largest = {}  # part_files runs from the smallest size up: the last png of a picture wins
+            for img, _, png, _ in self.part_files(part):
+                largest[img.stem] = png
             for img in part.images:
-                best = None
-                for size in self.sizes:
-                    if prepared_sizes_one(img, size):
-                        best = size
-                if best is not None:
-                    entries.append((prepared_png(part, best, img), img.code, self.caption(part, img)))
+                if img.stem in largest:
+                    entries.append((largest[img.stem], img.code, self.caption(part, img)))
         return entries
 
     def preview_tasks(self):
@@ -294,11 +299,16 @@ class Graph:
             }
 
     def variants(self, lora: Lora):
-        from .train.variants import resolve_variant
+        """The resolved training variants of ``lora`` (computed once)."""
+        if lora.name not in self._variants:
+            from .train.variants import resolve_variant
 
-        defaults = {k: v for k, v in self.project.training.items() if k != "variants" and not k.startswith("_")}
-        entries = lora.variants or self.project.training["variants"]
-        return [resolve_variant(e, defaults=defaults, overrides=lora.training, steps=lora.steps) for e in entries]
+            training = self.project.training
+            self._variants[lora.name] = [
+                resolve_variant(e, defaults=training_defaults(training), overrides=lora.training, steps=lora.steps)
+                for e in variant_entries(lora, training)
+            ]
+        return self._variants[lora.name]
 
     def model_signature(self) -> dict:
         if self._model_sig is None:
@@ -321,9 +331,9 @@ class Graph:
         vdir = f"{lora_dir(lora)}/{params.name}"
         inputs, deps = [], [f"dataset:{lora.name}"]
         for part in lora.parts:
-            for img, size, png, txt in self.part_files(part):
+            for _, _, png, txt in self.part_files(part):
                 inputs += [root_s + png, root_s + txt]
-                deps += [f"image:{image_task_name(part, img, size)}", f"caption:{image_task_name(part, img, size)}"]
+            deps += self.picture_task_names(part)
         trainer = dict(self.project.trainer)
         trainer["lock_dir"] = str(self.project.build_dir / "locks")
         if trainer.get("sd_scripts"):
@@ -376,15 +386,11 @@ class Graph:
                     "io": {"capture": False},
                 }
 
-    def merge_weights(self, lora: Lora) -> dict:
-        spec = lora.merge if lora.merge is not None else self.project.merge[lora.kind]
-        return resolve_merge_weights(spec, self.project)
-
     def merge_tasks(self):
         yield {"basename": "merge", "name": None, "doc": GROUP_DOCS["merge"]}
         for lora in self.project.loras.values():
-            weights = self.merge_weights(lora)
-            spec = lora.merge if lora.merge is not None else self.project.merge[lora.kind]
+            spec = merge_spec(lora, self.project.merge)
+            weights = resolve_merge_weights(spec, self.project)
             for params in self.variants(lora):
                 vdir = f"{lora_dir(lora)}/{params.name}"
                 note = spec if isinstance(spec, str) else "custom block weights"
@@ -424,8 +430,7 @@ class Graph:
         for ch in project.characters.values():
             deps = []
             for part in [ch.face, *ch.outfits.values()]:
-                for img, size, _, _ in self.part_files(part):
-                    deps += [f"image:{image_task_name(part, img, size)}", f"caption:{image_task_name(part, img, size)}"]
+                deps += self.picture_task_names(part)
             for lora in project.loras.values():
                 if lora.kind != "group" and lora.characters == [ch.name]:
                     deps += self.lora_deps(lora)
@@ -442,8 +447,3 @@ class Graph:
         deps += [f"compress:{lora.name}/{p.name}" for p in self.variants(lora)]
         return deps
 
-
-def prepared_sizes_one(img: SourceImage, size: int):
-    from .images import fitted_size
-
-    return fitted_size(img.width, img.height, size)
