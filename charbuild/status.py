@@ -45,10 +45,11 @@ def _reasons(task, result) -> str:
     if result.status == "error":
         return f"error while checking: {result.get_error_message()}"
     r = result.reasons
+    if r.get("missing_target") and len(r["missing_target"]) == len(task.targets):
+        return "not built yet"  # doit also lists every input as changed then: no news
     parts = []
     if r.get("missing_target"):
-        parts.append("not built yet" if len(r["missing_target"]) == len(task.targets) else
-                     "target missing: " + ", ".join(r["missing_target"]))
+        parts.append("target missing: " + ", ".join(r["missing_target"]))
     if r.get("has_no_dependencies"):
         parts.append("no dependencies (always runs)")
     if r.get("uptodate_false"):
