@@ -11,7 +11,7 @@ import torch
 from lora_fixtures import KINDS, make_lora, reference_delta, write_lora
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.io import _header_length, build_lora, load_lora, save_lora, sd_scripts_hashes
+from charbuild.lora.io import _file_order, _header, build_lora, load_lora, save_lora, sd_scripts_hashes
 
 SMALL = [("lora_unet_down_blocks_0_attentions_0_proj_in", 320, 320, 1), ("lora_te_text_model_encoder_layers_0_mlp_fc1", 3072, 768, 0)]
 
@@ -53,11 +53,37 @@ def test_hashes_match_sd_scripts(tmp_path, dtype, rank):
         assert f.metadata()["sshs_model_hash"] == expected[0]
 
 
-def test_header_length_matches_safetensors():
-    tensors = {"b": torch.zeros(3, dtype=torch.float16), "a": torch.zeros(2, 2), "c": torch.zeros(1, dtype=torch.bfloat16)}
-    for meta in ({}, {"ss_x": "1"}, {"ss_z": 'é\n"q\\', "ss_a": "12345"}):
-        b = safetensors.torch.save(tensors, meta or None)
-        assert _header_length(tensors, meta) == int.from_bytes(b[:8], "little")
+def test_layout_matches_safetensors():
+    """Our writer's data part is the library's byte for byte; its header the library's, keys sorted."""
+    dtypes = [torch.float16, torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool,
+              torch.int32, torch.float8_e4m3fn, torch.int16]  # fmt: skip
+    tensors = {f"t{i}": torch.zeros(i + 1, 2).to(d) for i, d in enumerate(reversed(dtypes))}
+    tensors["scalar"] = torch.tensor(3.0)
+    for meta in (None, {}, {"ss_x": "1"}, {"ss_z": 'é\n"q\\', "ss_a": "12345"}):
+        b = safetensors.torch.save(tensors, meta)
+        n = int.from_bytes(b[:8], "little")
+        ours = _header(tensors, _file_order(tensors), meta)
+        assert len(ours) == n
+        assert json.loads(ours) == json.loads(b[8 : 8 + n])
+
+
+def test_saved_file_data_equals_the_librarys(tmp_path):
+    tensors, meta = make_lora("sd15", "lora", modules=SMALL, rank=4)
+    tensors["extra.alpha"] = torch.tensor(2.0, dtype=torch.float32)
+    written = save_lora(tmp_path / "a.safetensors", tensors, meta)
+    ours = (tmp_path / "a.safetensors").read_bytes()
+    lib = safetensors.torch.save(tensors, written)
+    n_ours, n_lib = int.from_bytes(ours[:8], "little"), int.from_bytes(lib[:8], "little")
+    assert ours[8 + n_ours :] == lib[8 + n_lib :]
+    assert json.loads(ours[8 : 8 + n_ours]) == json.loads(lib[8 : 8 + n_lib])
+    assert ours[8 : 8 + n_ours].rstrip().decode() == json.dumps(json.loads(ours[8 : 8 + n_ours]), sort_keys=True,
+                                                                  separators=(",", ":"), ensure_ascii=False)  # fmt: skip
+
+
+def test_hashes_without_ss_metadata_match_sd_scripts(tmp_path):
+    tensors, _ = make_lora("sd15", "lora", modules=SMALL, rank=40)
+    written = save_lora(tmp_path / "a.safetensors", tensors, {"modelspec.title": "x"})
+    assert (written["sshs_model_hash"], written["sshs_legacy_hash"]) == sd_scripts_reference(tensors, {})
 
 
 def test_torch_files_load_weights_only(tmp_path):

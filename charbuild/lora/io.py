@@ -32,7 +32,7 @@ import hashlib
 import json
 import math
 import re
-import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -437,132 +437,110 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _header_length(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
-    """Length (8-byte padded) of the safetensors JSON header for ``tensors`` + ``metadata``.
+# safetensors' dtype names in its own order: a file lists the tensors by this order descending
+# (larger dtypes first), then by name (checked against the library in the tests).
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+    torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+}  # fmt: skip
+_DTYPE_RANK = {dtype: i for i, dtype in enumerate(_SAFETENSORS_DTYPES)}
 
-    The JSON is compact; key order does not change its length, so this equals what
-    ``safetensors.torch.save`` writes (checked in the tests against the library).
+
+def _file_order(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The keys in the order safetensors lays out their data."""
+    for key, t in tensors.items():
+        if t.dtype not in _DTYPE_RANK:
+            raise TypeError(f"tensor {key!r}: dtype {t.dtype} cannot be stored in a safetensors LoRA")
+    return sorted(tensors, key=lambda k: (-_DTYPE_RANK[tensors[k].dtype], k))
+
+
+def _header(tensors: dict[str, torch.Tensor], order: list[str], metadata: dict[str, str] | None) -> bytes:
+    """The safetensors JSON header, keys sorted, padded with spaces to a multiple of 8 bytes.
+
+    The library writes the same compact JSON in hash-map order, so identical input gave
+    different bytes in different processes; md5-based early cut-off and ``doit -n`` builds need
+    identical bytes. Compact JSON has the same length in any key order, so offsets and sizes
+    equal the library's. ``metadata=None`` leaves ``__metadata__`` out; ``{}`` writes it empty.
     """
     entries: dict[str, object] = {}
-    if metadata:
-        entries["__metadata__"] = metadata
-    offset = 0
-    names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
-    for key, t in tensors.items():
-        n = t.numel() * t.element_size()
-        dtype = names.get(t.dtype) or str(t.dtype).split(".")[-1].upper()
-        entries[key] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [0, 0]}
-        offset += n
-    # data_offsets depend on the order; compute their digits separately from the sorted order.
-    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False)
-    length = len(text.encode("utf-8"))
-    # replace the placeholder offsets' digits ("0,0" per tensor) by the true ones
-    length -= 2 * len(tensors)
-    for start, end in _data_offsets(tensors):
-        length += len(str(start)) + len(str(end))
-    return length + (-length) % 8
+    pos = 0
+    for key in order:
+        t = tensors[key]
+        size = t.numel() * t.element_size()
+        entries[key] = {"data_offsets": [pos, pos + size], "dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape)}
+        pos += size
+    if metadata is not None:
+        entries["__metadata__"] = dict(sorted(metadata.items()))
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
 
 
-_DTYPE_ORDER = [
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.float16, torch.bfloat16,
-    torch.int32, torch.uint32, torch.float32, torch.int64, torch.uint64, torch.float64,
-]  # fmt: skip
+def _byte_views(tensors: dict[str, torch.Tensor], order: list[str]) -> list:
+    """Zero-copy little-endian byte views of the (contiguous) tensors, in file order."""
+    return [tensors[k].reshape(-1).view(torch.uint8).numpy() for k in order]
 
 
-def _data_offsets(tensors: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
-    """Byte ranges of the tensors in safetensors order (largest dtype first, then by name)."""
+def _sd_scripts_hashes_of(views: list, ss_header: bytes) -> tuple[str, str]:
+    """sd-scripts' (model, legacy) hashes of data ``views`` under an ss_-only header ``ss_header``.
 
-    def rank(dtype: torch.dtype) -> int:
-        return _DTYPE_ORDER.index(dtype) if dtype in _DTYPE_ORDER else -1
-
-    order = sorted(tensors, key=lambda k: (-rank(tensors[k].dtype), k))
-    out, pos = [], 0
-    for k in order:
-        n = tensors[k].numel() * tensors[k].element_size()
-        out.append((pos, pos + n))
-        pos += n
-    return out
+    sd-scripts hashes a file it saves with only the ``ss_*`` metadata: the model hash is the
+    sha256 of the data part, the legacy hash the first 8 hex digits of the sha256 of that
+    file's bytes at LEGACY_HASH_OFFSET (LEGACY_HASH_LENGTH bytes, fewer at the end of the file).
+    """
+    sha = hashlib.sha256()
+    legacy = hashlib.sha256()
+    pos = 0
+    for chunk in [len(ss_header).to_bytes(8, "little") + ss_header, *views]:
+        size = len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+        lo = max(LEGACY_HASH_OFFSET - pos, 0)
+        hi = min(LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH - pos, size)
+        if lo < hi:
+            legacy.update(chunk[lo:hi])
+        if pos > 0:  # the data part (the first chunk is the header)
+            sha.update(chunk)
+        pos += size
+    return sha.hexdigest(), legacy.hexdigest()[:8]
 
 
 def sd_scripts_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
     """``(sshs_model_hash, sshs_legacy_hash)`` exactly as sd-scripts precalculates them (in memory)."""
-    import safetensors.torch
-
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    order = _file_order(tensors)
     ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    data = safetensors.torch.save(tensors, ss)
-    n = int.from_bytes(data[:8], "little")
-    model = hashlib.sha256(data[8 + n :]).hexdigest()
-    legacy = hashlib.sha256(data[LEGACY_HASH_OFFSET : LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH]).hexdigest()[:8]
-    return model, legacy
+    return _sd_scripts_hashes_of(_byte_views(tensors, order), _header(tensors, order, ss))
 
 
 def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict[str, str]:
     """Write ``tensors`` + ``metadata`` atomically as safetensors, with fresh sshs hashes.
 
-    Returns the metadata as written. The hashes are computed from the written file's data part
-    (which does not depend on the header), without a second in-memory copy of the tensors.
+    Returns the metadata as written. One pass over the data: it is written from zero-copy views
+    while a second thread hashes the same views, and the header (sorted keys, so the same input
+    gives the same bytes) gets the hashes at the end, in place (hex digests have fixed lengths).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    ss = {k: v for k, v in meta.items() if k.startswith("ss_")}
-    ss_header = _header_length(tensors, ss)
-    if 8 + ss_header > LEGACY_HASH_OFFSET:  # huge header: let safetensors build it (rare)
-        model, legacy = sd_scripts_hashes(tensors, meta)
-        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model, legacy
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), meta)
-        return meta
-    token = secrets.token_hex(36)  # 72 hex digits, unique: placeholders of the hashes' lengths
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = token[:64], token[64:]
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), meta)
-        with open(tmp, "r+b") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = f.read(n)
-            sha = hashlib.sha256()
-            legacy_start = LEGACY_HASH_OFFSET - 8 - ss_header  # the same bytes, in data coordinates
-            legacy_bytes = bytearray()
-            pos = 0
-            while chunk := f.read(1 << 22):
-                sha.update(chunk)
-                lo = max(legacy_start - pos, 0)
-                hi = min(legacy_start + LEGACY_HASH_LENGTH - pos, len(chunk))
-                if lo < hi:
-                    legacy_bytes += chunk[lo:hi]
-                pos += len(chunk)
-            model = sha.hexdigest()
-            legacy = hashlib.sha256(bytes(legacy_bytes)).hexdigest()[:8]
-            for placeholder, value in ((token[:64], model), (token[64:], legacy)):
-                at = header.find(placeholder.encode())
-                if at < 0 or header.find(placeholder.encode(), at + 1) >= 0:  # pragma: no cover
-                    raise RuntimeError("hash placeholder not found exactly once in the header")
-                f.seek(8 + at)
-                f.write(value.encode())
-                header = header[:at] + value.encode() + header[at + len(placeholder) :]
-            _canonicalise_header(f, header)
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model, legacy
+    order = _file_order(tensors)
+    views = _byte_views(tensors, order)
+    ss_header = _header(tensors, order, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = "0" * 64, "0" * 8
+    placeholder = _header(tensors, order, meta)
+    with atomic_path(path) as tmp, ThreadPoolExecutor(1) as pool:
+        hashes = pool.submit(_sd_scripts_hashes_of, views, ss_header)
+        with open(tmp, "wb") as f:
+            f.write(len(placeholder).to_bytes(8, "little"))
+            f.write(placeholder)
+            for view in views:
+                f.write(view)
+            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = hashes.result()
+            header = _header(tensors, order, meta)
+            if len(header) != len(placeholder):  # pragma: no cover - hex digests have fixed lengths
+                raise RuntimeError("the header changed length when the hashes were filled in")
+            f.seek(8)
+            f.write(header)
     return meta
-
-
-def _canonicalise_header(f, header: bytes) -> None:
-    """Rewrite the header with sorted keys, in place, keeping its length.
-
-    The safetensors library orders metadata through a hash map, so identical
-    input gave different bytes in different processes; md5-based early cut-off
-    and ``doit -n`` builds need identical bytes. Offsets are relative to the data
-    part, so reordering the JSON (padded with spaces to the same length) is safe.
-    """
-    parsed = json.loads(header)
-    if "__metadata__" in parsed:
-        parsed["__metadata__"] = dict(sorted(parsed["__metadata__"].items()))
-    text = json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    if len(text) > len(header):  # pragma: no cover - compact JSON is never longer
-        return
-    f.seek(8)
-    f.write(text + b" " * (len(header) - len(text)))
 
 
 def lora_to_tensors(modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
