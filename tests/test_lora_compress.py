@@ -10,7 +10,7 @@ import torch
 from lora_fixtures import make_lora, reference_delta, rel_err, write_lora
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.compress import choose_rank, compress_file, compress_lora
+from charbuild.lora.compress import choose_rank, compress_file, compress_lora, report_json
 from charbuild.lora.io import build_lora, load_lora
 
 # real SD1.5 layers: linear, cross-attention, 1x1, 3x3 (incl. a wide up-block conv), text encoder
@@ -250,3 +250,15 @@ def test_ill_conditioned_factors_take_float64_path():
     assert k == reference_rank(s.float(), "sv_fro", 0.99, 16)
     kk = min(k, 16)
     assert rel_err((new_up @ new_down).double(), (u[:, :kk] * s[:kk]) @ vh[:kk]) <= 1e-4
+
+
+def test_worker_threads_do_not_change_the_result():
+    tensors, meta = decaying_lora(dtype=torch.float16)
+    lora = build_lora(tensors, meta)
+    threads = torch.get_num_threads()
+    one, report_one = compress_lora(lora, workers=1)
+    three, report_three = compress_lora(lora, workers=3)
+    assert torch.get_num_threads() == threads  # restored after the pool
+    assert list(one.tensors) == list(three.tensors)
+    assert all(torch.equal(one.tensors[k], three.tensors[k]) for k in one.tensors)
+    assert report_json(report_one) == report_json(report_three)  # (NaN stats of the all-zero module)

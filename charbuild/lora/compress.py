@@ -117,8 +117,9 @@ def resize_factors(
 
     The r × r core: with ``Gu = upᵀup = Ruᵀ Ru`` (Cholesky; ``Ru = Λu^½ Vuᵀ`` from eigh if Gu is singular), so ``up = Qu Ru``
     with orthonormal Qu; likewise ``Rd`` from ``Gd = down downᵀ``, the singular values of
-    ``M = up @ down`` are those of ``K = Ru Rdᵀ = Uk S Vkh``; the kept factors follow without
-    inverting anything: ``Vh_k = S_k⁻¹ Uk_kᵀ Ru down`` and ``U_k S_k = up Gd Ruᵀ Uk_k S_k⁻¹``.
+    ``M = up @ down`` are those of ``K = Ru Rdᵀ = Uk S Vkh``; the kept factors follow as
+    ``Vh_k = S_k⁻¹ Uk_kᵀ Ru down`` and ``U_k S_k = up Ru⁻¹ Uk_k S_k`` (a triangular solve on the
+    fast path, where Ru is checked to be well conditioned; ``up Gd Ruᵀ Uk_k S_k⁻¹`` otherwise).
 
     Fast path (:func:`_resize_fast`): float32 Grams (the two big r × r products), everything
     r × r in float64, with an a-posteriori bound on the singular values' relative error; the
@@ -142,59 +143,58 @@ _FAST_MAX_ERR = 2e-4  # larger estimates: float64 Grams
 _MARGIN = 2.0  # a rank decision must hold for errors up to _MARGIN x the estimate
 
 
-def _chol_cond(g: torch.Tensor):
-    """(upper Cholesky factor R of g, estimate of 1/λ_min of g scaled to unit diagonal), or None."""
-    d = g.diagonal()
+def _chol_cond(grams: torch.Tensor):
+    """For a (2, r, r) pair of Grams: (upper Cholesky factors R, estimates of 1/λ_min of each
+    Gram scaled to unit diagonal), or None if either is not numerically positive definite."""
+    d = grams.diagonal(dim1=-2, dim2=-1)  # (2, r)
     if not bool(torch.all(d > 0)):
         return None
-    l, info = torch.linalg.cholesky_ex(g)
-    if int(info) != 0:
+    l, info = torch.linalg.cholesky_ex(grams)
+    if bool(torch.any(info != 0)):
         return None
-    ls = l / d.sqrt()[:, None]  # Cholesky factor of D^-½ g D^-½
-    x = torch.ones(len(d), 1, dtype=g.dtype)  # power iteration on its inverse: within ~10% after 8 steps
-    norm = 1.0
+    ls = l / d.sqrt()[..., :, None]  # Cholesky factors of D^-½ g D^-½
+    x = torch.ones(2, grams.shape[-1], 1, dtype=grams.dtype)  # power iteration on their inverses: within ~10% after 8 steps
+    norms = torch.ones(2, 1, 1, dtype=grams.dtype)
     for _ in range(8):
         x = torch.cholesky_solve(x, ls)
-        norm = float(x.norm())
-        if not norm > 0 or not math.isfinite(norm):
-            return None
-        x = x / norm
-    return l.T, 1.25 * norm
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        x = x / norms
+    ku, kd = (1.25 * norms.flatten()).tolist()
+    if not (math.isfinite(ku) and math.isfinite(kd) and ku > 0 and kd > 0):
+        return None
+    return l.mT, ku, kd
 
 
 def _resize_fast(up, down, scale, max_rank, method, param, rank_rule):
     """The float32-Gram route; None where its accuracy bound does not settle the result."""
-    up = up.float()
-    down = down.float()
     r = up.shape[1]
-    gu = (up.T @ up).double()
-    gd = torch.mm(down, down.T).double()
-    cu, cd = _chol_cond(gu), _chol_cond(gd)
-    if cu is None or cd is None:
+    grams = torch.stack([up.T @ up, torch.mm(down, down.T)]).double()
+    chol = _chol_cond(grams)
+    if chol is None:
         return None
-    (ru, ku), (rd, kd) = cu, cd
+    roots, ku, kd = chol
+    ru, rd = roots[0], roots[1]
     err = _U32 * (math.sqrt(up.shape[0]) * ku + math.sqrt(down.shape[1]) * kd)
     if err > _FAST_MAX_ERR:
         return None
     kmat = ru @ rd.T
     lam, vec = torch.linalg.eigh(kmat @ kmat.T)  # ascending; S² and the left singular vectors of K
     s64 = lam.flip(0).clamp_min(0).sqrt()
-    uk = vec.flip(1)
     s = s64.float()
     full = _padded(s, min(up.shape[0], down.shape[1]))
     k = choose_rank(full, method, param, max_rank, rank_rule)
     kk = min(k, r)
-    s0 = float(s64[0])
+    s0, s_last = s64[[0, kk - 1]].tolist()
     tol = _MARGIN * err + 1e-12  # (+ eigh's own error, float64)
-    if s0 <= MIN_SV * (1 + tol) or float(s64[kk - 1]) < 1e-6 * s0 * (1 + tol):
+    if s0 <= MIN_SV * (1 + tol) or s_last < 1e-6 * s0 * (1 + tol):
         return None
     if not _rank_is_settled(s64, method, param, tol):
         return None
-    inv = 1.0 / s64[:kk]
-    down_coef = ((uk[:, :kk].T @ ru) * inv[:, None]).float()  # (kk, r)
-    up_coef = ((gd @ ru.T @ uk[:, :kk]) * inv[None, :]).float()  # (r, kk)
-    new_down = torch.mm(down_coef, down)
-    new_up = torch.mm(up, up_coef)
+    uk = vec.flip(1)[:, :kk]
+    down_coef = (uk.T @ ru) / s64[:kk, None]  # (kk, r): Vh_k = S_k⁻¹ Uk_kᵀ Ru down
+    up_coef = torch.linalg.solve_triangular(ru, uk * s64[None, :kk], upper=True)  # (r, kk): U_k S_k = up Ru⁻¹ Uk_k S_k
+    new_down = torch.mm(down_coef.float(), down)
+    new_up = torch.mm(up, up_coef.float())
     return _finish(new_up, new_down, k, scale, full)
 
 
@@ -320,6 +320,56 @@ def _flat_shape(module: LoraModule) -> tuple[int, int]:
     return a1 * b2, c1 * d2
 
 
+def _compress_module(module: LoraModule, arch: str, new_rank: int, conv_rank: int, method, param, rank_rule, dtype):
+    """One module resized: (its output tensors, its report entry, whether it was converted)."""
+    shape = target_shape(module, arch)
+    conv = len(shape) == 4
+    cap = conv_rank if conv else new_rank
+    converted = module.kind != "lora" or "lora_mid.weight" in module.params
+    if module.kind == "lora":
+        p = module.params
+        down = p["lora_down.weight"]
+        if "lora_mid.weight" in p:
+            down = fold_tucker_down(p["lora_mid.weight"], down)
+        up2 = p["lora_up.weight"].float().reshape(shape[0], -1)
+        down2 = down.float().reshape(down.shape[0], -1)
+        new_up, new_down, alpha, k, stats = resize_factors(up2, down2, _scale_of(module), cap, method, param, rank_rule)
+    else:
+        new_up, new_down, alpha, k, stats = resize_full(module.delta(), cap, method, param, rank_rule)
+    if conv:
+        new_up = new_up.reshape(shape[0], k, 1, 1)
+        new_down = new_down.reshape(k, *shape[1:])
+    stem = module.stem
+    tensors = {
+        f"{stem}.lora_down.weight": new_down.to(dtype).contiguous(),
+        f"{stem}.lora_up.weight": new_up.to(dtype).contiguous(),
+        f"{stem}.alpha": torch.tensor(alpha).to(dtype),
+    }
+    entry = {"old_rank": module.rank, "new_rank": k, "new_alpha": alpha, **stats}
+    return tensors, entry, converted
+
+
+def _map_modules(func, items, workers: int):
+    """``map(func, items)`` in order, on ``workers`` threads with one torch thread each.
+
+    Per module the work is a few matrix products and small r × r factorisations: running
+    modules side by side on single-threaded torch uses the cores far better than splitting each
+    small product over threads (and avoids OpenMP's spin-waits when the machine is busy).
+    """
+    if workers <= 1:
+        yield from map(func, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            yield from pool.map(func, items)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def compress_lora(
     lora: LoraFile,
     *,
@@ -331,13 +381,16 @@ def compress_lora(
     progress: bool = False,
     verbose: bool = False,
     rank_rule: str = "legacy",
+    workers: int | None = None,
 ) -> tuple[LoraFile, dict]:
     """Resize every module as resize_lora.py does; return the kohya-format LoRA and a report.
 
     Report: ``modules`` {stem: old_rank, new_rank, new_alpha, sum_retained, fro_retained,
     max_ratio}, ``mean_sum_retained``, ``mean_fro_retained``, ``mean_retained`` (their mean),
     ``old_dim``, ``converted`` (stems converted from Tucker/LoHa/LoKr). ``verbose`` prints the
-    per-module lines and the averages.
+    per-module lines and the averages. Modules are resized on ``workers`` threads (default:
+    ``torch.get_num_threads()``, so ``torch.set_num_threads`` governs it); the result does not
+    depend on the number.
     """
     from tqdm import tqdm
 
@@ -355,49 +408,34 @@ def compress_lora(
         raise ValueError("new_rank and new_conv_rank must be at least 1")
     conv_rank = new_conv_rank if new_conv_rank is not None else new_rank
     dtype = PRECISIONS[save_precision]
+    workers = torch.get_num_threads() if workers is None else workers
     out: dict[str, torch.Tensor] = {}
     report_modules: dict[str, dict] = {}
     converted: list[str] = []
-    last_alpha = None
-    old_dim = 0
     stems = sorted(lora.modules, key=lambda s: f"{s}.lora_down.weight")
-    with torch.no_grad():
-        for stem in tqdm(stems, disable=not progress, desc="compress", unit="module"):
-            module = lora.modules[stem]
-            shape = target_shape(module, lora.arch)
-            conv = len(shape) == 4
-            cap = conv_rank if conv else new_rank
-            old_dim = max(old_dim, module.rank)
-            if module.kind == "lora":
-                p = module.params
-                down = p["lora_down.weight"]
-                if "lora_mid.weight" in p:
-                    down = fold_tucker_down(p["lora_mid.weight"], down)
-                    converted.append(stem)
-                up2 = p["lora_up.weight"].float().reshape(shape[0], -1)
-                down2 = down.float().reshape(down.shape[0], -1)
-                new_up, new_down, alpha, k, stats = resize_factors(
-                    up2, down2, _scale_of(module), cap, method, param, rank_rule
-                )
-            else:
-                converted.append(stem)
-                new_up, new_down, alpha, k, stats = resize_full(module.delta(), cap, method, param, rank_rule)
-            if conv:
-                new_up = new_up.reshape(shape[0], k, 1, 1)
-                new_down = new_down.reshape(k, *shape[1:])
-            out[f"{stem}.lora_down.weight"] = new_down.to(dtype).contiguous()
-            out[f"{stem}.lora_up.weight"] = new_up.to(dtype).contiguous()
-            out[f"{stem}.alpha"] = torch.tensor(alpha).to(dtype)
-            last_alpha = alpha
-            report_modules[stem] = {"old_rank": module.rank, "new_rank": k, "new_alpha": alpha, **stats}
-            if verbose:
-                line = (
-                    f"{stem:75} | sum(S) retained: {stats['sum_retained']:.1%}, "
-                    f"fro retained: {stats['fro_retained']:.1%}, max(S) ratio: {stats['max_ratio']:0.1f}"
-                )
-                if method:
-                    line += f", dynamic | dim: {k}, alpha: {alpha}"
-                tqdm.write(line)
+    old_dim = max((m.rank for m in lora.modules.values()), default=0)
+
+    def resize(stem: str):
+        with torch.no_grad():
+            return _compress_module(lora.modules[stem], lora.arch, new_rank, conv_rank, method, param, rank_rule, dtype)
+
+    results = _map_modules(resize, stems, workers)
+    for stem, (tensors, entry, was_converted) in tqdm(
+        zip(stems, results), total=len(stems), disable=not progress, desc="compress", unit="module"
+    ):
+        out.update(tensors)
+        report_modules[stem] = entry
+        if was_converted:
+            converted.append(stem)
+        if verbose:
+            line = (
+                f"{stem:75} | sum(S) retained: {entry['sum_retained']:.1%}, "
+                f"fro retained: {entry['fro_retained']:.1%}, max(S) ratio: {entry['max_ratio']:0.1f}"
+            )
+            if method:
+                line += f", dynamic | dim: {entry['new_rank']}, alpha: {entry['new_alpha']}"
+            tqdm.write(line)
+    last_alpha = report_modules[stems[-1]]["new_alpha"] if stems else None
     fro = [m["fro_retained"] for m in report_modules.values() if not math.isnan(m["fro_retained"])]
     sums = [m["sum_retained"] for m in report_modules.values() if not math.isnan(m["sum_retained"])]
     mean_fro = sum(fro) / len(fro) if fro else float("nan")
