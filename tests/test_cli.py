@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
 
 from charbuild.cli import main
 from conftest import REPO, draw_picture, make_project
@@ -105,7 +102,7 @@ def test_train_dry_run_sd_scripts_command(tmp_path, capsys):
     model = root / "model.safetensors"
     model.write_bytes(b"0" * 64)
     text = proj.read_text(encoding="utf-8").replace('backend = "fake"', f'backend = "sd-scripts"\nsd_scripts = "{fake.as_posix()}"')
-    proj.write_text(f'[model]\nbase = "model.safetensors"\n' + text, encoding="utf-8")
+    proj.write_text('[model]\nbase = "model.safetensors"\n' + text, encoding="utf-8")
     code, out, err = run(capsys, "train", "--dry-run", "--root", str(root), "alc")
     assert code == 0, err
     assert "accelerate launch" in out and "train_network.py" in out

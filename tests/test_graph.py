@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -223,8 +222,6 @@ def test_japanese_and_spaced_names_build(tmp_path):
 
 
 def test_reverting_a_setting_restores_the_earlier_training(tmp_path):
-    import json
-
     root = make_project(tmp_path / "p", project_extra='fake_record = "record.jsonl"\n')
     build(root)
     record = root / "record.jsonl"

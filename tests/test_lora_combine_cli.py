@@ -125,6 +125,11 @@ def test_cli_compress_and_combine(files):
     assert load_lora(tmp / "c.safetensors").metadata["ss_training_comment"].startswith("Dynamic resize with sv_ratio: 8.0 from 4;")
     r = CliRunner().invoke(compress_cmd, [str(a), str(tmp / "d.safetensors"), "--method", "rank", "--new-rank", "2", "--save-precision", "bf16", "--verbose"])
     assert r.exit_code == 0 and "sum(S) retained" in r.output
+    r = CliRunner().invoke(compress_cmd, [str(a), str(tmp / "e.safetensors"), "--sv-ratio", "8", "--new-rank", "2", "--threads", "3"])
+    assert r.exit_code == 0, r.output
+    assert load_lora(tmp / "e.safetensors").tensors.keys() == load_lora(tmp / "c.safetensors").tensors.keys()
+    r = CliRunner().invoke(compress_cmd, [str(a), str(tmp / "f.safetensors"), "--threads", "0"])
+    assert r.exit_code == 2 and "--threads" in r.output and not (tmp / "f.safetensors").exists()
     r = CliRunner().invoke(combine_cmd, [f"{a}:0.8", str(b), str(tmp / "ab.safetensors")])
     assert r.exit_code == 0 and "exact" in r.output, r.output
     r = CliRunner().invoke(combine_cmd, [f"{a}:0.8", str(tmp / "missing.safetensors"), str(tmp / "x.safetensors")])

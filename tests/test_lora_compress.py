@@ -11,7 +11,7 @@ from lora_fixtures import make_lora, reference_delta, rel_err, write_lora
 
 from charbuild.errors import LoraFileError
 from charbuild.lora.compress import choose_rank, compress_file, compress_lora, report_json
-from charbuild.lora.io import build_lora, load_lora
+from charbuild.lora.io import build_lora, load_lora, sd_scripts_hashes
 
 # real SD1.5 layers: linear, cross-attention, 1x1, 3x3 (incl. a wide up-block conv), text encoder
 MODULES = [
@@ -120,7 +120,7 @@ def test_metadata_and_precision(tmp_path):
     out = load_lora(tmp_path / "c.safetensors")
     assert out.metadata["ss_training_comment"] == "Dynamic resize with sv_ratio: 16.0 from 24; synthetic"
     assert out.metadata["ss_network_dim"] == out.metadata["ss_network_alpha"] == "Dynamic"
-    assert len(out.metadata["sshs_model_hash"]) == 64 and len(out.metadata["sshs_legacy_hash"]) == 8
+    assert (out.metadata["sshs_model_hash"], out.metadata["sshs_legacy_hash"]) == sd_scripts_hashes(out.tensors, out.metadata)
     assert {t.dtype for t in out.tensors.values()} == {torch.float16}
     assert report["size_out"] < report["size_in"]
     assert 0 < report["mean_fro_retained"] <= 1 and report["mean_retained"] == pytest.approx(

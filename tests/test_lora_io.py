@@ -196,3 +196,36 @@ def test_non_contiguous_tensors_are_saved(tmp_path):
     view = torch.arange(6.0).reshape(2, 3)[:, 0]
     save_lora(tmp_path / "x.safetensors", {"a": view}, {})
     assert torch.equal(safetensors.torch.load_file(str(tmp_path / "x.safetensors"))["a"], view)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16])
+def test_fp8_and_bf16_files_are_checked_for_nan(tmp_path, dtype):
+    tensors, meta = make_lora("sd15", "lora", modules=SMALL, rank=4)
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    assert set(build_lora(tensors, meta).modules) == {stem for stem, *_ in SMALL}
+    up = next(k for k in tensors if k.endswith("lora_up.weight"))
+    bad = tensors[up].float()
+    bad[0, 0] = float("nan")
+    tensors[up] = bad.to(dtype)
+    with pytest.raises(LoraFileError, match="NaN or inf values"):
+        build_lora(tensors, meta)
+
+
+def test_data_hash_fed_in_file_order_is_used_and_a_wrong_one_is_not(tmp_path):
+    from charbuild.lora.io import DataHash
+
+    tensors, meta = make_lora("sd15", "lora", modules=SMALL, rank=40)
+    expected = sd_scripts_reference(tensors, meta)
+    right, wrong, partial = DataHash(), DataHash(), DataHash()
+    for key in sorted(tensors):
+        right.update(key, tensors[key])
+        partial.update(key, tensors[key])
+    for key in sorted(tensors, reverse=True):
+        wrong.update(key, tensors[key])
+    partial.update("extra", torch.zeros(1))
+    assert right.digest_for(tensors, sorted(tensors)) == expected[0]
+    assert wrong.digest_for(tensors, sorted(tensors)) is None
+    assert partial.digest_for(tensors, sorted(tensors)) is None
+    for n, data_hash in enumerate((right, wrong, partial)):
+        written = save_lora(tmp_path / f"{n}.safetensors", tensors, meta, data_hash)
+        assert (written["sshs_model_hash"], written["sshs_legacy_hash"]) == expected

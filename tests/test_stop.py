@@ -39,4 +39,4 @@ def test_sigterm_keeps_finished_tasks_and_retrains_the_interrupted_one(tmp_path)
     # alc's pictures, captions and TOML were finished before the stop: recorded, not redone
     assert not [n for n in ran.get("image", ()) | ran.get("caption", ()) if n.startswith("alice/face/")]
     assert "alc" not in ran.get("dataset", ())
-    assert f"alc/Lora1x1A1-AdamW8" in ran["train"]
+    assert "alc/Lora1x1A1-AdamW8" in ran["train"]

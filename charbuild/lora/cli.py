@@ -105,15 +105,17 @@ def merge_cmd(src: Path, dst: Path, weights: str, preset_file: Path | None, keyw
               help="legacy: resize_lora.py's rule (threshold count + 1); current: the count without the +1.")
 @click.option("--verbose", is_flag=True, help="Print per-module retention.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Modules resized side by side (default: one per CPU core, as torch counts them).")
 @_user_errors
 def compress_cmd(src: Path, dst: Path, param: float, method: str, new_rank: int, new_conv_rank: int | None,
-                 save_precision: str, rank_rule: str, verbose: bool, progress: bool) -> None:  # fmt: skip
+                 save_precision: str, rank_rule: str, verbose: bool, progress: bool, threads: int | None) -> None:  # fmt: skip
     """Reduce ranks like sd-scripts resize_lora.py (default: sv_ratio 16, cap 128, fp16)."""
     from charbuild.lora.compress import compress_file
 
     report = compress_file(
         src, dst, method=method, param=param, new_rank=new_rank, new_conv_rank=new_conv_rank,
-        save_precision=save_precision, progress=progress, verbose=verbose, rank_rule=rank_rule,
+        save_precision=save_precision, progress=progress, verbose=verbose, rank_rule=rank_rule, workers=threads,
     )  # fmt: skip
     click.echo(
         f"{dst}: {report['size_in'] / 1e6:.1f} MB -> {report['size_out'] / 1e6:.1f} MB, "

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.io import LoraFile, LoraModule, build_modules_unchecked, fold_tucker_down, load_lora, save_lora
+from charbuild.lora.io import DataHash, LoraFile, LoraModule, build_modules_unchecked, fold_tucker_down, load_lora, save_lora
 from charbuild.lora.keysets import layer_shapes
 
 MIN_SV = 1e-6
@@ -382,6 +382,7 @@ def compress_lora(
     verbose: bool = False,
     rank_rule: str = "legacy",
     workers: int | None = None,
+    data_hash: DataHash | None = None,
 ) -> tuple[LoraFile, dict]:
     """Resize every module as resize_lora.py does; return the kohya-format LoRA and a report.
 
@@ -390,7 +391,8 @@ def compress_lora(
     ``old_dim``, ``converted`` (stems converted from Tucker/LoHa/LoKr). ``verbose`` prints the
     per-module lines and the averages. Modules are resized on ``workers`` threads (default:
     ``torch.get_num_threads()``, so ``torch.set_num_threads`` governs it); the result does not
-    depend on the number.
+    depend on the number. ``data_hash`` is fed the output tensors in file order meanwhile, for
+    :func:`save_lora`.
     """
     from tqdm import tqdm
 
@@ -424,6 +426,9 @@ def compress_lora(
         zip(stems, results), total=len(stems), disable=not progress, desc="compress", unit="module"
     ):
         out.update(tensors)
+        if data_hash is not None:
+            for key in sorted(tensors):
+                data_hash.update(key, tensors[key])
         report_modules[stem] = entry
         if was_converted:
             converted.append(stem)
@@ -493,11 +498,12 @@ def compress_file(src: str | Path, dst: str | Path, **kwargs) -> dict:
     The report adds ``src``, ``dst``, ``size_in`` and ``size_out`` (bytes). Nothing is written on error.
     """
     lora = load_lora(src)
+    data_hash = DataHash()
     try:
-        result, report = compress_lora(lora, **kwargs)
+        result, report = compress_lora(lora, data_hash=data_hash, **kwargs)
     except ValueError as exc:
         raise LoraFileError(str(exc), src) from None
-    save_lora(dst, result.tensors, result.metadata)
+    save_lora(dst, result.tensors, result.metadata, data_hash)
     report.update(src=str(src), dst=str(dst), size_in=Path(src).stat().st_size, size_out=Path(dst).stat().st_size)
     return report
 

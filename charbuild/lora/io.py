@@ -226,10 +226,13 @@ def build_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, pa
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN/inf in ``t`` (amax propagates NaN and is far faster than isfinite on fp16 CPU tensors)."""
+    """No NaN/inf in ``t``: aminmax propagates NaN and is one pass with no temporary, ~15x
+    faster than ``isfinite(t).all()`` on fp16 CPU tensors."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    return bool(torch.isfinite(t.abs().amax()))
+    if t.element_size() == 1:  # fp8: no CPU reductions; every fp8 value is exact in fp16
+        t = t.to(torch.float16)
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
 class _ModuleProblem(Exception):
@@ -482,12 +485,13 @@ def _byte_views(tensors: dict[str, torch.Tensor], order: list[str]) -> list:
     return [tensors[k].reshape(-1).view(torch.uint8).numpy() for k in order]
 
 
-def _sd_scripts_hashes_of(views: list, ss_header: bytes) -> tuple[str, str]:
+def _sd_scripts_hashes_of(views: list, ss_header: bytes, model_hash: str | None = None) -> tuple[str, str]:
     """sd-scripts' (model, legacy) hashes of data ``views`` under an ss_-only header ``ss_header``.
 
     sd-scripts hashes a file it saves with only the ``ss_*`` metadata: the model hash is the
     sha256 of the data part, the legacy hash the first 8 hex digits of the sha256 of that
     file's bytes at LEGACY_HASH_OFFSET (LEGACY_HASH_LENGTH bytes, fewer at the end of the file).
+    A ``model_hash`` computed beforehand (see :class:`DataHash`) is taken as it is.
     """
     sha = hashlib.sha256()
     legacy = hashlib.sha256()
@@ -498,10 +502,34 @@ def _sd_scripts_hashes_of(views: list, ss_header: bytes) -> tuple[str, str]:
         hi = min(LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH - pos, size)
         if lo < hi:
             legacy.update(chunk[lo:hi])
-        if pos > 0:  # the data part (the first chunk is the header)
+        if pos > 0 and model_hash is None:  # the data part (the first chunk is the header)
             sha.update(chunk)
         pos += size
-    return sha.hexdigest(), legacy.hexdigest()[:8]
+    return model_hash or sha.hexdigest(), legacy.hexdigest()[:8]
+
+
+class DataHash:
+    """The sha256 of a safetensors data part, fed tensor by tensor while the tensors are made.
+
+    Lets a producer hash its output while it computes the rest (``compress`` does); ``save_lora``
+    takes the digest when it was fed exactly the saved tensors in file order, else hashes anew.
+    """
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._fed: list[tuple[str, torch.Tensor]] = []
+
+    def update(self, key: str, tensor: torch.Tensor) -> None:
+        """Add the next tensor of the file (``tensor`` must not change afterwards)."""
+        tensor = tensor.contiguous()
+        self._fed.append((key, tensor))
+        self._sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
+
+    def digest_for(self, tensors: dict[str, torch.Tensor], order: list[str]) -> str | None:
+        """The hex digest if exactly ``tensors`` were fed, in ``order``; else None."""
+        if [key for key, _ in self._fed] != order or any(tensors[key] is not t for key, t in self._fed):
+            return None
+        return self._sha.hexdigest()
 
 
 def sd_scripts_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -512,12 +540,18 @@ def sd_scripts_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return _sd_scripts_hashes_of(_byte_views(tensors, order), _header(tensors, order, ss))
 
 
-def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict[str, str]:
+def save_lora(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    data_hash: DataHash | None = None,
+) -> dict[str, str]:
     """Write ``tensors`` + ``metadata`` atomically as safetensors, with fresh sshs hashes.
 
     Returns the metadata as written. One pass over the data: it is written from zero-copy views
-    while a second thread hashes the same views, and the header (sorted keys, so the same input
-    gives the same bytes) gets the hashes at the end, in place (hex digests have fixed lengths).
+    while a second thread hashes the same views (unless ``data_hash`` already holds their
+    digest), and the header (sorted keys, so the same input gives the same bytes) gets the
+    hashes at the end, in place (hex digests have fixed lengths).
     """
     path = Path(path)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -527,8 +561,9 @@ def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict
     ss_header = _header(tensors, order, {k: v for k, v in meta.items() if k.startswith("ss_")})
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = "0" * 64, "0" * 8
     placeholder = _header(tensors, order, meta)
+    model_hash = data_hash.digest_for(tensors, order) if data_hash is not None else None
     with atomic_path(path) as tmp, ThreadPoolExecutor(1) as pool:
-        hashes = pool.submit(_sd_scripts_hashes_of, views, ss_header)
+        hashes = pool.submit(_sd_scripts_hashes_of, views, ss_header, model_hash)
         with open(tmp, "wb") as f:
             f.write(len(placeholder).to_bytes(8, "little"))
             f.write(placeholder)

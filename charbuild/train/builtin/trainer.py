@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import io
 import json
 import math
 import os
