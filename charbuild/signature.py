@@ -38,14 +38,21 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def compute_signature(files: Iterable[str | Path], root: str | Path, extra: dict) -> dict:
-    """Signature of ``files`` (keyed by path relative to ``root``) and ``extra``."""
+def compute_signature(files: Iterable[str | Path], root: str | Path, extra: dict, known: dict | None = None) -> dict:
+    """Signature of ``files`` (keyed by path relative to ``root``) and ``extra``.
+
+    ``known``: a signature computed moments ago; a file whose size and mtime are unchanged
+    since keeps its MD5 from there instead of being read again.
+    """
     root = Path(root)
+    known_files = (known or {}).get("files", {})
     entries = {}
     for f in sorted(Path(p) for p in files):
         st = f.stat()
         key = rel_posix(f, root)
-        entries[key] = [st.st_size, st.st_mtime_ns, file_md5(f)]
+        old = known_files.get(key)
+        same = old is not None and old[:2] == [st.st_size, st.st_mtime_ns]
+        entries[key] = [st.st_size, st.st_mtime_ns, old[2] if same else file_md5(f)]
     return {"version": SIDECAR_VERSION, "files": entries, "extra": json.loads(canonical_json(extra))}
 
 

@@ -241,6 +241,27 @@ def test_signature_is_taken_at_start_so_edits_during_training_make_it_stale(tmp_
     assert is_up_to_date(job) == (False, "input changed: characters/k/face/f01.txt")
 
 
+def test_inputs_are_hashed_once_per_training(tmp_path, monkeypatch):
+    """The run-cache look-up and the signature taken under the GPU lock share the MD5s of
+    files that did not change in between; a file edited in between is read again."""
+    import charbuild.signature as sig
+
+    job = make_job(tmp_path)
+    reads: list[str] = []
+    real_md5 = sig.file_md5
+    monkeypatch.setattr(sig, "file_md5", lambda f: reads.append(Path(f).name) or real_md5(f))
+    run_training(job, echo=False)
+    assert sorted(reads) == sorted(Path(p).name for p in job["inputs"])
+    first = sig.compute_signature(job["inputs"], job["project_root"], job["signature_extra"])
+    edited = Path(job["inputs"][1])
+    edited.write_text("k, edited", encoding="utf-8")
+    os.utime(edited, ns=(time.time_ns() + 5_000_000_000,) * 2)
+    reads.clear()
+    again = sig.compute_signature(job["inputs"], job["project_root"], job["signature_extra"], known=first)
+    assert reads == [edited.name]
+    assert again == sig.compute_signature(job["inputs"], job["project_root"], job["signature_extra"])
+
+
 # --------------------------------------------------------------------------- dry run
 
 

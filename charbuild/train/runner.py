@@ -400,13 +400,15 @@ def run_training(job: Mapping[str, Any], *, echo: bool = True) -> None:
     with _variant_lock(variant_dir, echo) as variant_fd:
         _remove_stale_temps(variant_dir)
         sidecar_path(job).unlink(missing_ok=True)
-        if _restore_from_run_cache(job, root, output, label, echo):
+        restored, first_signature = _restore_from_run_cache(job, root, output, label, echo)
+        if restored:
             return
         poll = float(trainer.get("lock_poll", 1.0))
         say = lambda m: _say(m.removeprefix("charbuild: "), echo=echo)  # noqa: E731
         with gpu_lease(lock_dir, gpus, poll=poll, on_wait=say) as lease:
             try:
-                signature = compute_signature(job["inputs"], root, job["signature_extra"])
+                # again now that the GPU is ours: edits made while waiting count (unchanged files keep their MD5)
+                signature = compute_signature(job["inputs"], root, job["signature_extra"], known=first_signature)
             except OSError as e:
                 raise TrainingError(f"cannot read a training input: {e.strerror or e}", path=e.filename) from None
             temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=variant_dir))
@@ -467,22 +469,25 @@ def run_cache_dir(root: Path) -> Path:
     return root / "build" / "cache" / "trained"
 
 
-def _restore_from_run_cache(job: Mapping[str, Any], root: Path, output: Path, label: str, echo: bool) -> bool:
-    """Put a LoRA trained earlier from identical inputs and settings in place, instead of training."""
+def _restore_from_run_cache(job: Mapping[str, Any], root: Path, output: Path, label: str, echo: bool):
+    """Put a LoRA trained earlier from identical inputs and settings in place, instead of training.
+
+    Returns (whether it did, the inputs' signature or None).
+    """
     if not job["trainer"].get("run_cache", True):
-        return False
+        return False, None
     try:
         signature = compute_signature(job["inputs"], root, job["signature_extra"])
     except OSError:
-        return False
+        return False, None
     cached = run_cache_dir(root) / f"{run_cache_key(signature)}.safetensors"
     if not cached.is_file():
-        return False
+        return False, signature
     with atomic_path(output) as tmp:
         shutil.copyfile(cached, tmp)
     write_sidecar(sidecar_path(job), signature)
     _say(f"restored {label} from the run cache (same inputs and settings as an earlier training): {cached.name}", echo=echo)
-    return True
+    return True, signature
 
 
 def _store_in_run_cache(job: Mapping[str, Any], root: Path, output: Path, signature: Mapping[str, Any]) -> None:
