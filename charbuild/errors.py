@@ -66,5 +66,9 @@ class LoraFileError(CharbuildError):
     """A LoRA file cannot be read, is not a LoRA, or is not supported."""
 
 
+class OutputError(CharbuildError):
+    """An artifact cannot be put in place (the file is held open elsewhere, or not writable)."""
+
+
 class TrainingError(CharbuildError):
     """A training run failed; the message carries the log's last lines."""

@@ -5,8 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
+
+from .errors import OutputError
+
+# Windows refuses to replace a file another program holds open; virus scanners and indexers
+# hold new files for a moment, so a few retries ride that out before it is reported.
+REPLACE_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 def _current_umask() -> int:
@@ -27,19 +34,39 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     doit (which checks targets for existence only) never takes it as built.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot create a file in this folder ({exc.strerror or exc}); check its permissions and free space", target.parent) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with contextlib.suppress(OSError):
             os.chmod(tmp_path, _FILE_MODE)
-        os.replace(tmp_path, target)
+        replace_file(tmp_path, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def replace_file(src: str | Path, target: str | Path) -> None:
+    """``os.replace``, retried briefly on Windows sharing errors, then an OutputError naming ``target``."""
+    for delay in (*REPLACE_RETRIES, None):
+        try:
+            os.replace(src, target)
+            return
+        except PermissionError as exc:
+            if delay is None:
+                raise OutputError(
+                    f"cannot replace this file ({exc.strerror or exc}): another program may hold it open "
+                    "(a WebUI that loaded the LoRA, an image viewer) or it is read-only; close it there, "
+                    "then build again",
+                    target,
+                ) from None
+            time.sleep(delay)
 
 
 def write_bytes_atomic(target: str | Path, data: bytes) -> None:

@@ -48,7 +48,10 @@ def write_text_action(target: str, text: str) -> bool:
     """Write a text artifact atomically (UTF-8, ``\\n`` line ends)."""
     from .fsutil import write_text_atomic
 
-    write_text_atomic(target, text)
+    try:
+        write_text_atomic(target, text)
+    except CharbuildError as exc:
+        return TaskFailed(str(exc))
     return True
 
 

@@ -60,8 +60,8 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 from doit.exceptions import TaskFailed
 from filelock import FileLock, Timeout
 
-from ..errors import TrainingError
-from ..fsutil import atomic_path, write_text_atomic
+from ..errors import CharbuildError, TrainingError
+from ..fsutil import atomic_path, replace_file, write_text_atomic
 from ..signature import canonical_json, compute_signature, describe_difference, read_sidecar, write_sidecar
 from . import BACKENDS
 from .gpulock import gpu_lease, lock_fd
@@ -446,7 +446,7 @@ def run_training(job: Mapping[str, Any], *, echo: bool = True) -> None:
                     raise TrainingError(
                         f"training {label} finished but wrote no {raw.name}; see {log}", path=log
                     )
-                os.replace(raw, output)
+                replace_file(raw, output)
                 write_sidecar(sidecar_path(job), signature)
                 _store_in_run_cache(job, root, output, signature)
             finally:
@@ -505,12 +505,13 @@ def _store_in_run_cache(job: Mapping[str, Any], root: Path, output: Path, signat
 
 
 def train_action(job: Mapping[str, Any]) -> bool | TaskFailed:
-    """The doit python-action: :func:`run_training`, a TrainingError returned as TaskFailed.
+    """The doit python-action: :func:`run_training`, a TrainingError (or any error of ours, such
+    as an output held open elsewhere) returned as TaskFailed.
 
     KeyboardInterrupt propagates (doit records finished tasks and exits 130).
     """
     try:
         run_training(job)
-    except TrainingError as e:
+    except CharbuildError as e:
         return TaskFailed(str(e))
     return True
