@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import time
@@ -21,6 +22,8 @@ def _current_umask() -> int:
     os.umask(mask)
     return mask
 
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 # mkstemp creates files readable by the owner only; artifacts get the usual mode.
 _FILE_MODE = 0o666 & ~_current_umask()
@@ -46,9 +49,11 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.chmod(tmp_path, _FILE_MODE)
         replace_file(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise OutputError("the disk is full: free some space, then build again (nothing was replaced)", target) from None
         raise
 
 

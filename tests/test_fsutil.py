@@ -61,3 +61,14 @@ def test_an_unwritable_folder_is_reported_by_name(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="cannot create a file in this folder") as info:
         fsutil.write_text_atomic(tmp_path / "out.txt", "x")
     assert info.value.path == str(tmp_path)
+
+
+def test_a_full_disk_is_reported_by_name_and_nothing_is_replaced(tmp_path):
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(OutputError, match="the disk is full") as info:
+        with fsutil.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+    assert info.value.path == str(target)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
