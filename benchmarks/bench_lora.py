@@ -25,7 +25,7 @@ I/O. ``--only loadsave compress`` skips the rest; ``--keep DIR`` reuses the file
 ``lora_io`` (charbuild's validated ``load_lora`` + ``save_lora`` with its sshs hashes, of the
 full 312 MB; compress writes 183 MB) and ``products`` (only the float32 matrix products compress
 cannot avoid: both Grams and both new factors, 2·r·(r+k)·(out+in) flops per module) are floors,
-not targets. load+save, lora_io and compress alternate, 3 runs each, medians; "cpu s" is the
+not targets. load+save, lora_io and compress alternate, 5 runs each, medians; "cpu s" is the
 process's user+sys time.
 
 Results, 2026-11-25 (2-core AMD EPYC (AVX-512), load average < 1, torch 2.13 CPU, 2 threads):
@@ -73,7 +73,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REPEATS = 3
+REPEATS = 5
 sys.path.insert(0, str(ROOT))
 
 

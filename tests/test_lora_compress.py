@@ -262,3 +262,25 @@ def test_worker_threads_do_not_change_the_result():
     assert list(one.tensors) == list(three.tensors)
     assert all(torch.equal(one.tensors[k], three.tensors[k]) for k in one.tensors)
     assert report_json(report_one) == report_json(report_three)  # (NaN stats of the all-zero module)
+
+
+@pytest.mark.parametrize(
+    "kind,options",
+    [("lora", {}), ("lora", {"method": "rank", "new_rank": 6, "new_conv_rank": 3, "save_precision": "bf16"}),
+     ("loha", {"method": "sv_fro", "param": 0.99, "save_precision": "float"})],
+)  # fmt: skip
+def test_streamed_file_equals_the_in_memory_result(tmp_path, kind, options):
+    """compress_file writes module by module; its file holds what compress_lora returns."""
+    if kind == "lora":
+        tensors, meta = decaying_lora(dtype=torch.float16)
+    else:
+        tensors, meta = make_lora("sd15", kind, modules=SMALL_CONV, rank=4, alpha=2.0)
+    src = write_lora(tmp_path / "raw.safetensors", tensors, meta)
+    report = compress_file(src, tmp_path / "c.safetensors", workers=2, **options)
+    expected, expected_report = compress_lora(load_lora(src), workers=1, **options)
+    got = load_lora(tmp_path / "c.safetensors")
+    assert got.tensors.keys() == expected.tensors.keys()
+    assert all(torch.equal(got.tensors[k], expected.tensors[k]) for k in got.tensors)
+    assert {k: v for k, v in got.metadata.items() if not k.startswith("sshs_")} == expected.metadata
+    assert (got.metadata["sshs_model_hash"], got.metadata["sshs_legacy_hash"]) == sd_scripts_hashes(got.tensors, got.metadata)
+    assert report_json({k: v for k, v in report.items() if k not in ("src", "dst", "size_in", "size_out")}) == report_json(expected_report)

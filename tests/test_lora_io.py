@@ -11,7 +11,7 @@ import torch
 from lora_fixtures import KINDS, make_lora, reference_delta, write_lora
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.io import _file_order, _header, build_lora, load_lora, save_lora, sd_scripts_hashes
+from charbuild.lora.io import _file_order, _header, _specs, build_lora, load_lora, save_lora, sd_scripts_hashes
 
 SMALL = [("lora_unet_down_blocks_0_attentions_0_proj_in", 320, 320, 1), ("lora_te_text_model_encoder_layers_0_mlp_fc1", 3072, 768, 0)]
 
@@ -62,7 +62,7 @@ def test_layout_matches_safetensors():
     for meta in (None, {}, {"ss_x": "1"}, {"ss_z": 'é\n"q\\', "ss_a": "12345"}):
         b = safetensors.torch.save(tensors, meta)
         n = int.from_bytes(b[:8], "little")
-        ours = _header(tensors, _file_order(tensors), meta)
+        ours = _header(_specs(tensors, _file_order(tensors)), meta)
         assert len(ours) == n
         assert json.loads(ours) == json.loads(b[8 : 8 + n])
 
@@ -211,21 +211,31 @@ def test_fp8_and_bf16_files_are_checked_for_nan(tmp_path, dtype):
         build_lora(tensors, meta)
 
 
-def test_data_hash_fed_in_file_order_is_used_and_a_wrong_one_is_not(tmp_path):
-    from charbuild.lora.io import DataHash
+def test_stream_writes_in_order_with_room_to_spare(tmp_path):
+    from charbuild.lora.io import header_room, stream_lora
 
     tensors, meta = make_lora("sd15", "lora", modules=SMALL, rank=40)
-    expected = sd_scripts_reference(tensors, meta)
-    right, wrong, partial = DataHash(), DataHash(), DataHash()
-    for key in sorted(tensors):
-        right.update(key, tensors[key])
-        partial.update(key, tensors[key])
-    for key in sorted(tensors, reverse=True):
-        wrong.update(key, tensors[key])
-    partial.update("extra", torch.zeros(1))
-    assert right.digest_for(tensors, sorted(tensors)) == expected[0]
-    assert wrong.digest_for(tensors, sorted(tensors)) is None
-    assert partial.digest_for(tensors, sorted(tensors)) is None
-    for n, data_hash in enumerate((right, wrong, partial)):
-        written = save_lora(tmp_path / f"{n}.safetensors", tensors, meta, data_hash)
-        assert (written["sshs_model_hash"], written["sshs_legacy_hash"]) == expected
+    order = sorted(tensors)
+    room = header_room([(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in order], meta) + 100
+    with stream_lora(tmp_path / "s.safetensors", room) as out:
+        for key in order:
+            out.add(key, tensors[key])
+        written = out.finish(meta)
+    assert (written["sshs_model_hash"], written["sshs_legacy_hash"]) == sd_scripts_reference(tensors, meta)
+    back = load_lora(tmp_path / "s.safetensors")
+    assert back.metadata == written and all(torch.equal(back.tensors[k], tensors[k]) for k in tensors)
+    data = (tmp_path / "s.safetensors").read_bytes()
+    assert int.from_bytes(data[:8], "little") % 8 == 0
+
+
+def test_stream_refuses_out_of_order_tensors_and_leaves_nothing(tmp_path):
+    from charbuild.lora.io import stream_lora
+
+    with pytest.raises(ValueError, match="out of safetensors order"):
+        with stream_lora(tmp_path / "s.safetensors", 1000) as out:
+            out.add("b", torch.zeros(2))
+            out.add("a", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="finish"):
+        with stream_lora(tmp_path / "t.safetensors", 1000) as out:
+            out.add("a", torch.zeros(2))
+    assert list(tmp_path.iterdir()) == []

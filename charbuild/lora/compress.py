@@ -45,7 +45,15 @@ from pathlib import Path
 import torch
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.io import DataHash, LoraFile, LoraModule, build_modules_unchecked, fold_tucker_down, load_lora, save_lora
+from charbuild.lora.io import (
+    LoraFile,
+    LoraModule,
+    build_modules_unchecked,
+    fold_tucker_down,
+    header_room,
+    load_lora,
+    stream_lora,
+)
 from charbuild.lora.keysets import layer_shapes
 
 MIN_SV = 1e-6
@@ -321,11 +329,10 @@ def _flat_shape(module: LoraModule) -> tuple[int, int]:
 
 
 def _compress_module(module: LoraModule, arch: str, new_rank: int, conv_rank: int, method, param, rank_rule, dtype):
-    """One module resized: (its output tensors, its report entry, whether it was converted)."""
+    """One module resized: (its output tensors, its report entry)."""
     shape = target_shape(module, arch)
     conv = len(shape) == 4
     cap = conv_rank if conv else new_rank
-    converted = module.kind != "lora" or "lora_mid.weight" in module.params
     if module.kind == "lora":
         p = module.params
         down = p["lora_down.weight"]
@@ -346,7 +353,7 @@ def _compress_module(module: LoraModule, arch: str, new_rank: int, conv_rank: in
         f"{stem}.alpha": torch.tensor(alpha).to(dtype),
     }
     entry = {"old_rank": module.rank, "new_rank": k, "new_alpha": alpha, **stats}
-    return tensors, entry, converted
+    return tensors, entry
 
 
 def _map_modules(func, items, workers: int):
@@ -354,20 +361,159 @@ def _map_modules(func, items, workers: int):
 
     Per module the work is a few matrix products and small r × r factorisations: running
     modules side by side on single-threaded torch uses the cores far better than splitting each
-    small product over threads (and avoids OpenMP's spin-waits when the machine is busy).
+    small product over threads (and avoids OpenMP's spin-waits when the machine is busy). Every
+    module computes on one torch thread whatever ``workers`` is, so the result does not depend
+    on it.
     """
-    if workers <= 1:
-        yield from map(func, items)
-        return
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
     try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            yield from pool.map(func, items)
+        if pool is None:
+            yield from map(func, items)
+            return
+        todo = iter(items)
+        ahead = deque(pool.submit(func, item) for _, item in zip(range(2 * workers), todo))  # bounded: memory
+        while ahead:
+            result = ahead.popleft().result()
+            for item in todo:
+                ahead.append(pool.submit(func, item))
+                break
+            yield result
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
+
+
+def _options(method, param, new_rank, new_conv_rank, save_precision, rank_rule) -> dict:
+    """The checked options (ValueError naming what is wrong)."""
+    if method == "rank":
+        method = None
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: sv_ratio, sv_fro, sv_cumulative, rank")
+    if save_precision not in PRECISIONS:
+        raise ValueError(f"unknown save precision {save_precision!r}; valid: fp16, bf16, float")
+    if rank_rule not in RANK_RULES:
+        raise ValueError(f"unknown rank rule {rank_rule!r}; valid: {', '.join(RANK_RULES)}")
+    if method is not None and not param > 0:
+        raise ValueError(f"{method} needs a positive parameter, got {param}")
+    if new_rank < 1 or (new_conv_rank is not None and new_conv_rank < 1):
+        raise ValueError("new_rank and new_conv_rank must be at least 1")
+    return {
+        "method": method,
+        "param": param,
+        "new_rank": new_rank,
+        "conv_rank": new_conv_rank if new_conv_rank is not None else new_rank,
+        "save_precision": save_precision,
+        "rank_rule": rank_rule,
+    }
+
+
+def _stems(lora: LoraFile) -> list[str]:
+    # file order: '.' sorts before every character of a stem, so stem order is key order
+    return sorted(lora.modules, key=lambda s: f"{s}.lora_down.weight")
+
+
+def _is_converted(module: LoraModule) -> bool:
+    return module.kind != "lora" or "lora_mid.weight" in module.params
+
+
+def _resize_all(lora: LoraFile, opts: dict, sink, *, workers: int | None, progress: bool, verbose: bool) -> dict:
+    """Resize every module, handing its output tensors to ``sink(key, tensor)`` in file order.
+
+    Returns the per-module report entries by stem. ``verbose`` prints them and the averages.
+    """
+    from tqdm import tqdm
+
+    stems = _stems(lora)
+    dtype = PRECISIONS[opts["save_precision"]]
+    workers = torch.get_num_threads() if workers is None else workers
+
+    def resize(stem: str):
+        with torch.no_grad():
+            return _compress_module(
+                lora.modules[stem], lora.arch, opts["new_rank"], opts["conv_rank"], opts["method"], opts["param"],
+                opts["rank_rule"], dtype,
+            )  # fmt: skip
+
+    entries: dict[str, dict] = {}
+    results = _map_modules(resize, stems, workers)
+    for stem, (tensors, entry) in tqdm(
+        zip(stems, results), total=len(stems), disable=not progress, desc="compress", unit="module"
+    ):
+        for key in sorted(tensors):
+            sink(key, tensors[key])
+        entries[stem] = entry
+        if verbose:
+            line = (
+                f"{stem:75} | sum(S) retained: {entry['sum_retained']:.1%}, "
+                f"fro retained: {entry['fro_retained']:.1%}, max(S) ratio: {entry['max_ratio']:0.1f}"
+            )
+            if opts["method"]:
+                line += f", dynamic | dim: {entry['new_rank']}, alpha: {entry['new_alpha']}"
+            tqdm.write(line)
+    if verbose:
+        means = _means(entries)
+        print(f"Average Frobenius norm retention: {means['mean_fro_retained']:.2%} | std: {means['std_fro_retained']:0.3f}")
+        print(f"Average sum(S) retention: {means['mean_sum_retained']:.2%}")
+    return entries
+
+
+def _means(entries: dict[str, dict]) -> dict[str, float]:
+    fro = [m["fro_retained"] for m in entries.values() if not math.isnan(m["fro_retained"])]
+    sums = [m["sum_retained"] for m in entries.values() if not math.isnan(m["sum_retained"])]
+    mean_fro = sum(fro) / len(fro) if fro else float("nan")
+    mean_sum = sum(sums) / len(sums) if sums else float("nan")
+    std_fro = math.sqrt(sum((f - mean_fro) ** 2 for f in fro) / len(fro)) if fro else float("nan")
+    return {"mean_sum_retained": mean_sum, "mean_fro_retained": mean_fro, "std_fro_retained": std_fro,
+            "mean_retained": (mean_sum + mean_fro) / 2}  # fmt: skip
+
+
+def _old_dim(lora: LoraFile) -> int:
+    return max((m.rank for m in lora.modules.values()), default=0)
+
+
+def _result_metadata(lora: LoraFile, opts: dict, last_alpha) -> dict[str, str]:
+    """The output's metadata as resize_lora.py writes it (``last_alpha``: of the last module)."""
+    method, old_dim = opts["method"], _old_dim(lora)
+    metadata = dict(lora.metadata)
+    comment = metadata.get("ss_training_comment", "")
+    if method:
+        metadata["ss_training_comment"] = f"Dynamic resize with {method}: {opts['param']} from {old_dim}; {comment}"
+        metadata["ss_network_dim"] = "Dynamic"
+        metadata["ss_network_alpha"] = "Dynamic"
+    else:
+        new_rank, conv_rank = opts["new_rank"], opts["conv_rank"]
+        conv_desc = "" if new_rank == conv_rank else f" (conv: {conv_rank})"
+        metadata["ss_training_comment"] = f"dimension is resized from {old_dim} to {new_rank}{conv_desc}; {comment}"
+        metadata["ss_network_dim"] = str(new_rank)
+        metadata["ss_network_alpha"] = str(last_alpha)
+    if any(_is_converted(m) for m in lora.modules.values()):
+        metadata["ss_network_module"] = "networks.lora"
+        metadata.pop("ss_network_args", None)
+        metadata["charbuild.converted_from"] = lora.format
+    for key in ("sshs_model_hash", "sshs_legacy_hash"):
+        metadata.pop(key, None)
+    return metadata
+
+
+def _report(lora: LoraFile, opts: dict, entries: dict[str, dict]) -> dict:
+    return {
+        "method": opts["method"] or "rank",
+        "param": opts["param"],
+        "new_rank": opts["new_rank"],
+        "new_conv_rank": opts["conv_rank"],
+        "save_precision": opts["save_precision"],
+        "rank_rule": opts["rank_rule"],
+        "old_dim": _old_dim(lora),
+        "modules": entries,
+        **_means(entries),
+        "converted": [stem for stem in entries if _is_converted(lora.modules[stem])],
+    }
 
 
 def compress_lora(
@@ -382,7 +528,6 @@ def compress_lora(
     verbose: bool = False,
     rank_rule: str = "legacy",
     workers: int | None = None,
-    data_hash: DataHash | None = None,
 ) -> tuple[LoraFile, dict]:
     """Resize every module as resize_lora.py does; return the kohya-format LoRA and a report.
 
@@ -391,119 +536,56 @@ def compress_lora(
     ``old_dim``, ``converted`` (stems converted from Tucker/LoHa/LoKr). ``verbose`` prints the
     per-module lines and the averages. Modules are resized on ``workers`` threads (default:
     ``torch.get_num_threads()``, so ``torch.set_num_threads`` governs it); the result does not
-    depend on the number. ``data_hash`` is fed the output tensors in file order meanwhile, for
-    :func:`save_lora`.
+    depend on the number.
     """
-    from tqdm import tqdm
-
-    if method == "rank":
-        method = None
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: sv_ratio, sv_fro, sv_cumulative, rank")
-    if save_precision not in PRECISIONS:
-        raise ValueError(f"unknown save precision {save_precision!r}; valid: fp16, bf16, float")
-    if rank_rule not in RANK_RULES:
-        raise ValueError(f"unknown rank rule {rank_rule!r}; valid: {', '.join(RANK_RULES)}")
-    if method is not None and not param > 0:
-        raise ValueError(f"{method} needs a positive parameter, got {param}")
-    if new_rank < 1 or (new_conv_rank is not None and new_conv_rank < 1):
-        raise ValueError("new_rank and new_conv_rank must be at least 1")
-    conv_rank = new_conv_rank if new_conv_rank is not None else new_rank
-    dtype = PRECISIONS[save_precision]
-    workers = torch.get_num_threads() if workers is None else workers
+    opts = _options(method, param, new_rank, new_conv_rank, save_precision, rank_rule)
     out: dict[str, torch.Tensor] = {}
-    report_modules: dict[str, dict] = {}
-    converted: list[str] = []
-    stems = sorted(lora.modules, key=lambda s: f"{s}.lora_down.weight")
-    old_dim = max((m.rank for m in lora.modules.values()), default=0)
-
-    def resize(stem: str):
-        with torch.no_grad():
-            return _compress_module(lora.modules[stem], lora.arch, new_rank, conv_rank, method, param, rank_rule, dtype)
-
-    results = _map_modules(resize, stems, workers)
-    for stem, (tensors, entry, was_converted) in tqdm(
-        zip(stems, results), total=len(stems), disable=not progress, desc="compress", unit="module"
-    ):
-        out.update(tensors)
-        if data_hash is not None:
-            for key in sorted(tensors):
-                data_hash.update(key, tensors[key])
-        report_modules[stem] = entry
-        if was_converted:
-            converted.append(stem)
-        if verbose:
-            line = (
-                f"{stem:75} | sum(S) retained: {entry['sum_retained']:.1%}, "
-                f"fro retained: {entry['fro_retained']:.1%}, max(S) ratio: {entry['max_ratio']:0.1f}"
-            )
-            if method:
-                line += f", dynamic | dim: {entry['new_rank']}, alpha: {entry['new_alpha']}"
-            tqdm.write(line)
-    last_alpha = report_modules[stems[-1]]["new_alpha"] if stems else None
-    fro = [m["fro_retained"] for m in report_modules.values() if not math.isnan(m["fro_retained"])]
-    sums = [m["sum_retained"] for m in report_modules.values() if not math.isnan(m["sum_retained"])]
-    mean_fro = sum(fro) / len(fro) if fro else float("nan")
-    mean_sum = sum(sums) / len(sums) if sums else float("nan")
-    std_fro = math.sqrt(sum((f - mean_fro) ** 2 for f in fro) / len(fro)) if fro else float("nan")
-    if verbose:
-        print(f"Average Frobenius norm retention: {mean_fro:.2%} | std: {std_fro:0.3f}")
-        print(f"Average sum(S) retention: {mean_sum:.2%}")
-    metadata = dict(lora.metadata)
-    comment = metadata.get("ss_training_comment", "")
-    if method:
-        metadata["ss_training_comment"] = f"Dynamic resize with {method}: {param} from {old_dim}; {comment}"
-        metadata["ss_network_dim"] = "Dynamic"
-        metadata["ss_network_alpha"] = "Dynamic"
-    else:
-        conv_desc = "" if new_rank == conv_rank else f" (conv: {conv_rank})"
-        metadata["ss_training_comment"] = f"dimension is resized from {old_dim} to {new_rank}{conv_desc}; {comment}"
-        metadata["ss_network_dim"] = str(new_rank)
-        metadata["ss_network_alpha"] = str(last_alpha)
-    if converted:
-        metadata["ss_network_module"] = "networks.lora"
-        metadata.pop("ss_network_args", None)
-        metadata["charbuild.converted_from"] = lora.format
-    for key in ("sshs_model_hash", "sshs_legacy_hash"):
-        metadata.pop(key, None)
+    entries = _resize_all(lora, opts, out.__setitem__, workers=workers, progress=progress, verbose=verbose)
+    last_alpha = entries[_stems(lora)[-1]]["new_alpha"] if entries else None
     result = LoraFile(
         tensors=out,
-        metadata=metadata,
+        metadata=_result_metadata(lora, opts, last_alpha),
         format="lora",
         arch=lora.arch,
         modules=build_modules_unchecked(out),
         path=lora.path,
     )
-    report = {
-        "method": method or "rank",
-        "param": param,
-        "new_rank": new_rank,
-        "new_conv_rank": conv_rank,
-        "save_precision": save_precision,
-        "rank_rule": rank_rule,
-        "old_dim": old_dim,
-        "modules": report_modules,
-        "mean_sum_retained": mean_sum,
-        "mean_fro_retained": mean_fro,
-        "std_fro_retained": std_fro,
-        "mean_retained": (mean_sum + mean_fro) / 2,
-        "converted": converted,
-    }
-    return result, report
+    return result, _report(lora, opts, entries)
 
 
-def compress_file(src: str | Path, dst: str | Path, **kwargs) -> dict:
-    """Read ``src``, :func:`compress_lora` it with ``kwargs``, write ``dst`` atomically; return the report.
+def _header_bound(lora: LoraFile, opts: dict) -> int:
+    """Header bytes enough for any output: every module at its rank cap (most digits in shapes
+    and offsets), and room for any float as ``ss_network_alpha``."""
+    dtype = PRECISIONS[opts["save_precision"]]
+    specs = []
+    for stem in _stems(lora):
+        shape = target_shape(lora.modules[stem], lora.arch)
+        k = opts["conv_rank"] if len(shape) == 4 else opts["new_rank"]
+        up = (shape[0], k, 1, 1) if len(shape) == 4 else (shape[0], k)
+        specs += [(f"{stem}.alpha", dtype, ()), (f"{stem}.lora_down.weight", dtype, (k, *shape[1:])),
+                  (f"{stem}.lora_up.weight", dtype, up)]  # fmt: skip
+    return header_room(specs, _result_metadata(lora, opts, "x" * 32))
 
-    The report adds ``src``, ``dst``, ``size_in`` and ``size_out`` (bytes). Nothing is written on error.
+
+def compress_file(src: str | Path, dst: str | Path, *, progress: bool = False, verbose: bool = False,
+                  workers: int | None = None, **options) -> dict:  # fmt: skip
+    """Read ``src``, resize it like :func:`compress_lora` with ``options``, write ``dst`` atomically.
+
+    The output is written module by module while later ones compute (and hashed meanwhile), so
+    it never sits in memory whole. Returns the report plus ``src``, ``dst``, ``size_in`` and
+    ``size_out`` (bytes). Nothing is written on error.
     """
     lora = load_lora(src)
-    data_hash = DataHash()
     try:
-        result, report = compress_lora(lora, data_hash=data_hash, **kwargs)
-    except ValueError as exc:
+        opts = _options(**{"method": "sv_ratio", "param": 16.0, "new_rank": 128, "new_conv_rank": None,
+                           "save_precision": "fp16", "rank_rule": "legacy", **options})  # fmt: skip
+    except (TypeError, ValueError) as exc:
         raise LoraFileError(str(exc), src) from None
-    save_lora(dst, result.tensors, result.metadata, data_hash)
+    with stream_lora(dst, _header_bound(lora, opts)) as out:
+        entries = _resize_all(lora, opts, out.add, workers=workers, progress=progress, verbose=verbose)
+        last_alpha = entries[_stems(lora)[-1]]["new_alpha"] if entries else None
+        out.finish(_result_metadata(lora, opts, last_alpha))
+    report = _report(lora, opts, entries)
     report.update(src=str(src), dst=str(dst), size_in=Path(src).stat().st_size, size_out=Path(dst).stat().st_size)
     return report
 

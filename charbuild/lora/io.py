@@ -28,6 +28,7 @@ serialised with only the ``ss_*`` metadata).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -451,16 +453,27 @@ _SAFETENSORS_DTYPES = {
 _DTYPE_RANK = {dtype: i for i, dtype in enumerate(_SAFETENSORS_DTYPES)}
 
 
+TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape: one header entry
+
+
+def _order_key(key: str, dtype: torch.dtype) -> tuple[int, str]:
+    if dtype not in _DTYPE_RANK:
+        raise TypeError(f"tensor {key!r}: dtype {dtype} cannot be stored in a safetensors LoRA")
+    return -_DTYPE_RANK[dtype], key
+
+
 def _file_order(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The keys in the order safetensors lays out their data."""
-    for key, t in tensors.items():
-        if t.dtype not in _DTYPE_RANK:
-            raise TypeError(f"tensor {key!r}: dtype {t.dtype} cannot be stored in a safetensors LoRA")
-    return sorted(tensors, key=lambda k: (-_DTYPE_RANK[tensors[k].dtype], k))
+    return sorted(tensors, key=lambda k: _order_key(k, tensors[k].dtype))
 
 
-def _header(tensors: dict[str, torch.Tensor], order: list[str], metadata: dict[str, str] | None) -> bytes:
-    """The safetensors JSON header, keys sorted, padded with spaces to a multiple of 8 bytes.
+def _specs(tensors: dict[str, torch.Tensor], order: list[str]) -> list[TensorSpec]:
+    return [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in order]
+
+
+def _header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    """The safetensors JSON header of ``specs`` (in file order), keys sorted, padded with spaces
+    to a multiple of 8 bytes.
 
     The library writes the same compact JSON in hash-map order, so identical input gave
     different bytes in different processes; md5-based early cut-off and ``doit -n`` builds need
@@ -469,10 +482,9 @@ def _header(tensors: dict[str, torch.Tensor], order: list[str], metadata: dict[s
     """
     entries: dict[str, object] = {}
     pos = 0
-    for key in order:
-        t = tensors[key]
-        size = t.numel() * t.element_size()
-        entries[key] = {"data_offsets": [pos, pos + size], "dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape)}
+    for key, dtype, shape in specs:
+        size = math.prod(shape) * dtype.itemsize
+        entries[key] = {"data_offsets": [pos, pos + size], "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape)}
         pos += size
     if metadata is not None:
         entries["__metadata__"] = dict(sorted(metadata.items()))
@@ -480,102 +492,132 @@ def _header(tensors: dict[str, torch.Tensor], order: list[str], metadata: dict[s
     return text + b" " * (-len(text) % 8)
 
 
-def _byte_views(tensors: dict[str, torch.Tensor], order: list[str]) -> list:
-    """Zero-copy little-endian byte views of the (contiguous) tensors, in file order."""
-    return [tensors[k].reshape(-1).view(torch.uint8).numpy() for k in order]
+_HASH_PLACEHOLDERS = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
 
 
-def _sd_scripts_hashes_of(views: list, ss_header: bytes, model_hash: str | None = None) -> tuple[str, str]:
-    """sd-scripts' (model, legacy) hashes of data ``views`` under an ss_-only header ``ss_header``.
-
-    sd-scripts hashes a file it saves with only the ``ss_*`` metadata: the model hash is the
-    sha256 of the data part, the legacy hash the first 8 hex digits of the sha256 of that
-    file's bytes at LEGACY_HASH_OFFSET (LEGACY_HASH_LENGTH bytes, fewer at the end of the file).
-    A ``model_hash`` computed beforehand (see :class:`DataHash`) is taken as it is.
-    """
-    sha = hashlib.sha256()
-    legacy = hashlib.sha256()
-    pos = 0
-    for chunk in [len(ss_header).to_bytes(8, "little") + ss_header, *views]:
-        size = len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
-        lo = max(LEGACY_HASH_OFFSET - pos, 0)
-        hi = min(LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH - pos, size)
-        if lo < hi:
-            legacy.update(chunk[lo:hi])
-        if pos > 0 and model_hash is None:  # the data part (the first chunk is the header)
-            sha.update(chunk)
-        pos += size
-    return model_hash or sha.hexdigest(), legacy.hexdigest()[:8]
+def header_room(specs: list[TensorSpec], metadata: dict[str, str] | None) -> int:
+    """Bytes the header of ``specs`` + ``metadata`` takes once the sshs hashes are added."""
+    return len(_header(specs, {**(metadata or {}), **_HASH_PLACEHOLDERS}))
 
 
-class DataHash:
-    """The sha256 of a safetensors data part, fed tensor by tensor while the tensors are made.
+def _legacy_hash(ss_header: bytes, read_data) -> str:
+    """sd-scripts' legacy hash: sha256 (first 8 hex digits) of LEGACY_HASH_LENGTH bytes at
+    LEGACY_HASH_OFFSET of the file it saves with only the ``ss_*`` metadata (header ``ss_header``
+    and the data part, of which ``read_data(offset, length)`` returns bytes; fewer at its end)."""
+    prefix = len(ss_header).to_bytes(8, "little") + ss_header
+    start, end = LEGACY_HASH_OFFSET, LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH
+    part = prefix[start:end]
+    if end > len(prefix):
+        lo = max(start, len(prefix))
+        part += read_data(lo - len(prefix), end - lo)
+    return hashlib.sha256(part).hexdigest()[:8]
 
-    Lets a producer hash its output while it computes the rest (``compress`` does); ``save_lora``
-    takes the digest when it was fed exactly the saved tensors in file order, else hashes anew.
-    """
 
-    def __init__(self) -> None:
-        self._sha = hashlib.sha256()
-        self._fed: list[tuple[str, torch.Tensor]] = []
-
-    def update(self, key: str, tensor: torch.Tensor) -> None:
-        """Add the next tensor of the file (``tensor`` must not change afterwards)."""
-        tensor = tensor.contiguous()
-        self._fed.append((key, tensor))
-        self._sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
-
-    def digest_for(self, tensors: dict[str, torch.Tensor], order: list[str]) -> str | None:
-        """The hex digest if exactly ``tensors`` were fed, in ``order``; else None."""
-        if [key for key, _ in self._fed] != order or any(tensors[key] is not t for key, t in self._fed):
-            return None
-        return self._sha.hexdigest()
+def _ss_only(metadata: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in metadata.items() if k.startswith("ss_")}
 
 
 def sd_scripts_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
-    """``(sshs_model_hash, sshs_legacy_hash)`` exactly as sd-scripts precalculates them (in memory)."""
+    """``(sshs_model_hash, sshs_legacy_hash)`` exactly as sd-scripts precalculates them (in memory).
+
+    sd-scripts hashes a copy saved with only the ``ss_*`` metadata: the model hash is the sha256
+    of its data part, the legacy hash covers LEGACY_HASH_LENGTH bytes at LEGACY_HASH_OFFSET.
+    """
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     order = _file_order(tensors)
-    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    return _sd_scripts_hashes_of(_byte_views(tensors, order), _header(tensors, order, ss))
+    views = [tensors[k].reshape(-1).view(torch.uint8).numpy() for k in order]
+    sha = hashlib.sha256()
+    for view in views:
+        sha.update(view)
+
+    def read_data(offset: int, length: int) -> bytes:
+        out, pos = bytearray(), 0
+        for view in views:
+            lo, hi = max(offset - pos, 0), min(offset + length - pos, view.nbytes)
+            if lo < hi:
+                out += view[lo:hi].tobytes()
+            pos += view.nbytes
+        return bytes(out)
+
+    return sha.hexdigest(), _legacy_hash(_header(_specs(tensors, order), _ss_only(metadata)), read_data)
 
 
-def save_lora(
-    path: str | Path,
-    tensors: dict[str, torch.Tensor],
-    metadata: dict[str, str] | None = None,
-    data_hash: DataHash | None = None,
-) -> dict[str, str]:
+class LoraStream:
+    """A safetensors file being written tensor by tensor: see :func:`stream_lora`."""
+
+    def __init__(self, f, room: int, pool: ThreadPoolExecutor) -> None:
+        self._f, self._room, self._pool = f, room, pool
+        self._sha = hashlib.sha256()
+        self._specs: list[TensorSpec] = []
+        self._hashing: list = []
+        self._last: tuple[int, str] | None = None
+        self.metadata: dict[str, str] | None = None
+        f.write(room.to_bytes(8, "little") + b" " * room)
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; keys must come in safetensors order (dtype, then name)."""
+        tensor = tensor.contiguous()
+        order = _order_key(key, tensor.dtype)
+        if self._last is not None and order <= self._last:
+            raise ValueError(f"tensor {key!r} comes out of safetensors order")
+        self._last = order
+        view = tensor.reshape(-1).view(torch.uint8).numpy()
+        self._f.write(view)
+        self._hashing = [h for h in self._hashing if not h.done()]
+        self._hashing.append(self._pool.submit(self._sha.update, view))  # in order: one hashing thread
+        self._specs.append((key, tensor.dtype, tuple(tensor.shape)))
+
+    def finish(self, metadata: dict[str, str] | None) -> dict[str, str]:
+        """Fill in the header with ``metadata`` and fresh sshs hashes; return the metadata written."""
+        for h in self._hashing:
+            h.result()
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        data_start = 8 + self._room
+
+        def read_data(offset: int, length: int) -> bytes:
+            self._f.seek(data_start + offset)
+            return self._f.read(length)
+
+        legacy = _legacy_hash(_header(self._specs, _ss_only(meta)), read_data)
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = self._sha.hexdigest(), legacy
+        header = _header(self._specs, meta)
+        if len(header) > self._room:  # pragma: no cover - callers reserve header_room() or more
+            raise RuntimeError(f"the header needs {len(header)} bytes, {self._room} were reserved")
+        self._f.seek(8)
+        self._f.write(header + b" " * (self._room - len(header)))
+        self.metadata = meta
+        return meta
+
+
+@contextlib.contextmanager
+def stream_lora(path: str | Path, room: int) -> Iterator[LoraStream]:
+    """Write a safetensors LoRA atomically, tensor by tensor, with ``room`` bytes reserved for
+    the header (at least :func:`header_room` of what it will hold; the rest is padded with
+    spaces, which the format allows). A second thread hashes the data while it is written.
+    Call ``finish(metadata)`` at the end; on any error nothing is left at ``path``.
+    """
+    room += -room % 8  # data 8-byte aligned, as the library writes it
+    with atomic_path(path) as tmp, open(tmp, "w+b") as f, ThreadPoolExecutor(1) as pool:
+        stream = LoraStream(f, room, pool)
+        yield stream
+        if stream.metadata is None:
+            raise RuntimeError("stream_lora: finish() was not called")
+
+
+def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict[str, str]:
     """Write ``tensors`` + ``metadata`` atomically as safetensors, with fresh sshs hashes.
 
     Returns the metadata as written. One pass over the data: it is written from zero-copy views
-    while a second thread hashes the same views (unless ``data_hash`` already holds their
-    digest), and the header (sorted keys, so the same input gives the same bytes) gets the
-    hashes at the end, in place (hex digests have fixed lengths).
+    while a second thread hashes them; the header (sorted keys, so the same input gives the same
+    bytes) is filled in at the end. The data part is byte for byte the library's.
     """
-    path = Path(path)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     order = _file_order(tensors)
-    views = _byte_views(tensors, order)
-    ss_header = _header(tensors, order, {k: v for k, v in meta.items() if k.startswith("ss_")})
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = "0" * 64, "0" * 8
-    placeholder = _header(tensors, order, meta)
-    model_hash = data_hash.digest_for(tensors, order) if data_hash is not None else None
-    with atomic_path(path) as tmp, ThreadPoolExecutor(1) as pool:
-        hashes = pool.submit(_sd_scripts_hashes_of, views, ss_header, model_hash)
-        with open(tmp, "wb") as f:
-            f.write(len(placeholder).to_bytes(8, "little"))
-            f.write(placeholder)
-            for view in views:
-                f.write(view)
-            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = hashes.result()
-            header = _header(tensors, order, meta)
-            if len(header) != len(placeholder):  # pragma: no cover - hex digests have fixed lengths
-                raise RuntimeError("the header changed length when the hashes were filled in")
-            f.seek(8)
-            f.write(header)
-    return meta
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    with stream_lora(path, header_room(_specs(tensors, order), meta)) as out:
+        for key in order:
+            out.add(key, tensors[key])
+        return out.finish(meta)
 
 
 def lora_to_tensors(modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
