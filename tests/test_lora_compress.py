@@ -284,3 +284,22 @@ def test_streamed_file_equals_the_in_memory_result(tmp_path, kind, options):
     assert {k: v for k, v in got.metadata.items() if not k.startswith("sshs_")} == expected.metadata
     assert (got.metadata["sshs_model_hash"], got.metadata["sshs_legacy_hash"]) == sd_scripts_hashes(got.tensors, got.metadata)
     assert report_json({k: v for k, v in report.items() if k not in ("src", "dst", "size_in", "size_out")}) == report_json(expected_report)
+
+
+def test_a_failing_writer_stops_the_workers_and_restores_torch_threads(tmp_path):
+    from charbuild.lora import compress as compress_module
+
+    tensors, meta = decaying_lora(dtype=torch.float16)
+    lora = build_lora(tensors, meta)
+    threads = torch.get_num_threads()
+    calls = []
+
+    def sink(key, tensor):
+        calls.append(key)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+
+    opts = compress_module._options("sv_ratio", 16.0, 128, None, "fp16", "legacy")
+    with pytest.raises(OSError) as info:  # (the kept traceback keeps the failed call's frame alive)
+        compress_module._resize_all(lora, opts, sink, workers=2, progress=False, verbose=False)
+    assert torch.get_num_threads() == threads and len(calls) == 4 and info.value.errno == 28

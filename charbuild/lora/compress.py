@@ -38,6 +38,7 @@ key order), fresh sshs hashes at save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -441,21 +442,21 @@ def _resize_all(lora: LoraFile, opts: dict, sink, *, workers: int | None, progre
             )  # fmt: skip
 
     entries: dict[str, dict] = {}
-    results = _map_modules(resize, stems, workers)
-    for stem, (tensors, entry) in tqdm(
-        zip(stems, results), total=len(stems), disable=not progress, desc="compress", unit="module"
-    ):
-        for key in sorted(tensors):
-            sink(key, tensors[key])
-        entries[stem] = entry
-        if verbose:
-            line = (
-                f"{stem:75} | sum(S) retained: {entry['sum_retained']:.1%}, "
-                f"fro retained: {entry['fro_retained']:.1%}, max(S) ratio: {entry['max_ratio']:0.1f}"
-            )
-            if opts["method"]:
-                line += f", dynamic | dim: {entry['new_rank']}, alpha: {entry['new_alpha']}"
-            tqdm.write(line)
+    with contextlib.closing(_map_modules(resize, stems, workers)) as results:  # a failing sink stops the workers
+        for stem, (tensors, entry) in tqdm(
+            zip(stems, results), total=len(stems), disable=not progress, desc="compress", unit="module"
+        ):
+            for key in sorted(tensors):
+                sink(key, tensors[key])
+            entries[stem] = entry
+            if verbose:
+                line = (
+                    f"{stem:75} | sum(S) retained: {entry['sum_retained']:.1%}, "
+                    f"fro retained: {entry['fro_retained']:.1%}, max(S) ratio: {entry['max_ratio']:0.1f}"
+                )
+                if opts["method"]:
+                    line += f", dynamic | dim: {entry['new_rank']}, alpha: {entry['new_alpha']}"
+                tqdm.write(line)
     if verbose:
         means = _means(entries)
         print(f"Average Frobenius norm retention: {means['mean_fro_retained']:.2%} | std: {means['std_fro_retained']:0.3f}")
