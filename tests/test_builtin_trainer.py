@@ -418,3 +418,50 @@ def test_file_applied_as_webui_merge_equals_trained_network(project, lora3x3):
         base = UNet2DConditionModel.from_pretrained(folder)(x, t, cond).sample
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     assert (a - base).abs().max() > 1e-4  # the LoRA changes the output at all
+
+
+class _FakePipeline:
+    """Stands in for diffusers' StableDiffusionPipeline: no SD1.5 weights exist here."""
+
+    calls: list[bool] = []
+    fail_local = True
+    fail_hub = False
+
+    @classmethod
+    def from_single_file(cls, path, local_files_only, **kwargs):
+        cls.calls.append(local_files_only)
+        if local_files_only and cls.fail_local:
+            raise OSError("Cannot find the requested files in the local cache")
+        if not local_files_only and cls.fail_hub:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        from types import SimpleNamespace
+
+        from charbuild.train.builtin.tiny import SD15_SCHEDULER_CONFIG
+
+        return SimpleNamespace(unet="u", vae="v", text_encoder="t", tokenizer="k",
+                               scheduler=SimpleNamespace(config=SD15_SCHEDULER_CONFIG))  # fmt: skip
+
+
+@pytest.mark.parametrize("offline,fail_hub", [(False, False), (False, True), (True, False)])
+def test_single_file_checkpoint_fetches_configs_unless_offline(tmp_path, monkeypatch, offline, fail_hub):
+    import diffusers
+
+    from charbuild.errors import TrainingError
+    from charbuild.train.builtin import models
+
+    monkeypatch.setattr(diffusers, "StableDiffusionPipeline", _FakePipeline)
+    monkeypatch.setattr(_FakePipeline, "calls", [])
+    monkeypatch.setattr(_FakePipeline, "fail_hub", fail_hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "")
+    said: list[str] = []
+    path = tmp_path / "model.safetensors"
+    if offline or fail_hub:
+        with pytest.raises(TrainingError, match="HF_HUB_OFFLINE") as info:
+            models._load_single_file(path, say=said.append)
+        assert info.value.path == str(path) and "save_pretrained(DIR)" in str(info.value)
+        assert _FakePipeline.calls == ([True] if offline else [True, False])
+    else:
+        unet, vae, text_encoder, tokenizer, sched = models._load_single_file(path, say=said.append)
+        assert (unet, vae, text_encoder, tokenizer) == ("u", "v", "t", "k") and sched.config.num_train_timesteps == 1000
+        assert _FakePipeline.calls == [True, False]
+    assert bool(said) == (not offline) and all("Hugging Face hub" in line for line in said)

@@ -54,28 +54,48 @@ def _load_diffusers_folder(folder: Path):
     return unet, vae, text_encoder, tokenizer, sched
 
 
-def _load_single_file(path: Path):
+def _hub_offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _load_single_file(path: Path, say=print):
     """SD1.5 ``.safetensors``/``.ckpt`` through ``StableDiffusionPipeline.from_single_file``.
 
-    diffusers needs the model's config files (and the CLIP tokenizer) for that; offline they
-    must already be in the Hugging Face cache. Otherwise the error says what to do.
+    diffusers needs SD1.5's config files and CLIP tokenizer besides the weights. From the
+    Hugging Face cache if they are there; else, unless ``HF_HUB_OFFLINE`` is set, fetched once
+    from the hub (a few MB, cached). Otherwise the error says what to do.
     """
-    from diffusers import DDPMScheduler
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    def load(local_only: bool):
+        return StableDiffusionPipeline.from_single_file(
+            str(path), local_files_only=local_only, safety_checker=None, requires_safety_checker=False
+        )
 
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), local_files_only=True, safety_checker=None, requires_safety_checker=False
-        )
-    except Exception as e:  # diffusers raises many kinds here (OSError, ValueError, HF errors)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainingError(
-            f"cannot load single-file checkpoint offline ({first[:200]}); diffusers needs SD1.5's config "
-            "files and tokenizer in the Hugging Face cache for from_single_file. Convert the checkpoint to a "
-            "diffusers folder on a machine with network access (StableDiffusionPipeline.from_single_file(...)"
-            ".save_pretrained(DIR)) and set the model base to DIR",
-            path=path,
-        ) from e
+        pipe = load(True)
+    except Exception as local_error:  # diffusers raises many kinds here (OSError, ValueError, HF errors)
+        error = local_error
+        pipe = None
+        if not _hub_offline():
+            say("charbuild: fetching SD1.5's config files and tokenizer for a single-file checkpoint "
+                "from the Hugging Face hub (once; then cached)")  # fmt: skip
+            try:
+                pipe = load(False)
+            except Exception as hub_error:
+                error = hub_error
+        if pipe is None:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TrainingError(
+                f"cannot load the single-file checkpoint ({first[:200]}); diffusers needs SD1.5's config "
+                "files and tokenizer, from the Hugging Face cache or (with network access, HF_HUB_OFFLINE "
+                "unset) from the hub. Offline: convert the checkpoint to a diffusers folder on a machine "
+                "with network access (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) "
+                "and set the model base to DIR",
+                path=path,
+            ) from error
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, sched
 
