@@ -459,6 +459,7 @@ def test_single_file_checkpoint_fetches_configs_unless_offline(tmp_path, monkeyp
         with pytest.raises(TrainingError, match="HF_HUB_OFFLINE") as info:
             models._load_single_file(path, say=said.append)
         assert info.value.path == str(path) and "save_pretrained(DIR)" in str(info.value)
+        assert "single-file checkpoint" in str(info.value)
         assert _FakePipeline.calls == ([True] if offline else [True, False])
     else:
         unet, vae, text_encoder, tokenizer, sched = models._load_single_file(path, say=said.append)

@@ -60,12 +60,34 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _cache_then_hub(load, what: str, path: Path, say):
+    """``load(local_only=True)``; when that fails and ``HF_HUB_OFFLINE`` is not set, once more
+    from the Hugging Face hub (diffusers fetches the config files it lacks; they are cached)."""
+    try:
+        return load(True)
+    except Exception as local_error:  # diffusers raises many kinds here (OSError, ValueError, HF errors)
+        error = local_error
+    if not _hub_offline():
+        say(f"charbuild: fetching the config files for {what} from the Hugging Face hub (once; then cached)")
+        try:
+            return load(False)
+        except Exception as hub_error:
+            error = hub_error
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise TrainingError(
+        f"cannot load {what} ({first[:200]}); diffusers needs its config files (and for a model the "
+        "tokenizer), from the Hugging Face cache or (with network access, HF_HUB_OFFLINE unset) from "
+        "the hub. Offline: convert it to a diffusers folder on a machine with network access "
+        "(from_single_file(...).save_pretrained(DIR)) and use DIR",
+        path=path,
+    ) from error
+
+
 def _load_single_file(path: Path, say=print):
     """SD1.5 ``.safetensors``/``.ckpt`` through ``StableDiffusionPipeline.from_single_file``.
 
-    diffusers needs SD1.5's config files and CLIP tokenizer besides the weights. From the
-    Hugging Face cache if they are there; else, unless ``HF_HUB_OFFLINE`` is set, fetched once
-    from the hub (a few MB, cached). Otherwise the error says what to do.
+    diffusers needs SD1.5's config files and CLIP tokenizer besides the weights: from the
+    Hugging Face cache if they are there, else fetched once (see :func:`_cache_then_hub`).
     """
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -74,43 +96,25 @@ def _load_single_file(path: Path, say=print):
             str(path), local_files_only=local_only, safety_checker=None, requires_safety_checker=False
         )
 
-    try:
-        pipe = load(True)
-    except Exception as local_error:  # diffusers raises many kinds here (OSError, ValueError, HF errors)
-        error = local_error
-        pipe = None
-        if not _hub_offline():
-            say("charbuild: fetching SD1.5's config files and tokenizer for a single-file checkpoint "
-                "from the Hugging Face hub (once; then cached)")  # fmt: skip
-            try:
-                pipe = load(False)
-            except Exception as hub_error:
-                error = hub_error
-        if pipe is None:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise TrainingError(
-                f"cannot load the single-file checkpoint ({first[:200]}); diffusers needs SD1.5's config "
-                "files and tokenizer, from the Hugging Face cache or (with network access, HF_HUB_OFFLINE "
-                "unset) from the hub. Offline: convert the checkpoint to a diffusers folder on a machine "
-                "with network access (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) "
-                "and set the model base to DIR",
-                path=path,
-            ) from error
+    pipe = _cache_then_hub(load, "the single-file checkpoint", path, say)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, sched
 
 
-def _load_vae(path: Path, like):
+def _load_vae(path: Path, say=print):
     from diffusers import AutoencoderKL
 
-    try:
-        if path.is_dir():
-            sub = "vae" if (path / "vae").is_dir() else None
+    if path.is_dir():
+        sub = "vae" if (path / "vae").is_dir() else None
+        try:
             return AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
-        return AutoencoderKL.from_single_file(str(path), config=None, local_files_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainingError(f"cannot load VAE offline: {first[:300]}", path=path) from e
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingError(f"cannot load the VAE folder: {first[:300]}", path=path) from e
+    return _cache_then_hub(
+        lambda local_only: AutoencoderKL.from_single_file(str(path), config=None, local_files_only=local_only),
+        "the VAE file", path, say,
+    )  # fmt: skip
 
 
 def quiet_libraries() -> None:
@@ -164,7 +168,7 @@ def load_base_model(model: dict, project_root: str | Path) -> BaseModel:
             vpath = Path(project_root) / vpath
         if not vpath.exists():
             raise TrainingError("VAE not found", path=vpath)
-        vae = _load_vae(vpath, vae)
+        vae = _load_vae(vpath)
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
         m.eval()
