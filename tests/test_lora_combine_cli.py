@@ -32,17 +32,21 @@ def files(tmp_path):
     return tmp_path, a, b, c
 
 
+def sum_08a_05b(a, b, stem):
+    """0.8·ΔA − 0.5·ΔB of a module (B has only the first three modules), independently."""
+    expected = 0.8 * reference_delta(load_lora(a).tensors, stem)
+    if stem in {m[0] for m in MODS[:3]}:
+        expected = expected - 0.5 * reference_delta(load_lora(b).tensors, stem)
+    return expected
+
+
 def test_combine_exact_equals_sum_of_deltas(files):
     tmp, a, b, _ = files
     report = combine_files([(a, 0.8), (b, -0.5)], tmp / "ab.safetensors")
     out = load_lora(tmp / "ab.safetensors")
-    ta, tb = load_lora(a).tensors, load_lora(b).tensors
     for stem, *_ in MODS:
-        expected = 0.8 * reference_delta(ta, stem)
-        if stem in {m[0] for m in MODS[:3]}:
-            expected = expected - 0.5 * reference_delta(tb, stem)
-            assert out.modules[stem].rank == 7
-        assert rel_err(out.modules[stem].delta(), expected) < 1e-5, stem
+        assert out.modules[stem].rank == (7 if stem in {m[0] for m in MODS[:3]} else 4)
+        assert rel_err(out.modules[stem].delta(), sum_08a_05b(a, b, stem)) < 1e-5, stem
     assert report["mode"] == "exact" and report["ranks"] == [4, 7]
     assert json.loads(out.metadata["charbuild.combine"]) == [["a.safetensors", 0.8], ["b.safetensors", -0.5]]
     assert out.metadata["modelspec.merged_from"] == "a.safetensors, b.safetensors"
@@ -59,6 +63,22 @@ def test_combine_svd_to_rank(files):
     assert out.modules[stem].rank == 3
     assert rel_err(out.modules[stem].delta(), (u[:, :3] * s[:3]) @ vh[:3]) < 1e-4
     assert out.modules[stem].params["lora_down.weight"].shape == (3, 320, 1, 1)
+
+
+def test_combine_svd_to_rank_from_factors_equals_the_full_svd(files):
+    """LoRA/LoCon inputs take the factor route; each module equals the truncated SVD of the sum."""
+    tmp, a, b, _ = files
+    report = combine_files([(a, 0.8), (b, -0.5)], tmp / "ab5.safetensors", rank=5, workers=2)
+    out = load_lora(tmp / "ab5.safetensors")
+    for stem, *_ in MODS:
+        full = sum_08a_05b(a, b, stem)
+        flat = full.reshape(full.shape[0], -1)
+        u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+        k = min(5, len(s))
+        best = ((u[:, :k] * s[:k]) @ vh[:k]).reshape(full.shape)
+        assert out.modules[stem].rank == 5, stem  # padded with zero directions where the layer is narrower
+        assert rel_err(out.modules[stem].delta(), best) < 1e-4, stem
+    assert report["mode"] == "svd rank 5" and report["ranks"] == [5]
 
 
 def test_combine_errors_write_nothing(files, tmp_path):

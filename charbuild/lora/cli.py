@@ -136,15 +136,18 @@ def _parse_input(text: str) -> tuple[str, float]:
 @click.command("combine")
 @click.argument("items", nargs=-1, required=True)
 @click.option("--rank", type=int, default=None, help="Re-factorise the summed deltas to this rank (default: exact).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Modules combined side by side (default: one per CPU core, as torch counts them).")
 @_user_errors
-def combine_cmd(items: tuple[str, ...], rank: int | None) -> None:
+def combine_cmd(items: tuple[str, ...], rank: int | None, progress: bool, threads: int | None) -> None:
     """Combine LoRAs: IN[:RATIO] ... OUT (exact rank concatenation, or --rank N by SVD)."""
     from charbuild.lora.combine import combine_files
 
     if len(items) < 2:
         raise click.UsageError("give at least one input and the output: A.safetensors[:RATIO] ... OUT.safetensors")
     *inputs, dst = items
-    report = combine_files([_parse_input(x) for x in inputs], dst, rank=rank)
+    report = combine_files([_parse_input(x) for x in inputs], dst, rank=rank, progress=progress, workers=threads)
     click.echo(f"{dst}: {report['modules']} modules, ranks {report['ranks']} ({report['mode']})")
 
 

@@ -5,9 +5,11 @@ Exact (``rank=None``): per module the inputs' ranks are concatenated. Each input
 (scale 1), so ``ΔW = Σ ratio_i · ΔW_i`` exactly. LoCon Tucker modules are folded into plain
 down factors first (exact); LoHa/LoKr inputs need ``rank``.
 
-Re-factorised (``rank=N``): per module the full deltas ``Σ ratio_i · ΔW_i`` (float32) are
-summed and cut to rank N by SVD (``up = U·S``, ``down = Vh``, alpha = N): what sd-scripts'
-``svd_merge_lora.py`` does; lossy where the sum has rank above N. Any input format.
+Re-factorised (``rank=N``): per module the sum ``Σ ratio_i · ΔW_i`` is cut to rank N by its SVD
+(``up = U·S``, ``down = Vh``, alpha = N): what sd-scripts' ``svd_merge_lora.py`` does; lossy where
+the sum has rank above N. Any input format. Where every input of a module is LoRA/LoCon, the SVD
+comes from the concatenated factors (compress's r × r route, no full delta: seconds instead of
+minutes for big conv layers); LoHa/LoKr modules take the SVD of the summed full deltas.
 
 Inputs must share one architecture; a module present in only some inputs is taken from those.
 The output is kohya LoRA in the first input's dtype, with the first input's metadata,
@@ -16,6 +18,7 @@ The output is kohya LoRA in the first input's dtype, with the first input's meta
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -23,8 +26,9 @@ from typing import Sequence
 import torch
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.compress import target_shape
+from charbuild.lora.compress import resize_factors, target_shape
 from charbuild.lora.io import LoraFile, fold_tucker_down, load_lora, save_lora
+from charbuild.lora.parallel import map_modules
 
 
 def _plain_factors(lora: LoraFile, stem: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -37,8 +41,40 @@ def _plain_factors(lora: LoraFile, stem: str) -> tuple[torch.Tensor, torch.Tenso
     return up.reshape(up.shape[0], -1), down.float().reshape(down.shape[0], -1), m.scale
 
 
-def combine_loras(loras: Sequence[tuple[LoraFile, float]], *, rank: int | None = None) -> dict[str, torch.Tensor]:
-    """Pure core of :func:`combine_files`: the combined tensors (float32, kohya LoRA keys)."""
+def _combine_module(present: list[tuple[LoraFile, float]], stem: str, shape: tuple[int, ...], rank: int | None):
+    """(up, down) in float32, 2-D, of one module's combination (see the module docstring)."""
+    plain = all(lora.modules[stem].kind == "lora" for lora, _ in present)
+    if plain:
+        ups, downs = [], []
+        for lora, ratio in present:
+            up, down, scale = _plain_factors(lora, stem)
+            ups.append(up * (ratio * scale))
+            downs.append(down)
+        up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+        if rank is None:
+            return up, down
+        up, down, *_ = resize_factors(up, down, 1.0, rank, None, 0.0)
+    else:
+        delta = sum(lora.modules[stem].delta() * ratio for lora, ratio in present)
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        k = min(rank, len(s))
+        up, down = u[:, :k] * s[:k], vh[:k]
+    if up.shape[1] < rank:  # keep the requested rank: zero directions
+        pad = rank - up.shape[1]
+        up = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1)
+        down = torch.cat([down, down.new_zeros(pad, down.shape[1])], dim=0)
+    return up, down
+
+
+def combine_loras(
+    loras: Sequence[tuple[LoraFile, float]], *, rank: int | None = None, progress: bool = False, workers: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Pure core of :func:`combine_files`: the combined tensors (float32, kohya LoRA keys).
+
+    Modules are combined on ``workers`` threads (default ``torch.get_num_threads()``).
+    """
+    from tqdm import tqdm
+
     if not loras:
         raise ValueError("nothing to combine")
     arch = loras[0][0].arch
@@ -52,40 +88,42 @@ def combine_loras(loras: Sequence[tuple[LoraFile, float]], *, rank: int | None =
                 lora.path,
             )
     stems = sorted({s for lora, _ in loras for s in lora.modules})
-    out: dict[str, torch.Tensor] = {}
+    plans = []
     for stem in stems:
         present = [(lora, ratio) for lora, ratio in loras if stem in lora.modules]
         shapes = {target_shape(lora.modules[stem], arch) for lora, _ in present}
         if len(shapes) != 1:
             files = ", ".join(str(lora.path) for lora, _ in present)
             raise LoraFileError(f"{stem}: the inputs adapt layers of different shapes {sorted(shapes)} ({files})")
-        shape = shapes.pop()
-        if rank is None:
-            ups, downs = [], []
-            for lora, ratio in present:
-                up, down, scale = _plain_factors(lora, stem)
-                ups.append(up * (ratio * scale))
-                downs.append(down)
-            up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
-        else:
-            delta = sum(lora.modules[stem].delta() * ratio for lora, ratio in present)
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            k = min(rank, len(s))
-            up, down = u[:, :k] * s[:k], vh[:k]
-            if k < rank:  # keep the requested rank: zero directions
-                up = torch.cat([up, up.new_zeros(up.shape[0], rank - k)], dim=1)
-                down = torch.cat([down, down.new_zeros(rank - k, down.shape[1])], dim=0)
-        r = up.shape[1]
-        if len(shape) == 4:
-            up, down = up.reshape(shape[0], r, 1, 1), down.reshape(r, *shape[1:])
-        out[f"{stem}.lora_up.weight"] = up.contiguous()
-        out[f"{stem}.lora_down.weight"] = down.contiguous()
-        out[f"{stem}.alpha"] = torch.tensor(float(r))
+        plans.append((stem, present, shapes.pop()))
+
+    def combine(plan):
+        stem, present, shape = plan
+        with torch.no_grad():
+            return _combine_module(present, stem, shape, rank)
+
+    workers = torch.get_num_threads() if workers is None else workers
+    out: dict[str, torch.Tensor] = {}
+    with contextlib.closing(map_modules(combine, plans, workers)) as results:
+        for (stem, _, shape), (up, down) in tqdm(
+            zip(plans, results), total=len(plans), disable=not progress, desc="combine", unit="module"
+        ):
+            r = up.shape[1]
+            if len(shape) == 4:
+                up, down = up.reshape(shape[0], r, 1, 1), down.reshape(r, *shape[1:])
+            out[f"{stem}.lora_up.weight"] = up.contiguous()
+            out[f"{stem}.lora_down.weight"] = down.contiguous()
+            out[f"{stem}.alpha"] = torch.tensor(float(r))
     return out
 
 
 def combine_files(
-    inputs: Sequence[tuple[str | Path, float]], dst: str | Path, *, rank: int | None = None
+    inputs: Sequence[tuple[str | Path, float]],
+    dst: str | Path,
+    *,
+    rank: int | None = None,
+    progress: bool = False,
+    workers: int | None = None,
 ) -> dict:
     """Combine ``inputs`` [(path, ratio), …] into ``dst`` (exact, or SVD to ``rank``); return a report."""
     if not inputs:
@@ -93,7 +131,7 @@ def combine_files(
     if rank is not None and rank < 1:
         raise LoraFileError(f"rank must be at least 1, got {rank}")
     loras = [(load_lora(path), float(ratio)) for path, ratio in inputs]
-    tensors = combine_loras(loras, rank=rank)
+    tensors = combine_loras(loras, rank=rank, progress=progress, workers=workers)
     first = loras[0][0]
     dtype = next((t.dtype for t in first.tensors.values() if t.is_floating_point()), torch.float32)
     tensors = {k: v.to(dtype) for k, v in tensors.items()}

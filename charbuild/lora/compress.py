@@ -56,6 +56,7 @@ from charbuild.lora.io import (
     stream_lora,
 )
 from charbuild.lora.keysets import layer_shapes
+from charbuild.lora.parallel import map_modules
 
 MIN_SV = 1e-6
 METHODS = ("sv_ratio", "sv_fro", "sv_cumulative", None)
@@ -357,39 +358,6 @@ def _compress_module(module: LoraModule, arch: str, new_rank: int, conv_rank: in
     return tensors, entry
 
 
-def _map_modules(func, items, workers: int):
-    """``map(func, items)`` in order, on ``workers`` threads with one torch thread each.
-
-    Per module the work is a few matrix products and small r × r factorisations: running
-    modules side by side on single-threaded torch uses the cores far better than splitting each
-    small product over threads (and avoids OpenMP's spin-waits when the machine is busy). Every
-    module computes on one torch thread whatever ``workers`` is, so the result does not depend
-    on it.
-    """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
-    try:
-        if pool is None:
-            yield from map(func, items)
-            return
-        todo = iter(items)
-        ahead = deque(pool.submit(func, item) for _, item in zip(range(2 * workers), todo))  # bounded: memory
-        while ahead:
-            result = ahead.popleft().result()
-            for item in todo:
-                ahead.append(pool.submit(func, item))
-                break
-            yield result
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
-
-
 def _options(method, param, new_rank, new_conv_rank, save_precision, rank_rule) -> dict:
     """The checked options (ValueError naming what is wrong)."""
     if method == "rank":
@@ -442,7 +410,7 @@ def _resize_all(lora: LoraFile, opts: dict, sink, *, workers: int | None, progre
             )  # fmt: skip
 
     entries: dict[str, dict] = {}
-    with contextlib.closing(_map_modules(resize, stems, workers)) as results:  # a failing sink stops the workers
+    with contextlib.closing(map_modules(resize, stems, workers)) as results:  # a failing sink stops the workers
         for stem, (tensors, entry) in tqdm(
             zip(stems, results), total=len(stems), disable=not progress, desc="compress", unit="module"
         ):
