@@ -23,7 +23,8 @@ read with ``torch.load(weights_only=True)`` only: nothing is ever unpickled.
 :func:`save_lora` writes atomically and stores ``sshs_model_hash``/``sshs_legacy_hash`` exactly
 as sd-scripts' ``train_util.precalculate_safetensors_hashes`` computes them (sha256 of the tensor
 data part; first 8 hex digits of the sha256 of bytes ``0x100000 … 0x110000`` of the file as
-serialised with only the ``ss_*`` metadata).
+serialised with only the ``ss_*`` metadata). :func:`stream_lora` writes the same way tensor by
+tensor, for producers that make the file module by module.
 """
 
 from __future__ import annotations
