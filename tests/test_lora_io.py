@@ -239,3 +239,35 @@ def test_stream_refuses_out_of_order_tensors_and_leaves_nothing(tmp_path):
         with stream_lora(tmp_path / "t.safetensors", 1000) as out:
             out.add("a", torch.zeros(2))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_library_header_is_the_librarys_bytes():
+    from charbuild.lora.io import _library_header
+
+    tensors = {f"t{i:04d}.é": torch.zeros(i % 3 + 1, 2).to(torch.float16 if i % 2 else torch.float32) for i in range(50)}
+    order = _file_order(tensors)
+    for meta in ({}, {"ss_x": 'é\n"q\\ \u2028 \x01 /'}):  # one key: the library's order is then fixed
+        assert _library_header(_specs(tensors, order), meta) == _lib_header(tensors, meta)
+
+
+def _lib_header(tensors, meta):
+    b = safetensors.torch.save(tensors, meta)
+    return b[8 : 8 + int.from_bytes(b[:8], "little")]
+
+
+@pytest.mark.parametrize(
+    "size,where",
+    [(0x100000 - 4000, "data"), (0x100000 + 0x8000, "metadata+data"), (0x120000, "metadata"), (0x100000 - 40, "entries")],
+)
+def test_legacy_hash_when_the_ss_header_reaches_its_offset(tmp_path, size, where):
+    """A big ss_* header (ss_tag_frequency of a large dataset) holds part or all of the legacy
+    bytes. With one ss_* key the library's header is deterministic, so sd-scripts' value is."""
+    if where == "entries":  # metadata ends just before 1 MB, tensor entries cover the window
+        tensors = {f"lora_te_x_{i:05d}.alpha": torch.tensor(float(i)) for i in range(2000)}
+    else:
+        tensors, _ = make_lora("sd15", "lora", modules=SMALL, rank=4)
+    meta = {"ss_tag_frequency": json.dumps({"big": "x" * size}), "modelspec.title": "not hashed"}
+    written = save_lora(tmp_path / "a.safetensors", tensors, meta)
+    expected = sd_scripts_reference(tensors, meta)
+    assert (written["sshs_model_hash"], written["sshs_legacy_hash"]) == expected
+    assert sd_scripts_hashes(tensors, meta) == expected

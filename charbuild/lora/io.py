@@ -501,6 +501,25 @@ def header_room(specs: list[TensorSpec], metadata: dict[str, str] | None) -> int
     return len(_header(specs, {**(metadata or {}), **_HASH_PLACEHOLDERS}))
 
 
+def _library_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    """The header safetensors itself writes for sd-scripts' ss_-only hash copy, byte for byte
+    except the order inside ``__metadata__`` (the library's is a hash map's, different in every
+    process; sorted here): ``__metadata__`` first, then the tensors in data order, each as
+    ``dtype``, ``shape``, ``data_offsets``. It matters only when the header reaches the legacy
+    hash's bytes (a header over 1 MB, such as a big ``ss_tag_frequency``); where those bytes
+    fall inside ``__metadata__`` sd-scripts' own legacy hash differs from run to run.
+    """
+    parts = ['"__metadata__":' + json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False)]
+    pos = 0
+    for key, dtype, shape in specs:
+        size = math.prod(shape) * dtype.itemsize
+        entry = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size]}
+        parts.append(json.dumps(key, ensure_ascii=False) + ":" + json.dumps(entry, separators=(",", ":")))
+        pos += size
+    text = ("{" + ",".join(parts) + "}").encode("utf-8")
+    return text + b" " * (-len(text) % 8)
+
+
 def _legacy_hash(ss_header: bytes, read_data) -> str:
     """sd-scripts' legacy hash: sha256 (first 8 hex digits) of LEGACY_HASH_LENGTH bytes at
     LEGACY_HASH_OFFSET of the file it saves with only the ``ss_*`` metadata (header ``ss_header``
@@ -540,7 +559,7 @@ def sd_scripts_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
             pos += view.nbytes
         return bytes(out)
 
-    return sha.hexdigest(), _legacy_hash(_header(_specs(tensors, order), _ss_only(metadata)), read_data)
+    return sha.hexdigest(), _legacy_hash(_library_header(_specs(tensors, order), _ss_only(metadata)), read_data)
 
 
 class LoraStream:
@@ -579,7 +598,7 @@ class LoraStream:
             self._f.seek(data_start + offset)
             return self._f.read(length)
 
-        legacy = _legacy_hash(_header(self._specs, _ss_only(meta)), read_data)
+        legacy = _legacy_hash(_library_header(self._specs, _ss_only(meta)), read_data)
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = self._sha.hexdigest(), legacy
         header = _header(self._specs, meta)
         if len(header) > self._room:  # pragma: no cover - callers reserve header_room() or more
