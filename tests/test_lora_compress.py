@@ -303,3 +303,25 @@ def test_a_failing_writer_stops_the_workers_and_restores_torch_threads(tmp_path)
     with pytest.raises(OSError) as info:  # (the kept traceback keeps the failed call's frame alive)
         compress_module._resize_all(lora, opts, sink, workers=2, progress=False, verbose=False)
     assert torch.get_num_threads() == threads and len(calls) == 4 and info.value.errno == 28
+
+
+@pytest.mark.parametrize("method,param", [("sv_ratio", 16.0), ("sv_fro", 0.9), ("sv_cumulative", 0.7), (None, 0.0)])
+def test_loha_through_its_factors_equals_the_full_delta_svd(method, param):
+    """Plain LoHa goes through its Khatri-Rao factors; the ranks and deltas are the full SVD's."""
+    from charbuild.lora.compress import _loha_factors, resize_factors, resize_full
+
+    modules = [("lora_unet_down_blocks_0_resnets_0_conv1", 320, 320, 3),
+               ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 768, 0)]  # fmt: skip
+    tensors, meta = make_lora("sd15", "loha", modules=modules, rank=6, alpha=3.0, seed=5)
+    lora = build_lora({k: v.half() for k, v in tensors.items()}, meta)
+    for stem, *_ in modules:
+        module = lora.modules[stem]
+        factors = _loha_factors(module)
+        assert factors is not None and factors[0].shape[1] == 36
+        assert rel_err(factors[0] @ factors[1], module.delta()) < 1e-6
+        up, down, alpha, k, _ = resize_factors(*factors, 1.0, 24, method, param)
+        ref_up, ref_down, ref_alpha, ref_k, _ = resize_full(module.delta(), 24, method, param)
+        assert (k, alpha) == (ref_k, ref_alpha), stem
+        assert rel_err(up @ down, ref_up @ ref_down) < 1e-4, stem
+    narrow = make_lora("sd15", "loha", modules=[("lora_unet_conv_out", 4, 320, 3)], rank=6)[0]
+    assert _loha_factors(build_lora(narrow, {}).modules["lora_unet_conv_out"]) is None  # 36 > 4/2: full SVD

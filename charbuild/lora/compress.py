@@ -27,7 +27,9 @@ modules whose kept singular values are numerically zero take a thin-QR route ins
 LoCon Tucker modules (``lora_mid``) are folded exactly into a plain (r, in, k, k) down first.
 LoHa and LoKr modules are converted to kohya LoRA through the SVD of their full delta (scale
 included, so the output alpha equals the new rank); that conversion keeps only the top
-singular directions, so it is lossy wherever the rank is cut.
+singular directions, so it is lossy wherever the rank is cut. A plain LoHa delta is the product
+of Khatri-Rao factors of rank r1·r2 (:func:`_loha_factors`), so while that rank is well below
+the layer's sides it takes the factor route above instead of a full SVD (same result).
 
 Metadata as resize_lora.py writes it: ``ss_training_comment`` prefixed with
 ``Dynamic resize with <method>: <param> from <old dim>; `` and ``ss_network_dim`` /
@@ -330,6 +332,26 @@ def _flat_shape(module: LoraModule) -> tuple[int, int]:
     return a1 * b2, c1 * d2
 
 
+def _loha_factors(module: LoraModule):
+    """A LoHa module's delta as one product ``up @ down`` (scale included), or None.
+
+    ``(A1 B1) ⊙ (A2 B2) = (A1 ⊙ᵣ A2)(B1 ⊙꜀ B2)``: row-wise and column-wise Khatri-Rao products
+    of rank r1·r2, exact (products of fp16 values are exact in float32). Worth it while r1·r2
+    is well below the layer's sides; Tucker LoHa and wide ranks take the full-delta SVD.
+    """
+    p = module.params
+    if module.kind != "loha" or "hada_t1" in p or "hada_t2" in p:
+        return None
+    a1, a2 = p["hada_w1_a"].float(), p["hada_w2_a"].float()
+    b1, b2 = (p[k].float().reshape(p[k].shape[0], -1) for k in ("hada_w1_b", "hada_w2_b"))
+    r = a1.shape[1] * a2.shape[1]
+    if 2 * r > min(a1.shape[0], b1.shape[1]):
+        return None
+    up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], r) * module.scale
+    down = (b1[:, None, :] * b2[None, :, :]).reshape(r, b1.shape[1])
+    return up, down
+
+
 def _compress_module(module: LoraModule, arch: str, new_rank: int, conv_rank: int, method, param, rank_rule, dtype):
     """One module resized: (its output tensors, its report entry)."""
     shape = target_shape(module, arch)
@@ -343,6 +365,8 @@ def _compress_module(module: LoraModule, arch: str, new_rank: int, conv_rank: in
         up2 = p["lora_up.weight"].float().reshape(shape[0], -1)
         down2 = down.float().reshape(down.shape[0], -1)
         new_up, new_down, alpha, k, stats = resize_factors(up2, down2, _scale_of(module), cap, method, param, rank_rule)
+    elif (factors := _loha_factors(module)) is not None:
+        new_up, new_down, alpha, k, stats = resize_factors(*factors, 1.0, cap, method, param, rank_rule)
     else:
         new_up, new_down, alpha, k, stats = resize_full(module.delta(), cap, method, param, rank_rule)
     if conv:
