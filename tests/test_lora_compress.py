@@ -308,7 +308,7 @@ def test_a_failing_writer_stops_the_workers_and_restores_torch_threads(tmp_path)
 @pytest.mark.parametrize("method,param", [("sv_ratio", 16.0), ("sv_fro", 0.9), ("sv_cumulative", 0.7), (None, 0.0)])
 def test_loha_through_its_factors_equals_the_full_delta_svd(method, param):
     """Plain LoHa goes through its Khatri-Rao factors; the ranks and deltas are the full SVD's."""
-    from charbuild.lora.compress import _loha_factors, resize_factors, resize_full
+    from charbuild.lora.compress import loha_factors, resize_factors, resize_full
 
     modules = [("lora_unet_down_blocks_0_resnets_0_conv1", 320, 320, 3),
                ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 768, 0)]  # fmt: skip
@@ -316,7 +316,7 @@ def test_loha_through_its_factors_equals_the_full_delta_svd(method, param):
     lora = build_lora({k: v.half() for k, v in tensors.items()}, meta)
     for stem, *_ in modules:
         module = lora.modules[stem]
-        factors = _loha_factors(module)
+        factors = loha_factors(module)
         assert factors is not None and factors[0].shape[1] == 36
         assert rel_err(factors[0] @ factors[1], module.delta()) < 1e-6
         up, down, alpha, k, _ = resize_factors(*factors, 1.0, 24, method, param)
@@ -324,4 +324,4 @@ def test_loha_through_its_factors_equals_the_full_delta_svd(method, param):
         assert (k, alpha) == (ref_k, ref_alpha), stem
         assert rel_err(up @ down, ref_up @ ref_down) < 1e-4, stem
     narrow = make_lora("sd15", "loha", modules=[("lora_unet_conv_out", 4, 320, 3)], rank=6)[0]
-    assert _loha_factors(build_lora(narrow, {}).modules["lora_unet_conv_out"]) is None  # 36 > 4/2: full SVD
+    assert loha_factors(build_lora(narrow, {}).modules["lora_unet_conv_out"]) is None  # 36 > 4/2: full SVD

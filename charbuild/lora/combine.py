@@ -7,9 +7,10 @@ down factors first (exact); LoHa/LoKr inputs need ``rank``.
 
 Re-factorised (``rank=N``): per module the sum ``Σ ratio_i · ΔW_i`` is cut to rank N by its SVD
 (``up = U·S``, ``down = Vh``, alpha = N): what sd-scripts' ``svd_merge_lora.py`` does; lossy where
-the sum has rank above N. Any input format. Where every input of a module is LoRA/LoCon, the SVD
-comes from the concatenated factors (compress's r × r route, no full delta: seconds instead of
-minutes for big conv layers); LoHa/LoKr modules take the SVD of the summed full deltas.
+the sum has rank above N. Any input format. Where every input of a module is LoRA/LoCon or plain
+LoHa (as Khatri-Rao factors), the SVD comes from the concatenated factors (compress's r × r
+route, no full delta: seconds instead of minutes for big conv layers); otherwise (LoKr, Tucker
+LoHa, wide LoHa ranks) from the summed full deltas.
 
 Inputs must share one architecture; a module present in only some inputs is taken from those.
 The output is kohya LoRA in the first input's dtype, with the first input's metadata,
@@ -26,31 +27,32 @@ from typing import Sequence
 import torch
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.compress import resize_factors, target_shape
+from charbuild.lora.compress import loha_factors, resize_factors, target_shape
 from charbuild.lora.io import LoraFile, fold_tucker_down, load_lora, save_lora
 from charbuild.lora.parallel import map_modules
 
 
-def _plain_factors(lora: LoraFile, stem: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(up 2-D, down 2-D, scale) in float32 of a LoRA/LoCon module (Tucker folded)."""
+def _scaled_factors(lora: LoraFile, stem: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(up, down), 2-D float32, with ``up @ down`` the module's delta (scale included): LoRA/LoCon
+    (Tucker folded) and plain LoHa (Khatri-Rao factors, see compress); None for the rest."""
     m = lora.modules[stem]
+    if m.kind == "loha":
+        return loha_factors(m)
+    if m.kind != "lora":
+        return None
     down = m.params["lora_down.weight"]
     if "lora_mid.weight" in m.params:
         down = fold_tucker_down(m.params["lora_mid.weight"], down)
     up = m.params["lora_up.weight"].float()
-    return up.reshape(up.shape[0], -1), down.float().reshape(down.shape[0], -1), m.scale
+    return up.reshape(up.shape[0], -1) * m.scale, down.float().reshape(down.shape[0], -1)
 
 
 def _combine_module(present: list[tuple[LoraFile, float]], stem: str, shape: tuple[int, ...], rank: int | None):
     """(up, down) in float32, 2-D, of one module's combination (see the module docstring)."""
-    plain = all(lora.modules[stem].kind == "lora" for lora, _ in present)
-    if plain:
-        ups, downs = [], []
-        for lora, ratio in present:
-            up, down, scale = _plain_factors(lora, stem)
-            ups.append(up * (ratio * scale))
-            downs.append(down)
-        up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    factors = [_scaled_factors(lora, stem) for lora, _ in present]
+    if all(f is not None for f in factors):
+        up = torch.cat([f[0] * ratio for f, (_, ratio) in zip(factors, present)], dim=1)
+        down = torch.cat([f[1] for f in factors], dim=0)
         if rank is None:
             return up, down
         up, down, *_ = resize_factors(up, down, 1.0, rank, None, 0.0)

@@ -28,7 +28,7 @@ LoCon Tucker modules (``lora_mid``) are folded exactly into a plain (r, in, k, k
 LoHa and LoKr modules are converted to kohya LoRA through the SVD of their full delta (scale
 included, so the output alpha equals the new rank); that conversion keeps only the top
 singular directions, so it is lossy wherever the rank is cut. A plain LoHa delta is the product
-of Khatri-Rao factors of rank r1·r2 (:func:`_loha_factors`), so while that rank is well below
+of Khatri-Rao factors of rank r1·r2 (:func:`loha_factors`), so while that rank is well below
 the layer's sides it takes the factor route above instead of a full SVD (same result).
 
 Metadata as resize_lora.py writes it: ``ss_training_comment`` prefixed with
@@ -332,7 +332,7 @@ def _flat_shape(module: LoraModule) -> tuple[int, int]:
     return a1 * b2, c1 * d2
 
 
-def _loha_factors(module: LoraModule):
+def loha_factors(module: LoraModule):
     """A LoHa module's delta as one product ``up @ down`` (scale included), or None.
 
     ``(A1 B1) ⊙ (A2 B2) = (A1 ⊙ᵣ A2)(B1 ⊙꜀ B2)``: row-wise and column-wise Khatri-Rao products
@@ -365,7 +365,7 @@ def _compress_module(module: LoraModule, arch: str, new_rank: int, conv_rank: in
         up2 = p["lora_up.weight"].float().reshape(shape[0], -1)
         down2 = down.float().reshape(down.shape[0], -1)
         new_up, new_down, alpha, k, stats = resize_factors(up2, down2, _scale_of(module), cap, method, param, rank_rule)
-    elif (factors := _loha_factors(module)) is not None:
+    elif (factors := loha_factors(module)) is not None:
         new_up, new_down, alpha, k, stats = resize_factors(*factors, 1.0, cap, method, param, rank_rule)
     else:
         new_up, new_down, alpha, k, stats = resize_full(module.delta(), cap, method, param, rank_rule)
