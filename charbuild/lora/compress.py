@@ -151,6 +151,7 @@ def resize_factors(
 # per factor. Measured on the benchmark file, the tests' fixtures and near-collinear factors,
 # the true relative error was ≤ 0.18x this estimate (typically 0.01x).
 _U32 = 2.0**-24
+_U64 = 2.0**-53
 _FAST_MAX_ERR = 2e-4  # larger estimates: float64 Grams
 _MARGIN = 2.0  # a rank decision must hold for errors up to _MARGIN x the estimate
 
@@ -178,22 +179,41 @@ def _chol_cond(grams: torch.Tensor):
 
 
 def _resize_fast(up, down, scale, max_rank, method, param, rank_rule):
-    """The float32-Gram route; None where its accuracy bound does not settle the result."""
-    r = up.shape[1]
+    """The float32-Gram route; None where its accuracy bound does not settle the result.
+
+    A side whose float32 Gram is too ill-conditioned for the bound (or numerically singular)
+    gets its Gram in float64 instead and goes on. That is how a trained LoRA's ``up`` usually
+    looks (it starts at zero; κ 1e3-1e6 against ~3 for ``down``), and for ``up`` (out × r) it
+    costs little next to the float32 Gram of a wide ``down``.
+    """
+    m, r = up.shape
+    n = down.shape[1]
     grams = torch.stack([up.T @ up, torch.mm(down, down.T)]).double()
+    units = [_U32, _U32]
     chol = _chol_cond(grams)
-    if chol is None:
-        return None
+    terms = None if chol is None else (_U32 * math.sqrt(m) * chol[1], _U32 * math.sqrt(n) * chol[2])
+    if terms is None or sum(terms) > _FAST_MAX_ERR:
+        redo = (True, True) if terms is None else tuple(t > _FAST_MAX_ERR / 4 for t in terms)
+        if not any(redo):
+            return None
+        for side, factor in enumerate((up, down)):
+            if redo[side]:
+                f64 = factor.double()
+                grams[side] = f64.T @ f64 if side == 0 else f64 @ f64.T
+                units[side] = _U64
+        chol = _chol_cond(grams)
+        if chol is None:
+            return None
     roots, ku, kd = chol
     ru, rd = roots[0], roots[1]
-    err = _U32 * (math.sqrt(up.shape[0]) * ku + math.sqrt(down.shape[1]) * kd)
+    err = units[0] * math.sqrt(m) * ku + units[1] * math.sqrt(n) * kd
     if err > _FAST_MAX_ERR:
         return None
     kmat = ru @ rd.T
     lam, vec = torch.linalg.eigh(kmat @ kmat.T)  # ascending; S² and the left singular vectors of K
     s64 = lam.flip(0).clamp_min(0).sqrt()
     s = s64.float()
-    full = _padded(s, min(up.shape[0], down.shape[1]))
+    full = _padded(s, min(m, n))
     k = choose_rank(full, method, param, max_rank, rank_rule)
     kk = min(k, r)
     s0, s_last = s64[[0, kk - 1]].tolist()
@@ -204,7 +224,10 @@ def _resize_fast(up, down, scale, max_rank, method, param, rank_rule):
         return None
     uk = vec.flip(1)[:, :kk]
     down_coef = (uk.T @ ru) / s64[:kk, None]  # (kk, r): Vh_k = S_k⁻¹ Uk_kᵀ Ru down
-    up_coef = torch.linalg.solve_triangular(ru, uk * s64[None, :kk], upper=True)  # (r, kk): U_k S_k = up Ru⁻¹ Uk_k S_k
+    if units[0] == _U32:  # Ru well conditioned (the bound says so): U_k S_k = up Ru⁻¹ Uk_k S_k
+        up_coef = torch.linalg.solve_triangular(ru, uk * s64[None, :kk], upper=True)
+    else:  # without inverting a possibly ill-conditioned Ru: U_k S_k = up Gd Ruᵀ Uk_k S_k⁻¹
+        up_coef = (grams[1] @ ru.T @ uk) / s64[None, :kk]
     new_down = torch.mm(down_coef.float(), down)
     new_up = torch.mm(up, up_coef.float())
     return _finish(new_up, new_down, k, scale, full)
