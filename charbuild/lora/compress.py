@@ -19,8 +19,9 @@ M has rank ≤ r, so instead of resize_lora.py's SVD of the full (out × in·kh�
 the factorisations ``up = Qu Ru`` and ``downᵀ = Qd Rd`` and the SVD of the r × r matrix
 ``Ru Rdᵀ``: the same S, U = Qu·U', Vh = Vh'·Qdᵀ, at a fraction of the cost. Ru and Rd come
 from the Gram matrices (matrix products, far faster than Householder QR on a CPU), computed in
-float32 with an estimate of the resulting singular-value error; a module whose estimate is
-large, or whose rank choice lies within that error of flipping, is redone with float64 Grams;
+float32 with an estimate of the resulting singular-value error; a factor whose share of the
+estimate is large (an ill-conditioned one, as a trained ``up`` usually is) gets its Gram in
+float64; a module whose rank choice still lies within the error of flipping is redone in float64;
 modules whose kept singular values are numerically zero take a thin-QR route instead (see
 :func:`resize_factors`). Singular values beyond r are exactly 0 and enter the rank rules as such.
 
