@@ -135,10 +135,11 @@ def resize_factors(
     fast path, where Ru is checked to be well conditioned; ``up Gd Ruᵀ Uk_k S_k⁻¹`` otherwise).
 
     Fast path (:func:`_resize_fast`): float32 Grams (the two big r × r products), everything
-    r × r in float64, with an a-posteriori bound on the singular values' relative error; the
-    module is recomputed with float64 Grams (:func:`_resize_precise`) when that bound is not
-    small, when the rank choice is within the bound of flipping, or when a kept singular value
-    is tiny (S_k < 1e-6·S_0, or S_0 ≤ 1e-6; then the thin-QR route is used).
+    r × r in float64, with an a-posteriori bound on the singular values' relative error (a
+    factor that makes the bound large gets a float64 Gram first); the module is recomputed in
+    float64 with an r × r SVD (:func:`_resize_precise`) when the bound is still not small, when
+    the rank choice is within the bound of flipping, or when a kept singular value is tiny
+    (S_k < 1e-6·S_0, or S_0 ≤ 1e-6; then the thin-QR route is used).
     """
     fast = _resize_fast(up, down, scale, max_rank, method, param, rank_rule)
     if fast is not None:
