@@ -27,8 +27,8 @@ from typing import Sequence
 import torch
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.compress import loha_factors, resize_factors, target_shape
-from charbuild.lora.io import LoraFile, fold_tucker_down, load_lora, save_lora
+from charbuild.lora.compress import loha_factors, pad_to_rank, resize_factors, resize_full, target_shape
+from charbuild.lora.io import LoraFile, load_lora, save_lora
 from charbuild.lora.parallel import map_modules
 
 
@@ -40,14 +40,11 @@ def _scaled_factors(lora: LoraFile, stem: str) -> tuple[torch.Tensor, torch.Tens
         return loha_factors(m)
     if m.kind != "lora":
         return None
-    down = m.params["lora_down.weight"]
-    if "lora_mid.weight" in m.params:
-        down = fold_tucker_down(m.params["lora_mid.weight"], down)
-    up = m.params["lora_up.weight"].float()
-    return up.reshape(up.shape[0], -1) * m.scale, down.float().reshape(down.shape[0], -1)
+    up, down = m.factors()
+    return up * m.scale, down
 
 
-def _combine_module(present: list[tuple[LoraFile, float]], stem: str, shape: tuple[int, ...], rank: int | None):
+def _combine_module(present: list[tuple[LoraFile, float]], stem: str, rank: int | None):
     """(up, down) in float32, 2-D, of one module's combination (see the module docstring)."""
     factors = [_scaled_factors(lora, stem) for lora, _ in present]
     if all(f is not None for f in factors):
@@ -57,15 +54,8 @@ def _combine_module(present: list[tuple[LoraFile, float]], stem: str, shape: tup
             return up, down
         up, down, *_ = resize_factors(up, down, 1.0, rank, None, 0.0)
     else:
-        delta = sum(lora.modules[stem].delta() * ratio for lora, ratio in present)
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        k = min(rank, len(s))
-        up, down = u[:, :k] * s[:k], vh[:k]
-    if up.shape[1] < rank:  # keep the requested rank: zero directions
-        pad = rank - up.shape[1]
-        up = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1)
-        down = torch.cat([down, down.new_zeros(pad, down.shape[1])], dim=0)
-    return up, down
+        up, down, *_ = resize_full(sum(lora.modules[stem].delta() * ratio for lora, ratio in present), rank, None, 0.0)
+    return pad_to_rank(up, down, rank)  # an all-zero module comes back at rank 1: keep the requested rank
 
 
 def combine_loras(
@@ -100,11 +90,10 @@ def combine_loras(
         plans.append((stem, present, shapes.pop()))
 
     def combine(plan):
-        stem, present, shape = plan
+        stem, present, _ = plan
         with torch.no_grad():
-            return _combine_module(present, stem, shape, rank)
+            return _combine_module(present, stem, rank)
 
-    workers = torch.get_num_threads() if workers is None else workers
     out: dict[str, torch.Tensor] = {}
     with contextlib.closing(map_modules(combine, plans, workers)) as results:
         for (stem, _, shape), (up, down) in tqdm(

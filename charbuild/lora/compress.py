@@ -53,7 +53,6 @@ from charbuild.lora.io import (
     LoraFile,
     LoraModule,
     build_modules_unchecked,
-    fold_tucker_down,
     header_room,
     load_lora,
     stream_lora,
@@ -300,11 +299,17 @@ def resize_full(delta: torch.Tensor, max_rank: int, method: str | None, param: f
     return _finish(u[:, :kk] * s[:kk], vh[:kk], k, 1.0, s)
 
 
+def pad_to_rank(up: torch.Tensor, down: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D factors widened to rank ``k`` with zero directions (S = 0) where they are narrower."""
+    if up.shape[1] < k:
+        pad = k - up.shape[1]
+        up = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1)
+        down = torch.cat([down, down.new_zeros(pad, down.shape[1])], dim=0)
+    return up, down
+
+
 def _finish(new_up, new_down, k, scale, S):
-    if new_up.shape[1] < k:  # rank above the matrix rank: the extra directions carry S = 0
-        pad = k - new_up.shape[1]
-        new_up = torch.cat([new_up, new_up.new_zeros(new_up.shape[0], pad)], dim=1)
-        new_down = torch.cat([new_down, new_down.new_zeros(pad, new_down.shape[1])], dim=0)
+    new_up, new_down = pad_to_rank(new_up, new_down, k)  # rank above the matrix rank
     new_alpha = float(scale * k)
     return new_up, new_down, new_alpha, k, _stats(S, k)
 
@@ -383,13 +388,7 @@ def _compress_module(module: LoraModule, arch: str, new_rank: int, conv_rank: in
     conv = len(shape) == 4
     cap = conv_rank if conv else new_rank
     if module.kind == "lora":
-        p = module.params
-        down = p["lora_down.weight"]
-        if "lora_mid.weight" in p:
-            down = fold_tucker_down(p["lora_mid.weight"], down)
-        up2 = p["lora_up.weight"].float().reshape(shape[0], -1)
-        down2 = down.float().reshape(down.shape[0], -1)
-        new_up, new_down, alpha, k, stats = resize_factors(up2, down2, _scale_of(module), cap, method, param, rank_rule)
+        new_up, new_down, alpha, k, stats = resize_factors(*module.factors(), _scale_of(module), cap, method, param, rank_rule)
     elif (factors := loha_factors(module)) is not None:
         new_up, new_down, alpha, k, stats = resize_factors(*factors, 1.0, cap, method, param, rank_rule)
     else:
@@ -449,8 +448,6 @@ def _resize_all(lora: LoraFile, opts: dict, sink, *, workers: int | None, progre
 
     stems = _stems(lora)
     dtype = PRECISIONS[opts["save_precision"]]
-    workers = torch.get_num_threads() if workers is None else workers
-
     def resize(stem: str):
         with torch.no_grad():
             return _compress_module(
@@ -493,6 +490,11 @@ def _means(entries: dict[str, dict]) -> dict[str, float]:
 
 def _old_dim(lora: LoraFile) -> int:
     return max((m.rank for m in lora.modules.values()), default=0)
+
+
+def _last_alpha(entries: dict[str, dict]):
+    """The alpha of the last module in key order (entries are in that order), as resize_lora.py reports it."""
+    return next(reversed(entries.values()))["new_alpha"] if entries else None
 
 
 def _result_metadata(lora: LoraFile, opts: dict, last_alpha) -> dict[str, str]:
@@ -559,10 +561,9 @@ def compress_lora(
     opts = _options(method, param, new_rank, new_conv_rank, save_precision, rank_rule)
     out: dict[str, torch.Tensor] = {}
     entries = _resize_all(lora, opts, out.__setitem__, workers=workers, progress=progress, verbose=verbose)
-    last_alpha = entries[_stems(lora)[-1]]["new_alpha"] if entries else None
     result = LoraFile(
         tensors=out,
-        metadata=_result_metadata(lora, opts, last_alpha),
+        metadata=_result_metadata(lora, opts, _last_alpha(entries)),
         format="lora",
         arch=lora.arch,
         modules=build_modules_unchecked(out),
@@ -601,8 +602,7 @@ def compress_file(src: str | Path, dst: str | Path, *, progress: bool = False, v
         raise LoraFileError(str(exc), src) from None
     with stream_lora(dst, _header_bound(lora, opts)) as out:
         entries = _resize_all(lora, opts, out.add, workers=workers, progress=progress, verbose=verbose)
-        last_alpha = entries[_stems(lora)[-1]]["new_alpha"] if entries else None
-        out.finish(_result_metadata(lora, opts, last_alpha))
+        out.finish(_result_metadata(lora, opts, _last_alpha(entries)))
     report = _report(lora, opts, entries)
     report.update(src=str(src), dst=str(dst), size_in=Path(src).stat().st_size, size_out=Path(dst).stat().st_size)
     return report

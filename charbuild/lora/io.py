@@ -102,15 +102,22 @@ class LoraModule:
         """Whether the adapted layer is a convolution (any 4-D factor)."""
         return any(t.dim() == 4 for t in self.params.values())
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoRA/LoCon module's ``(up, down)`` in float32, 2-D (out × r, r × in·kh·kw), a Tucker
+        core folded into down (exact); scale excluded."""
+        p = self.params
+        down = p["lora_down.weight"]
+        if "lora_mid.weight" in p:
+            down = fold_tucker_down(p["lora_mid.weight"], down)
+        up = p["lora_up.weight"].float()
+        return up.reshape(up.shape[0], -1), down.float().reshape(down.shape[0], -1)
+
     def delta(self) -> torch.Tensor:
         """The full weight change ``ΔW`` in float32, flattened to (out, in·kh·kw), scale included."""
         p = {k: v.float() for k, v in self.params.items()}
         if self.kind == "lora":
-            down = p["lora_down.weight"]
-            if "lora_mid.weight" in p:
-                down = fold_tucker_down(p["lora_mid.weight"], down)
-            up = p["lora_up.weight"]
-            m = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+            up, down = self.factors()
+            m = up @ down
         elif self.kind == "loha":
             m = _loha_product(p, "1") * _loha_product(p, "2")
         else:
@@ -472,6 +479,21 @@ def _specs(tensors: dict[str, torch.Tensor], order: list[str]) -> list[TensorSpe
     return [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in order]
 
 
+def _layout(specs: list[TensorSpec]) -> list[tuple[str, dict]]:
+    """Each tensor's header entry, in file order, its fields in the library's order."""
+    entries, pos = [], 0
+    for key, dtype, shape in specs:
+        size = math.prod(shape) * dtype.itemsize
+        entries.append((key, {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size]}))
+        pos += size
+    return entries
+
+
+def _byte_view(tensor: torch.Tensor):
+    """A zero-copy little-endian byte view of a contiguous tensor (keeps the tensor alive)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
 def _header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
     """The safetensors JSON header of ``specs`` (in file order), keys sorted, padded with spaces
     to a multiple of 8 bytes.
@@ -481,12 +503,7 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
     identical bytes. Compact JSON has the same length in any key order, so offsets and sizes
     equal the library's. ``metadata=None`` leaves ``__metadata__`` out; ``{}`` writes it empty.
     """
-    entries: dict[str, object] = {}
-    pos = 0
-    for key, dtype, shape in specs:
-        size = math.prod(shape) * dtype.itemsize
-        entries[key] = {"data_offsets": [pos, pos + size], "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape)}
-        pos += size
+    entries: dict[str, object] = dict(_layout(specs))
     if metadata is not None:
         entries["__metadata__"] = dict(sorted(metadata.items()))
     text = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -509,14 +526,8 @@ def _library_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     hash's bytes (a header over 1 MB, such as a big ``ss_tag_frequency``); where those bytes
     fall inside ``__metadata__`` sd-scripts' own legacy hash differs from run to run.
     """
-    parts = ['"__metadata__":' + json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False)]
-    pos = 0
-    for key, dtype, shape in specs:
-        size = math.prod(shape) * dtype.itemsize
-        entry = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size]}
-        parts.append(json.dumps(key, ensure_ascii=False) + ":" + json.dumps(entry, separators=(",", ":")))
-        pos += size
-    text = ("{" + ",".join(parts) + "}").encode("utf-8")
+    entries = {"__metadata__": dict(sorted(metadata.items())), **dict(_layout(specs))}
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return text + b" " * (-len(text) % 8)
 
 
@@ -545,7 +556,7 @@ def sd_scripts_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     """
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     order = _file_order(tensors)
-    views = [tensors[k].reshape(-1).view(torch.uint8).numpy() for k in order]
+    views = [_byte_view(tensors[k]) for k in order]
     sha = hashlib.sha256()
     for view in views:
         sha.update(view)
@@ -581,7 +592,7 @@ class LoraStream:
         if self._last is not None and order <= self._last:
             raise ValueError(f"tensor {key!r} comes out of safetensors order")
         self._last = order
-        view = tensor.reshape(-1).view(torch.uint8).numpy()
+        view = _byte_view(tensor)
         self._f.write(view)
         self._hashing = [h for h in self._hashing if not h.done()]
         self._hashing.append(self._pool.submit(self._sha.update, view))  # in order: one hashing thread

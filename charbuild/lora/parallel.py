@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 
-def map_modules(func, items, workers: int):
-    """``map(func, items)`` in order, on ``workers`` threads with one torch thread each.
+def map_modules(func, items, workers: int | None = None):
+    """``map(func, items)`` in order, on ``workers`` threads (default ``torch.get_num_threads()``)
+    with one torch thread each.
 
     Per module the work is a few matrix products and small r × r factorisations: running
     modules side by side on single-threaded torch uses the cores far better than splitting each
@@ -18,6 +19,7 @@ def map_modules(func, items, workers: int):
     on it.
     """
     threads = torch.get_num_threads()
+    workers = threads if workers is None else workers
     torch.set_num_threads(1)
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
     try:
