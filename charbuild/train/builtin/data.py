@@ -93,21 +93,22 @@ class Dataset:
         """Images × repeats, as sd-scripts counts ``ss_num_train_images``."""
         return sum(it.num_repeats for it in self.items)
 
-    def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """``ss_tag_frequency``: first dataset that uses a directory name wins (as sd-scripts)."""
+    def _by_dir_name(self, field: str) -> dict[str, dict[str, int]]:
+        """Each dataset's ``field`` (a dict by directory name) merged: the first dataset that
+        uses a directory name wins, as in sd-scripts' metadata."""
         out: dict[str, dict[str, int]] = {}
         for ds in self.datasets:
-            for name, freq in ds.tag_frequency.items():
-                out.setdefault(name, freq)
+            for name, value in getattr(ds, field).items():
+                out.setdefault(name, value)
         return out
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """``ss_tag_frequency``: {dir name: {tag: count}}."""
+        return self._by_dir_name("tag_frequency")
 
     def dataset_dirs(self) -> dict[str, dict[str, int]]:
         """``ss_dataset_dirs``: {dir name: {n_repeats, img_count}}."""
-        out: dict[str, dict[str, int]] = {}
-        for ds in self.datasets:
-            for name, info in ds.dirs.items():
-                out.setdefault(name, info)
-        return out
+        return self._by_dir_name("dirs")
 
 
 def _resolution(value, where: str) -> tuple[int, int]:
