@@ -6,6 +6,7 @@ that editors can jump to it: ``path:line: error: message``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +73,19 @@ class OutputError(CharbuildError):
 
 class TrainingError(CharbuildError):
     """A training run failed; the message carries the log's last lines."""
+
+
+def doit_action(func):
+    """Make ``func`` a doit python-action that reports a :class:`CharbuildError` as doit's
+    ``TaskFailed`` (its one-line message, no traceback); other exceptions stay errors."""
+
+    @functools.wraps(func)
+    def action(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CharbuildError as exc:
+            from doit.exceptions import TaskFailed
+
+            return TaskFailed(str(exc))
+
+    return action

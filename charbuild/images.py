@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from charbuild.errors import CharbuildError
+from charbuild.errors import CharbuildError, doit_action
 from charbuild.fsutil import write_bytes_atomic
 
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
@@ -140,12 +140,8 @@ def prepare_image(src: str | Path, dst: str | Path, size: int, background: str) 
     return img.size
 
 
+@doit_action
 def prepare_image_action(src: str, dst: str, size: int, background: str):
     """doit python-action around :func:`prepare_image`: True, or ``TaskFailed`` with the message."""
-    from doit.exceptions import TaskFailed
-
-    try:
-        prepare_image(src, dst, size, background)
-    except CharbuildError as exc:
-        return TaskFailed(str(exc))
+    prepare_image(src, dst, size, background)
     return True

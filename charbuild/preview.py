@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from charbuild.codes import angle_order_key
-from charbuild.errors import CharbuildError
+from charbuild.errors import CharbuildError, doit_action
 from charbuild.fsutil import write_bytes_atomic
 from charbuild.images import _IMAGE_ERRORS, png_bytes
 
@@ -142,16 +142,12 @@ def render_preview(entries: Iterable[PreviewEntry], out_path: str | Path, *, tit
     write_bytes_atomic(out_path, png_bytes(sheet))
 
 
+@doit_action
 def render_preview_action(entries_as_tuples: Sequence[Sequence[str]], out_path: str, title: str):
     """doit python-action: ``entries_as_tuples`` holds ``(image_path, code, caption)`` tuples.
 
     Returns True, or ``TaskFailed`` with the message when an image cannot be read.
     """
-    from doit.exceptions import TaskFailed
-
     entries = [PreviewEntry(Path(p), code, caption) for p, code, caption in entries_as_tuples]
-    try:
-        render_preview(entries, out_path, title=title)
-    except CharbuildError as exc:
-        return TaskFailed(str(exc))
+    render_preview(entries, out_path, title=title)
     return True

@@ -23,12 +23,11 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from .config import (Lora, Part, Project, SourceImage, image_dir, merge_spec, prepared_sizes, resolve_merge_weights,
                      subset_for, training_defaults, variant_entries)
-from .errors import CharbuildError
+from .errors import doit_action
 
 GROUP_DOCS = {
     "image": "prepared pictures: background flattened, one folder per ladder size",
@@ -44,14 +43,12 @@ GROUP_DOCS = {
 # --------------------------------------------------------------------------- actions
 
 
+@doit_action
 def write_text_action(target: str, text: str) -> bool:
     """Write a text artifact atomically (UTF-8, ``\\n`` line ends)."""
     from .fsutil import write_text_atomic
 
-    try:
-        write_text_atomic(target, text)
-    except CharbuildError as exc:
-        return TaskFailed(str(exc))
+    write_text_atomic(target, text)
     return True
 
 
@@ -62,29 +59,25 @@ def train_action(job: dict):
     return run(job)
 
 
+@doit_action
 def merge_action(src: str, dst: str, weights: dict, keywords: list[str], note: str):
     """Block-weight merge of a raw LoRA into ``dst``."""
     from .lora.merge import merge_file
 
-    try:
-        merge_file(src, dst, weights, keywords=keywords, note=note)
-    except CharbuildError as exc:
-        return TaskFailed(str(exc))
+    merge_file(src, dst, weights, keywords=keywords, note=note)
     return True
 
 
+@doit_action
 def compress_action(src: str, dst: str, settings: dict):
     """SVD rank reduction of a merged LoRA into ``dst`` (the deliverable file)."""
     from .lora.compress import compress_file
 
     method = settings["method"]
     param = None if method == "rank" else settings[method]
-    try:
-        report = compress_file(src, dst, method=None if method == "rank" else method, param=param,
-                               new_rank=settings["new_rank"], new_conv_rank=settings.get("new_conv_rank"),
-                               save_precision=settings["save_precision"])
-    except CharbuildError as exc:
-        return TaskFailed(str(exc))
+    report = compress_file(src, dst, method=None if method == "rank" else method, param=param,
+                           new_rank=settings["new_rank"], new_conv_rank=settings.get("new_conv_rank"),
+                           save_precision=settings["save_precision"])  # fmt: skip
     return {"report": _json_safe(report)}
 
 

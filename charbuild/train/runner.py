@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 from doit.exceptions import TaskFailed
 from filelock import FileLock, Timeout
 
-from ..errors import CharbuildError, TrainingError
+from ..errors import TrainingError, doit_action
 from ..fsutil import atomic_path, replace_file, write_text_atomic
 from ..signature import canonical_json, compute_signature, describe_difference, read_sidecar, write_sidecar
 from . import BACKENDS
@@ -504,14 +504,12 @@ def _store_in_run_cache(job: Mapping[str, Any], root: Path, output: Path, signat
             shutil.copyfile(output, tmp)
 
 
+@doit_action
 def train_action(job: Mapping[str, Any]) -> bool | TaskFailed:
     """The doit python-action: :func:`run_training`, a TrainingError (or any error of ours, such
     as an output held open elsewhere) returned as TaskFailed.
 
     KeyboardInterrupt propagates (doit records finished tasks and exits 130).
     """
-    try:
-        run_training(job)
-    except CharbuildError as e:
-        return TaskFailed(str(e))
+    run_training(job)
     return True
