@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import CharbuildError
+from .tasks import GROUP_DOCS
 
 __all__ = ["DOIT_CONFIG", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
            "task_merge", "task_compress", "task__prune", "task__aliases"]
@@ -60,38 +61,35 @@ def forget_loaded_projects() -> None:
 
 
 def task_image():
-    """prepared pictures: background flattened, one folder per ladder size"""
     yield from graph().image_tasks()
 
 
 def task_caption():
-    """caption .txt per prepared picture, from its angle code"""
     yield from graph().caption_tasks()
 
 
 def task_dataset():
-    """dataset TOML per LoRA for kohya-ss sd-scripts"""
     yield from graph().dataset_tasks()
 
 
 def task_preview():
-    """contact sheet per LoRA: what will be trained"""
     yield from graph().preview_tasks()
 
 
 def task_train():
-    """raw LoRA per LoRA and variant (holds a GPU lock)"""
     yield from graph().train_tasks()
 
 
 def task_merge():
-    """block-weight-merged LoRA"""
     yield from graph().merge_tasks()
 
 
 def task_compress():
-    """compressed LoRA: the file to use"""
     yield from graph().compress_tasks()
+
+
+for _group in GROUP_DOCS:  # one wording for doit list and for readers of this file
+    globals()[f"task_{_group}"].__doc__ = GROUP_DOCS[_group]
 
 
 def task__prune():
