@@ -45,7 +45,7 @@ def build_lock(build_dir: str | Path) -> Iterator[None]:
         lock.acquire(timeout=0)
     except Timeout:
         raise BuildLocked(
-            "another build of this project is running (build/locks/build.lock is held); "
+            f"another build of this project is running ({lock_dir.parent.name}/{lock_dir.name}/build.lock is held); "
             "wait for it to finish or stop it first", path=lock_dir / "build.lock") from None
     try:
         (lock_dir / "build.pid").write_text(str(os.getpid()), encoding="utf-8")

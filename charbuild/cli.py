@@ -213,7 +213,7 @@ def train(loras, dry_run, root, jobs):
 
         for lora in selected:
             for params in g.variants(lora):
-                job, _ = g.train_job(lora, params)
+                job = g.train_job(lora, params)
                 click.echo(f"# train:{lora.name}/{params.name}")
                 for line in dry_run_commands(job):
                     click.echo(line)
@@ -229,7 +229,9 @@ def train(loras, dry_run, root, jobs):
 def tensorboard(root, port):
     """Show the training logs of every LoRA in TensorBoard."""
     root_path = _root(root)
-    logdir = root_path / "build" / "loras"
+    from .layout import Layout
+
+    logdir = Layout(root_path).loras_dir
     click.echo(f"TensorBoard on http://localhost:{port} (logs: {logdir})")
     sys.exit(subprocess.call([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port)]))
 

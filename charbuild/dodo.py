@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import CharbuildError
+from .layout import DOIT_DB, Layout
 from .tasks import GROUP_DOCS
 
 __all__ = ["DOIT_CONFIG", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
@@ -20,7 +21,7 @@ __all__ = ["DOIT_CONFIG", "task_image", "task_caption", "task_dataset", "task_pr
 
 DOIT_CONFIG = {
     "backend": "sqlite3",
-    "dep_file": "build/.doit.db",
+    "dep_file": DOIT_DB,
     "check_file_uptodate": "md5",
     "verbosity": 1,
     "action_string_formatting": "new",
@@ -40,7 +41,7 @@ def graph(root: Path | None = None):
 
     root = (root or Path.cwd()).resolve()
     if root not in _graphs:
-        (root / "build").mkdir(exist_ok=True)
+        Layout(root).build_dir.mkdir(exist_ok=True)
         try:
             project = load_project(root)
         except CharbuildError as exc:
@@ -116,14 +117,15 @@ def _guard_plain_doit() -> None:
         return
     command = _command_of(sys.argv[1:])
     # doit opens its state database (build/.doit.db) before loading any task
-    (Path.cwd() / "build").mkdir(exist_ok=True)
+    build_dir = Layout(Path.cwd()).build_dir
+    build_dir.mkdir(exist_ok=True)
     from .buildlock import build_lock, install_sigterm_handler
 
     install_sigterm_handler()
     if command in READ_ONLY_COMMANDS:
         return
     try:
-        lock = build_lock(Path.cwd() / "build")
+        lock = build_lock(build_dir)
         lock.__enter__()
     except CharbuildError as exc:
         print(exc, file=sys.stderr)
@@ -163,8 +165,9 @@ def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = N
         main = DoitMain(ModuleTaskLoader(namespace), extra_config={"GLOBAL": config})
         if command in READ_ONLY_COMMANDS:
             return main.run(argv)
-        (root / "build").mkdir(exist_ok=True)
-        with build_lock(root / "build"):
+        build_dir = Layout(root).build_dir
+        build_dir.mkdir(exist_ok=True)
+        with build_lock(build_dir):
             return main.run(argv)
     finally:
         os.chdir(old)

@@ -25,9 +25,11 @@ from typing import Iterator
 
 from doit.tools import config_changed
 
-from .config import (Lora, Part, Project, SourceImage, image_dir, merge_spec, prepared_sizes, resolve_merge_weights,
-                     subset_for, training_defaults, variant_entries)
+from . import layout
+from .config import (Lora, Part, Project, SourceImage, merge_spec, prepared_sizes, resolve_merge_weights, subset_for,
+                     training_defaults, variant_entries)
 from .errors import doit_action
+from .layout import Layout
 
 GROUP_DOCS = {
     "image": "prepared pictures: background flattened, one folder per ladder size",
@@ -52,8 +54,9 @@ def write_text_action(target: str, text: str) -> bool:
     return True
 
 
-def train_action(job: dict):
-    """Train one LoRA variant (imports the training machinery only when a training runs)."""
+def train_action(job):
+    """Train one LoRA variant, a :class:`~charbuild.train.job.TrainJob` (imports the training
+    machinery only when a training runs)."""
     from .train.runner import train_action as run
 
     return run(job)
@@ -82,7 +85,7 @@ def compress_action(src: str, dst: str, settings: dict):
 
 
 def prune_action(images_dir: str, expected: list[str]) -> bool:
-    """Delete prepared pictures and captions whose source is gone (only under build/images)."""
+    """Delete prepared pictures and captions whose source is gone (only under ``images_dir``)."""
     keep = set(expected)
     root = Path(images_dir)
     if not root.is_dir():
@@ -114,7 +117,7 @@ class TrainUpToDate:
     Its ``repr`` is what ``doit info`` / ``charbuild status`` print as the reason.
     """
 
-    def __init__(self, job: dict):
+    def __init__(self, job):
         self.job = job
         self.reason: str | None = None
 
@@ -133,15 +136,11 @@ class TrainUpToDate:
 
 
 def prepared_png(part: Part, size: int, img: SourceImage) -> str:
-    return f"{image_dir(part, size)}/{img.stem}.png"
+    return f"{layout.image_dir(part.character, part.name, size)}/{img.stem}.png"
 
 
 def prepared_txt(part: Part, size: int, img: SourceImage) -> str:
-    return f"{image_dir(part, size)}/{img.stem}.txt"
-
-
-def lora_dir(lora: Lora) -> str:
-    return f"build/loras/{lora.name}"
+    return f"{layout.image_dir(part.character, part.name, size)}/{img.stem}.txt"
 
 
 def image_task_name(part: Part, img: SourceImage, size: int) -> str:
@@ -156,6 +155,7 @@ class Graph:
 
     def __init__(self, project: Project):
         self.project = project
+        self.layout = Layout(project.root)
         from .captions import rules_with_overrides
 
         self.rules = rules_with_overrides(project.captions)
@@ -164,6 +164,7 @@ class Graph:
         self._part_files: dict[str, list] = {}
         self._dataset_texts: dict[str, str] = {}
         self._variants: dict[str, list] = {}
+        self._job_specs = None
 
     # -- helpers
     def parts(self) -> Iterator[Part]:
@@ -247,7 +248,7 @@ class Graph:
         yield {
             "basename": "_prune",
             "doc": "remove prepared pictures whose source is gone",
-            "actions": [(prune_action, ["build/images", expected])],
+            "actions": [(prune_action, [layout.IMAGES, expected])],
             "uptodate": [config_changed({"files": expected})],
             "verbosity": 2,
         }
@@ -256,11 +257,12 @@ class Graph:
         yield {"basename": "dataset", "name": None, "doc": GROUP_DOCS["dataset"]}
         for lora in self.project.loras.values():
             text = self.dataset_text(lora)
+            target = layout.dataset_toml(lora.name)
             yield {
                 "basename": "dataset",
                 "name": lora.name,
-                "actions": [(write_text_action, [f"{lora_dir(lora)}/dataset.toml", text])],
-                "targets": [f"{lora_dir(lora)}/dataset.toml"],
+                "actions": [(write_text_action, [target, text])],
+                "targets": [target],
                 "uptodate": [config_changed(text)],
                 "clean": True,
             }
@@ -283,7 +285,7 @@ class Graph:
 
         for lora in self.project.loras.values():
             entries = self.preview_entries(lora)
-            out = f"{lora_dir(lora)}/preview.png"
+            out = layout.preview_png(lora.name)
             yield {
                 "basename": "preview",
                 "name": lora.name,
@@ -311,72 +313,78 @@ class Graph:
             from .signature import model_signature
 
             m = self.project.model
+            cache = self.layout.cache_dir
             self._model_sig = {
-                "base": model_signature(m["base"], self.project.root, self.project.build_dir / "cache"),
-                "vae": model_signature(m["vae"], self.project.root, self.project.build_dir / "cache") if m["vae"] else None,
+                "base": model_signature(m["base"], self.project.root, cache),
+                "vae": model_signature(m["vae"], self.project.root, cache) if m["vae"] else None,
                 "arch": m["arch"],
                 "clip_skip": m["clip_skip"],
             }
         return self._model_sig
 
-    def train_job(self, lora: Lora, params) -> dict:
-        from .dataset_toml import dataset_semantics
+    def job_specs(self):
+        """The project's (ModelSpec, TrainerSpec), computed once."""
+        if self._job_specs is None:
+            from .train.job import job_specs
 
-        root = self.project.root
+            self._job_specs = job_specs(self.project, self.layout)
+        return self._job_specs
+
+    def train_deps(self, lora: Lora) -> list[str]:
+        """The tasks a training of ``lora`` waits for: its dataset TOML and every picture and caption."""
+        deps = [f"dataset:{lora.name}"]
+        for part in lora.parts:
+            deps += self.picture_task_names(part)
+        return deps
+
+    def train_job(self, lora: Lora, params):
+        """The :class:`~charbuild.train.job.TrainJob` of one variant of ``lora`` (absolute paths)."""
+        from .dataset_toml import dataset_semantics
+        from .train.job import TrainJob
+
+        root = self.layout.root
         root_s = str(root) + os.sep  # string joins: this runs for thousands of files on every load
-        vdir = f"{lora_dir(lora)}/{params.name}"
-        inputs, deps = [], [f"dataset:{lora.name}"]
+        inputs = []
         for part in lora.parts:
             for _, _, png, txt in self.part_files(part):
                 inputs += [root_s + png, root_s + txt]
-            deps += self.picture_task_names(part)
-        trainer = dict(self.project.trainer)
-        trainer["lock_dir"] = str(self.project.build_dir / "locks")
-        if trainer.get("sd_scripts"):
-            sd = Path(trainer["sd_scripts"]).expanduser()
-            trainer["sd_scripts"] = str(sd if sd.is_absolute() else root / sd)
-        if trainer.get("fake_record"):
-            fr = Path(trainer["fake_record"])
-            trainer["fake_record"] = str(fr if fr.is_absolute() else root / fr)
-        model = dict(self.project.model)
-        for key in ("base", "vae"):
-            if model[key] and model[key] != "tiny" and not Path(model[key]).is_absolute():
-                model[key] = str(root / model[key])
-        job = {
-            "lora": lora.name,
-            "kind": lora.kind,
-            "variant": params.name,
-            "project_root": str(root),
-            "dataset_toml": str(root / lora_dir(lora) / "dataset.toml"),
-            "output": str(root / vdir / "raw.safetensors"),
-            "variant_dir": str(root / vdir),
-            "params": params.to_dict(),
-            "model": model,
-            "trainer": trainer,
-            "keywords": lora.keywords,
-            "inputs": inputs,
-            "signature_extra": {
+        model, trainer = self.job_specs()
+        vdir = self.layout.variant_dir(lora.name, params.name)
+        return TrainJob(
+            lora=lora.name,
+            kind=lora.kind,
+            variant=params.name,
+            project_root=str(root),
+            dataset_toml=str(self.layout.path(layout.dataset_toml(lora.name))),
+            output=str(self.layout.path(layout.raw_lora(lora.name, params.name))),
+            variant_dir=str(vdir),
+            params=params,
+            model=model,
+            trainer=trainer,
+            keywords=tuple(lora.keywords),
+            inputs=tuple(inputs),
+            signature_extra={
                 "params": params.to_dict(),
                 "model": self.model_signature(),
-                "backend": trainer["backend"],
+                "backend": trainer.backend,
                 "dataset": dataset_semantics(self.dataset_text(lora)),
                 "keywords": lora.keywords,
             },
-            "continue_from": None,
-        }
-        return job, deps
+            continue_from=None,
+        )
 
     def train_tasks(self):
         yield {"basename": "train", "name": None, "doc": GROUP_DOCS["train"]}
         for lora in self.project.loras.values():
+            deps = self.train_deps(lora)
             for params in self.variants(lora):
-                job, deps = self.train_job(lora, params)
+                job = self.train_job(lora, params)
                 yield {
                     "basename": "train",
                     "name": f"{lora.name}/{params.name}",
                     "actions": [(train_action, [job])],
                     "task_dep": deps,
-                    "targets": [f"{lora_dir(lora)}/{params.name}/raw.safetensors"],
+                    "targets": [layout.raw_lora(lora.name, params.name)],
                     "uptodate": [TrainUpToDate(job)],
                     "verbosity": 2,
                     "io": {"capture": False},
@@ -388,14 +396,14 @@ class Graph:
             spec = merge_spec(lora, self.project.merge)
             weights = resolve_merge_weights(spec, self.project)
             for params in self.variants(lora):
-                vdir = f"{lora_dir(lora)}/{params.name}"
+                raw, merged = layout.raw_lora(lora.name, params.name), layout.merged_lora(lora.name, params.name)
                 note = spec if isinstance(spec, str) else "custom block weights"
                 yield {
                     "basename": "merge",
                     "name": f"{lora.name}/{params.name}",
-                    "actions": [(merge_action, [f"{vdir}/raw.safetensors", f"{vdir}/merged.safetensors", weights, lora.keywords, note])],
-                    "file_dep": [f"{vdir}/raw.safetensors"],
-                    "targets": [f"{vdir}/merged.safetensors"],
+                    "actions": [(merge_action, [raw, merged, weights, lora.keywords, note])],
+                    "file_dep": [raw],
+                    "targets": [merged],
                     "uptodate": [config_changed({"weights": weights, "keywords": lora.keywords, "note": note})],
                     "clean": True,
                 }
@@ -410,13 +418,14 @@ class Graph:
         for lora in self.project.loras.values():
             settings = self.compress_settings(lora)
             for params in self.variants(lora):
-                vdir = f"{lora_dir(lora)}/{params.name}"
+                merged = layout.merged_lora(lora.name, params.name)
+                out = layout.deliverable_lora(lora.name, params.name)
                 yield {
                     "basename": "compress",
                     "name": f"{lora.name}/{params.name}",
-                    "actions": [(compress_action, [f"{vdir}/merged.safetensors", f"{vdir}/{lora.name}-{params.name}.safetensors", settings])],
-                    "file_dep": [f"{vdir}/merged.safetensors"],
-                    "targets": [f"{vdir}/{lora.name}-{params.name}.safetensors"],
+                    "actions": [(compress_action, [merged, out, settings])],
+                    "file_dep": [merged],
+                    "targets": [out],
                     "uptodate": [config_changed(settings)],
                     "clean": True,
                 }

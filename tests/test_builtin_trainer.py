@@ -84,6 +84,7 @@ def _job(root: Path, network: str, out_name: str, **over) -> dict:
         "optimizer": "AdamW8bit",
         "optimizer_args": [],
         "lr": 1e-3,
+        "lr_units": 1000,
         "text_encoder_lr": 4.4e-4,
         "steps": STEPS,
         "scheduler": "cosine_with_restarts",

@@ -222,7 +222,7 @@ def test_japanese_and_spaced_names_build(tmp_path):
 
 
 def test_reverting_a_setting_restores_the_earlier_training(tmp_path):
-    root = make_project(tmp_path / "p", project_extra='fake_record = "record.jsonl"\n')
+    root = make_project(tmp_path / "p", project_extra='[trainer.extra]\nfake_record = "record.jsonl"\n')
     build(root)
     record = root / "record.jsonl"
     trained = len(record.read_text(encoding="utf-8").splitlines())

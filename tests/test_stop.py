@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 
 
 def test_sigterm_keeps_finished_tasks_and_retrains_the_interrupted_one(tmp_path):
-    root = make_project(tmp_path / "p", project_extra="fake_seconds = 30\n")
+    root = make_project(tmp_path / "p", project_extra="[trainer.extra]\nfake_seconds = 30\n")
     (root / "dodo.py").write_text("from charbuild.dodo import *  # noqa\n", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "doit", "run", "train:alc/Lora1x1A1-AdamW8"], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -51,8 +51,9 @@ def make_job(root: Path, *, backend="fake", lora="k", variant="Lora3x3A50p-AdamW
     vdir = lora_dir / variant
     tr = {"backend": backend, "gpus": list(gpus), "sd_scripts": str(FAKE_SD), "python": sys.executable,
           "accelerate": None, "xformers": False, "lock_dir": str(root / "build" / "locks"), "extra_args": [],
-          "kill_grace": 3}
-    tr.update(trainer)
+          "kill_grace": 3, "extra": {}}
+    for key, value in trainer.items():  # the fake backend's knobs travel in the opaque trainer.extra
+        (tr["extra"] if key.startswith("fake_") else tr)[key] = value
     return {
         "lora": lora, "kind": "face", "variant": variant, "project_root": str(root),
         "dataset_toml": str(lora_dir / "dataset.toml"), "output": str(vdir / "raw.safetensors"),
@@ -177,7 +178,7 @@ def test_train_action_returns_task_failed_and_removes_a_stale_sidecar(tmp_path):
     job = make_job(tmp_path)
     run_training(job, echo=False)
     assert is_up_to_date(job).fresh
-    job["trainer"]["fake_fail"] = True
+    job["trainer"]["extra"]["fake_fail"] = True
     job["trainer"]["run_cache"] = False  # else the earlier result is restored, not retrained
     result = train_action(job)
     assert isinstance(result, TaskFailed) and "failing as asked" in str(result)
@@ -308,7 +309,7 @@ def start_runner(tmp_path, job):
     def pids():
         text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
         found = dict(re.findall(r"fake trainer (pid|grandchild pid)=(\d+)", text))
-        want = 2 if job["trainer"].get("fake_grandchild") else 1
+        want = 2 if job["trainer"]["extra"].get("fake_grandchild") else 1
         return found if len(found) == want else None
 
     found = wait_for(pids)
@@ -344,6 +345,6 @@ def test_sigkilled_runner_leaves_no_raw_and_the_next_run_trains(tmp_path):
     assert not Path(job["output"]).exists()
     assert len(temp_dirs(job)) == 1  # the partial output stays in the temp folder only
     assert not is_up_to_date(job).fresh
-    job["trainer"]["fake_seconds"] = 0
+    job["trainer"]["extra"]["fake_seconds"] = 0
     run_training(job, echo=False)
     assert is_up_to_date(job).fresh and temp_dirs(job) == []

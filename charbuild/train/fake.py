@@ -1,14 +1,16 @@
 """A fake training backend for tests and demos: ``python -m charbuild.train.fake JOB.json``.
 
-It trains nothing; it behaves like a trainer from the outside:
+It trains nothing; it behaves like a trainer from the outside (its knobs are in the job's
+opaque ``trainer.extra`` table, ``[trainer.extra]`` in a project):
 
-- prints its pid (and progress with ``\\r`` while it waits ``trainer.fake_seconds``),
-- with ``trainer.fake_grandchild`` starts a sleeping child process (to test that
+- prints its pid (and progress with ``\\r`` while it waits ``fake_seconds``),
+- with ``fake_grandchild`` starts a sleeping child process (to test that
   stopping a training stops the whole process group),
-- with ``trainer.fake_fail`` prints an error and exits with status 1,
+- with ``fake_fail`` prints an error and exits with status 1,
 - appends one JSON line ``{"lora", "variant", "gpu", "start", "end", "pid", "ok"}``
-  to ``trainer.fake_record`` if set (one ``O_APPEND`` write: safe for concurrent runs),
-- writes a small but valid LoRA to ``job["output"]`` atomically.
+  to ``fake_record`` if set (relative to the project root; one ``O_APPEND`` write: safe
+  for concurrent runs),
+- writes a small but valid LoRA to the job's ``output`` atomically.
 
 The LoRA holds a handful of real module stems (SD1.5 or SDXL names and shapes) in
 the format the params ask for (kohya LoRA / LoCon keys, or LoHa ``hada_*`` keys),
@@ -28,7 +30,10 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from .job import TrainJob
 
 MAX_FAKE_RANK = 8
 
@@ -127,6 +132,8 @@ def fake_lora_metadata(
     comment: str = "charbuild fake backend: not a trained LoRA",
 ) -> dict[str, str]:
     """sd-scripts-style ``ss_*`` and ``modelspec.*`` header metadata (all strings)."""
+    from .job import scheduler_in_effect
+
     r = min(int(params["dim"]), MAX_FAKE_RANK)
     alpha = float(params["alpha"]) * r / float(params["dim"])
     net_args: dict[str, str] = {}
@@ -149,6 +156,9 @@ def fake_lora_metadata(
         "ss_max_train_steps": str(params["steps"]),
         "ss_seed": str(params.get("seed", 0)),
         "ss_optimizer": str(params["optimizer"]),
+        "ss_lr_scheduler": scheduler_in_effect(
+            params["optimizer"], params.get("optimizer_args"), params.get("scheduler") or "constant"
+        ),
         "ss_learning_rate": str(params.get("lr")),
         "ss_text_encoder_lr": str(params.get("text_encoder_lr")),
         "ss_mixed_precision": str(params.get("mixed_precision")),
@@ -221,67 +231,73 @@ def append_record(path: str | Path, record: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
-def run_fake(job: Mapping[str, Any]) -> int:
-    """Do what the fake backend does for ``job`` (see the module doc); return the exit status."""
+def run_fake(job: "TrainJob | Mapping[str, Any]") -> int:
+    """Do what the fake backend does for ``job`` (see the module doc); return the exit status.
+
+    Its test knobs come from the job's opaque ``trainer.extra`` table.
+    """
+    from .job import as_job
     from .variants import output_name
 
-    trainer = job.get("trainer", {})
-    params = job["params"]
+    job = as_job(job)
+    knobs = job.trainer.extra
+    params = job.params.to_dict()
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
-    print(f"fake trainer pid={os.getpid()} lora={job['lora']} variant={job['variant']} gpu={gpu}", flush=True)
+    print(f"fake trainer pid={os.getpid()} lora={job.lora} variant={job.variant} gpu={gpu}", flush=True)
     grandchild = None
-    if trainer.get("fake_grandchild"):
+    if knobs.get("fake_grandchild"):
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
         print(f"fake trainer grandchild pid={grandchild.pid}", flush=True)
     start = time.time()
-    seconds = float(trainer.get("fake_seconds", 0) or 0)
-    steps = int(params.get("steps", 1))
+    seconds = float(knobs.get("fake_seconds", 0) or 0)
+    steps = job.params.steps
     while (elapsed := time.time() - start) < seconds:
         step = min(steps, int(steps * elapsed / seconds) + 1)
         print(f"\rsteps: {step}/{steps}", end="", flush=True)
         time.sleep(min(0.1, max(0.0, seconds - elapsed)))
     print(f"\rsteps: {steps}/{steps}", flush=True)
-    ok = not trainer.get("fake_fail")
+    ok = not knobs.get("fake_fail")
     if ok:
-        root = job.get("project_root")
-        inputs = job.get("inputs", [])
+        root = job.project_root
         write_fake_lora(
-            job["output"],
+            job.output,
             params,
-            arch=job.get("model", {}).get("arch", "sd15"),
-            name=output_name(job["lora"], params),
-            keywords=job.get("keywords", []),
-            seed_material=inputs_digest(inputs, root),
-            tag_freq=tag_frequency(inputs, root),
+            arch=job.model.arch,
+            name=output_name(job.lora, params),
+            keywords=job.keywords,
+            seed_material=inputs_digest(job.inputs, root),
+            tag_freq=tag_frequency(job.inputs, root),
         )
-        print(f"fake trainer: wrote {job['output']}", flush=True)
+        print(f"fake trainer: wrote {job.output}", flush=True)
     else:
-        print("fake trainer: failing as asked (trainer.fake_fail)", file=sys.stderr, flush=True)
+        print("fake trainer: failing as asked (trainer.extra.fake_fail)", file=sys.stderr, flush=True)
     if grandchild is not None:
         grandchild.kill()
         grandchild.wait()
-    if trainer.get("fake_record"):
+    if knobs.get("fake_record"):
         record = {
-            "lora": job["lora"],
-            "variant": job["variant"],
+            "lora": job.lora,
+            "variant": job.variant,
             "gpu": gpu,
             "start": start,
             "end": time.time(),
             "pid": os.getpid(),
             "ok": ok,
         }
-        append_record(trainer["fake_record"], record)
+        # a relative path is the project's: the runner starts every backend in the project root
+        append_record(Path(job.project_root) / knobs["fake_record"], record)
     return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``python -m charbuild.train.fake JOB.json``."""
+    from .job import TrainJob
+
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m charbuild.train.fake JOB.json", file=sys.stderr)
         return 2
-    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    return run_fake(job)
+    return run_fake(TrainJob.from_json(argv[0]))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ Importing this package is cheap: torch, diffusers and transformers are imported 
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
-from pathlib import Path
 
 from charbuild.errors import CharbuildError
 
@@ -30,11 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m charbuild.train.builtin JOB.json", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
-        try:
-            job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CharbuildError(f"cannot read job file {argv[0]}: {e}") from e
+        from ..job import TrainJob
         from .trainer import run_job
+
+        job = TrainJob.from_json(argv[0])
 
         run_job(job)
         return 0

@@ -1,72 +1,54 @@
-"""The training loop of the builtin LoRA trainer, and the kohya-format output file.
+"""The training loop of the builtin LoRA trainer, in four steps.
 
-One call of :func:`run_job` trains one LoRA from a job dict (docs/architecture.md, "The
-training job") the way sd-scripts' ``train_network.py`` does with charbuild's flags: latents
-cached once, DDPM noise at a uniform random timestep, MSE between predicted and true noise
-(or velocity for v-prediction models), gradient clipping at 1.0, LoRA on UNet and text
-encoder with separate learning rates, the chosen optimizer and scheduler, a fixed seed.
+:func:`run_job` trains one LoRA from a :class:`~charbuild.train.job.TrainJob` the way sd-scripts'
+``train_network.py`` does with charbuild's flags (latents cached once, DDPM noise at a uniform
+random timestep, MSE between predicted and true noise, or velocity for v-prediction models,
+gradient clipping at 1.0, LoRA on UNet and text encoder with separate learning rates, the chosen
+optimizer and scheduler, a fixed seed):
+
+1. :func:`resolve_setup` -- every decision that needs no torch, as a :class:`Setup` (pure data);
+2. :func:`prepare` -- seed, base model, dataset, cached latents, network, optimizer
+   (a :class:`Prepared`);
+3. :func:`train_loop` -- the steps, calling ``on_step(step, loss, lrs)`` after each (progress
+   bar, TensorBoard; later samples and validation);
+4. :func:`write_result` -- the kohya-format file through the project's one safetensors writer,
+   :func:`charbuild.lora.io.save_lora` (sorted header, sd-scripts' ``sshs_*`` hashes).
 """
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import math
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 from charbuild.errors import TrainingError
-from charbuild.fsutil import atomic_path
 
+from ..job import TrainJob, adafactor_relative_step, as_job, optimizer_kwargs, scheduler_in_effect
 from .models import UnsupportedError
+from .network import NetworkSpec
 
 #: sd-scripts' default --learning_rate, used when a job gives none to an optimizer that needs one.
 SD_SCRIPTS_DEFAULT_LR = 2e-6
 MAX_GRAD_NORM = 1.0  # sd-scripts' default --max_grad_norm
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+
+#: ``on_step(step, loss, lrs)``: called after every optimizer step (1-based step, its loss,
+#: the current learning rates: UNet first, then text encoder).
+StepCallback = Callable[[int, float, list], None]
 
 
 def note(msg: str) -> None:
     """One informational line on stdout (the runner captures it into train.log)."""
     print(f"[builtin] {msg}", flush=True)
-
-
-# --------------------------------------------------------------------------- hashes / metadata
-
-
-def addnet_hash_safetensors(data: bytes) -> str:
-    """sd-scripts' ``addnet_hash_safetensors``: sha256 of everything after the header."""
-    n = int.from_bytes(data[:8], "little")
-    return hashlib.sha256(data[8 + n :]).hexdigest()
-
-
-def addnet_hash_legacy(data: bytes) -> str:
-    """sd-scripts' ``addnet_hash_legacy``: sha256 of 64 KiB at offset 1 MiB, first 8 hex digits."""
-    return hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
-
-
-def precalculate_safetensors_hashes(tensors: dict, metadata: dict) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them before saving.
-
-    Only the ``ss_`` metadata goes into the serialised bytes that are hashed, so editing other
-    metadata later does not change the hashes. Uses the LoRA toolkit's
-    ``charbuild.lora.io.sd_scripts_hashes`` (one implementation for the whole project) when it
-    is there, else the same computation here.
-    """
-    try:
-        from charbuild.lora.io import sd_scripts_hashes
-    except ImportError:
-        sd_scripts_hashes = None
-    if sd_scripts_hashes is not None:
-        return sd_scripts_hashes(tensors, metadata)
-    from safetensors.torch import save
-
-    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    return addnet_hash_safetensors(data), addnet_hash_legacy(data)
 
 
 def _timestamp() -> float:
@@ -77,27 +59,90 @@ def _timestamp() -> float:
     return time.time()
 
 
-# --------------------------------------------------------------------------- options
+
+# --------------------------------------------------------------------------- 1. setup (pure)
 
 
-def parse_optimizer_args(items) -> dict:
-    """``["relative_step=True", "betas=(0.9,0.99)"]`` -> kwargs (values via ``ast.literal_eval``)."""
-    out = {}
-    for item in items or []:
-        key, sep, value = str(item).partition("=")
-        if not sep:
-            raise TrainingError(f"optimizer argument {item!r} is not key=value")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
+@dataclass(frozen=True)
+class Setup:
+    """What a training will do, decided from the job alone (no torch, no files read)."""
+
+    job: TrainJob
+    root: Path
+    output: Path
+    steps: int
+    seed: int
+    clip_skip: int | None
+    network: NetworkSpec
+    network_module: str
+    network_args: dict[str, str]
+    unet_only: bool
+    gradient_checkpointing: bool
+    mixed_precision: str  # no | fp16 | bf16 (on a CPU the weights stay float32)
+    save_dtype: str  # torch dtype name of the saved tensors
+    optimizer: str  # adamw | adamw8bit | adafactor (AdamW8bit needs bitsandbytes on CUDA, else AdamW)
+    optimizer_kwargs: dict[str, Any]
+    lr: float | None
+    text_encoder_lr: float | None
+    scheduler: str  # the schedule in effect: "adafactor" when Adafactor's relative step drives it
+    dataset_overrides: dict[str, int] = field(default_factory=dict)
+    continue_from: Path | None = None
+
+
+def resolve_setup(job: TrainJob | dict) -> Setup:
+    """The :class:`Setup` of ``job``; UnsupportedError (exit code 2) for what this trainer cannot do."""
+    job = as_job(job)
+    params = job.params
+    if params.steps < 1:
+        raise TrainingError("steps must be at least 1")
+    spec, module, net_args = network_spec(params.to_dict())
+    mp = params.mixed_precision.lower()
+    if mp not in MIXED_PRECISIONS:
+        raise UnsupportedError(f"mixed_precision {mp!r} is not one of fp16, bf16, no")
+    save_dtype = SAVE_PRECISIONS.get(params.save_precision.lower())
+    if save_dtype is None:
+        raise UnsupportedError(f"save_precision {params.save_precision!r} is not one of fp16, bf16, float")
+    optimizer = params.optimizer.lower()
+    if optimizer not in OPTIMIZERS:
+        raise UnsupportedError(f"optimizer {params.optimizer!r} is not supported by the builtin trainer")
+    kwargs = optimizer_kwargs(params.optimizer_args)
+    if optimizer == "adafactor":
+        kwargs["relative_step"] = adafactor_relative_step(params.optimizer_args)
+    overrides = {}
+    if params.resolution:
+        overrides["resolution"] = int(params.resolution)
+    for key in ("min_bucket_reso", "max_bucket_reso"):
+        if getattr(params, key):
+            overrides[key] = int(getattr(params, key))
+    return Setup(
+        job=job,
+        root=Path(job.project_root).resolve(),
+        output=Path(job.output),
+        steps=params.steps,
+        seed=params.seed,
+        clip_skip=int(params.clip_skip) if params.clip_skip else None,
+        network=spec,
+        network_module=module,
+        network_args=net_args,
+        unet_only=params.network_train_unet_only,
+        gradient_checkpointing=params.gradient_checkpointing,
+        mixed_precision=mp,
+        save_dtype=save_dtype,
+        optimizer=optimizer,
+        optimizer_kwargs=kwargs,
+        lr=params.lr,
+        text_encoder_lr=params.text_encoder_lr,
+        scheduler=scheduler_in_effect(params.optimizer, params.optimizer_args, params.scheduler),
+        dataset_overrides=overrides,
+        continue_from=Path(job.continue_from) if job.continue_from else None,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def network_spec(params: dict):
     """The :class:`~.network.NetworkSpec` and the ss_network_* metadata of the job's params."""
-    from .network import NetworkSpec
-
     network = params.get("network") or "Lora1x1"
     algo = (params.get("algo") or "").lower() or None
     if network == "Loha":
@@ -122,22 +167,15 @@ def network_spec(params: dict):
     return spec, module, net_args
 
 
-def make_optimizer(params: dict, network, is_cuda: bool):
+def make_optimizer(setup: Setup, network, is_cuda: bool):
     """(optimizer, lr scheduler or None, description) as sd-scripts sets them up."""
     import torch
 
-    name = (params.get("optimizer") or "AdamW").lower()
-    kwargs = parse_optimizer_args(params.get("optimizer_args"))
-    lr = params.get("lr")
-    te_lr = params.get("text_encoder_lr")
-    steps = int(params["steps"])
-    sched_name = params.get("scheduler") or "cosine_with_restarts"
+    name, kwargs = setup.optimizer, dict(setup.optimizer_kwargs)
+    lr, te_lr = setup.lr, setup.text_encoder_lr
     if name == "adafactor":
         from transformers.optimization import Adafactor, AdafactorSchedule
 
-        kwargs.setdefault("relative_step", True)
-        if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
-            kwargs["relative_step"] = True
         if kwargs["relative_step"]:
             if lr is not None or te_lr is not None:
                 note("adafactor with relative_step: learning rates are ignored (as sd-scripts)")
@@ -147,7 +185,7 @@ def make_optimizer(params: dict, network, is_cuda: bool):
         lr = lr if lr is not None else SD_SCRIPTS_DEFAULT_LR
         groups = network.param_groups(lr, te_lr if te_lr is not None else lr)
         opt = Adafactor(groups, lr=lr, **kwargs)
-    elif name in ("adamw", "adamw8bit"):
+    else:
         if lr is None:
             lr = SD_SCRIPTS_DEFAULT_LR
             note(f"no learning rate given: using sd-scripts' default {lr}")
@@ -165,14 +203,12 @@ def make_optimizer(params: dict, network, is_cuda: bool):
                 note("AdamW8bit needs bitsandbytes on CUDA: using torch AdamW (32-bit states) on the CPU")
         if opt is None:
             opt = torch.optim.AdamW(groups, lr=lr, **kwargs)
-    else:
-        raise UnsupportedError(f"optimizer {params.get('optimizer')!r} is not supported by the builtin trainer")
     from diffusers.optimization import get_scheduler
 
     try:
-        sched = get_scheduler(sched_name, opt, num_warmup_steps=0, num_training_steps=steps, num_cycles=1)
+        sched = get_scheduler(setup.scheduler, opt, num_warmup_steps=0, num_training_steps=setup.steps, num_cycles=1)
     except (ValueError, KeyError) as e:
-        raise UnsupportedError(f"lr scheduler {sched_name!r}: {e}") from e
+        raise UnsupportedError(f"lr scheduler {setup.scheduler!r}: {e}") from e
     return opt, sched, f"{type(opt).__name__}({kwargs})"
 
 
@@ -209,8 +245,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --------------------------------------------------------------------------- the run
-
 
 def encode_text(tokenizer, text_encoder, captions: list[str], clip_skip: int | None, device):
     """SD1.x conditioning as sd-scripts: ``hidden_states[-clip_skip]`` + final layer norm."""
@@ -227,67 +261,60 @@ def encode_text(tokenizer, text_encoder, captions: list[str], clip_skip: int | N
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(h)
 
 
-def run_job(job: dict) -> dict:
-    """Train the LoRA described by ``job`` and write it to ``job["output"]``.
+# --------------------------------------------------------------------------- 2. prepare
 
-    Returns a summary dict (steps, final/average loss, steps per second, module count).
-    Raises :class:`TrainingError` (or :class:`UnsupportedError`, exit code 2) for problems the
-    user can fix.
+
+@dataclass
+class Prepared:
+    """Everything the loop needs, in memory."""
+
+    device: Any
+    weight_dtype: Any
+    model_name: str
+    dataset: Any
+    latents: dict
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    network: Any
+    optimizer: Any
+    lr_scheduler: Any
+    optimizer_desc: str
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return len(self.network.te_loras) > 0
+
+
+def prepare(setup: Setup) -> Prepared:
+    """Seed, load the base model and the dataset, cache latents, build network and optimizer.
+
+    The order is fixed: every random draw (latent sampling, network init) follows the seed.
     """
     import torch
-    from tqdm import tqdm
 
-    from .data import cache_latents, make_batches, read_dataset_toml
+    from .data import cache_latents, read_dataset_toml
     from .models import load_base_model
     from .network import LoRANetwork
 
-    params = dict(job["params"])
-    model_cfg = dict(job.get("model") or {})
-    root = Path(job.get("project_root") or ".").resolve()
-    output = Path(job["output"])
-    steps = int(params["steps"])
-    if steps < 1:
-        raise TrainingError("steps must be at least 1")
-    seed = int(params.get("seed") if params.get("seed") is not None else 0)
-    clip_skip = params.get("clip_skip")
-    if clip_skip is None:
-        clip_skip = model_cfg.get("clip_skip")
-    clip_skip = int(clip_skip) if clip_skip else None
-    spec, network_module, net_args = network_spec(params)
-    unet_only = bool(params.get("network_train_unet_only"))
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     is_cuda = device.type == "cuda"
-    mp = (params.get("mixed_precision") or "no").lower()
     weight_dtype = torch.float32
-    if mp in ("fp16", "bf16"):
+    if setup.mixed_precision in ("fp16", "bf16"):
         if is_cuda:
-            weight_dtype = torch.float16 if mp == "fp16" else torch.bfloat16
+            weight_dtype = torch.float16 if setup.mixed_precision == "fp16" else torch.bfloat16
         else:
-            note(f"mixed_precision {mp} needs a GPU: training in float32 on the CPU")
-    elif mp != "no":
-        raise UnsupportedError(f"mixed_precision {mp!r} is not one of fp16, bf16, no")
-    save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, "fp32": torch.float32}.get(
-        (params.get("save_precision") or "fp16").lower()
-    )
-    if save_dtype is None:
-        raise UnsupportedError(f"save_precision {params.get('save_precision')!r} is not one of fp16, bf16, float")
-
+            note(f"mixed_precision {setup.mixed_precision} needs a GPU: training in float32 on the CPU")
     if not is_cuda:
         torch.set_num_threads(choose_cpu_threads())
         note(f"CPU training with {torch.get_num_threads()} thread(s)")
-    seed_everything(seed)
+    seed_everything(setup.seed)
     t0 = time.time()
-    base = load_base_model(model_cfg, root)
+    base = load_base_model(setup.job.model.to_dict(), setup.root)
     note(f"model {base.name} loaded in {time.time() - t0:.1f}s; device {device}")
 
-    overrides = {}
-    if params.get("resolution"):
-        overrides["resolution"] = int(params["resolution"])
-    for k in ("min_bucket_reso", "max_bucket_reso"):
-        if params.get(k):
-            overrides[k] = int(params[k])
-    dataset = read_dataset_toml(job["dataset_toml"], root, overrides)
+    dataset = read_dataset_toml(setup.job.dataset_toml, setup.root, setup.dataset_overrides)
     for n in dataset.notes:
         note(n)
     buckets = sorted({it.bucket for it in dataset.items})
@@ -296,167 +323,201 @@ def run_job(job: dict) -> dict:
     # latents once; the VAE is not needed afterwards
     t0 = time.time()
     base.vae.to(device, torch.float32)
-    latents = cache_latents(dataset, base.vae, device, seed)
+    latents = cache_latents(dataset, base.vae, device, setup.seed)
     base.vae.to("cpu")
     base.vae = None
     note(f"cached {len(latents)} latents in {time.time() - t0:.1f}s")
 
-    unet, text_encoder, tokenizer = base.unet, base.text_encoder, base.tokenizer
+    unet, text_encoder = base.unet, base.text_encoder
     unet.to(device, weight_dtype)
     text_encoder.to(device, weight_dtype)
-    network = LoRANetwork(unet, None if unet_only else text_encoder, spec)
+    spec = setup.network
+    network = LoRANetwork(unet, None if setup.unet_only else text_encoder, spec)
     network.apply_to()
-    if job.get("continue_from"):
-        _load_continue_from(network, Path(job["continue_from"]))
+    if setup.continue_from is not None:
+        _load_continue_from(network, setup.continue_from)
     network.to(device, torch.float32)
     network.requires_grad_(True)
     n_unet, n_te = len(network.unet_loras), len(network.te_loras)
     note(f"{spec.algo} network: {n_unet} UNet + {n_te} text-encoder modules; dim {spec.dim} alpha {spec.alpha}"
          + (f"; conv_dim {spec.conv_dim} conv_alpha {spec.conv_alpha}" if spec.conv_dim else ""))
-    train_te = n_te > 0
-    if params.get("gradient_checkpointing"):
-        unet.enable_gradient_checkpointing()
-        if train_te:
-            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5
-                text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        unet.train()  # checkpointing is active in training mode only
-        if train_te:
-            text_encoder.train()
+    if setup.gradient_checkpointing:
+        _enable_gradient_checkpointing(unet, text_encoder if n_te else None)
 
-    optimizer, lr_scheduler, opt_desc = make_optimizer(params, network, is_cuda)
-    note(f"optimizer {opt_desc}; scheduler {params.get('scheduler') or 'cosine_with_restarts'}; seed {seed}")
-    scaler = torch.amp.GradScaler("cuda") if (is_cuda and weight_dtype == torch.float16) else None
-    noise_scheduler = base.noise_scheduler
-    n_timesteps = int(noise_scheduler.config.num_train_timesteps)
-    prediction_type = noise_scheduler.config.prediction_type
+    optimizer, lr_scheduler, opt_desc = make_optimizer(setup, network, is_cuda)
+    note(f"optimizer {opt_desc}; scheduler {setup.job.params.scheduler}; seed {setup.seed}")
+    return Prepared(device, weight_dtype, base.name, dataset, latents, unet, text_encoder, base.tokenizer,
+                    base.noise_scheduler, network, optimizer, lr_scheduler, opt_desc)
 
-    writer = _summary_writer(job)
-    te_cache: dict[str, torch.Tensor] = {}
-    rng = random.Random(seed)
-    loss_sum, loss_count, losses, step_ends = 0.0, 0, [], []
-    step = 0
-    trainable = [p for p in network.parameters() if p.requires_grad]
+
+def _enable_gradient_checkpointing(unet, text_encoder) -> None:
+    unet.enable_gradient_checkpointing()
+    if text_encoder is not None:
+        if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5
+            text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    unet.train()  # checkpointing is active in training mode only
+    if text_encoder is not None:
+        text_encoder.train()
+
+
+# --------------------------------------------------------------------------- 3. the loop
+
+
+def train_loop(setup: Setup, prep: Prepared, on_step: StepCallback | None = None) -> list[float]:
+    """Run ``setup.steps`` optimizer steps; return the loss of each. Calls ``on_step`` after each."""
+    import torch
+
+    from .data import make_batches
+
+    device, weight_dtype, dataset = prep.device, prep.weight_dtype, prep.dataset
+    unet, text_encoder, tokenizer, noise = prep.unet, prep.text_encoder, prep.tokenizer, prep.noise_scheduler
+    optimizer, lr_scheduler = prep.optimizer, prep.lr_scheduler
+    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and weight_dtype == torch.float16) else None
+    n_timesteps = int(noise.config.num_train_timesteps)
+    v_prediction = noise.config.prediction_type == "v_prediction"
     autocast = torch.autocast("cuda", dtype=weight_dtype) if weight_dtype != torch.float32 else None
-    t_train = time.time()
-    bar = tqdm(total=steps, desc="steps", unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-    try:
-        while step < steps:
-            for batch in make_batches(dataset, rng):
-                if step >= steps:
-                    break
-                lat = torch.stack([latents[key] for key in batch]).to(device)
-                captions = [dataset.items[i].caption for i, _ in batch]
-                with autocast if autocast is not None else _nullcontext():
-                    if train_te:
-                        cond = encode_text(tokenizer, text_encoder, captions, clip_skip, device)
-                    else:
-                        cond = _cached_cond(te_cache, captions, tokenizer, text_encoder, clip_skip, device)
-                    noise = torch.randn_like(lat)
-                    t = torch.randint(0, n_timesteps, (lat.shape[0],), device=device).long()
-                    noisy = noise_scheduler.add_noise(lat, noise, t)
-                    pred = unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample
-                    if prediction_type == "v_prediction":
-                        target = noise_scheduler.get_velocity(lat, noise, t)
-                    else:
-                        target = noise
-                    loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} at step {step + 1}; try mixed_precision = 'no' or a lower lr")
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-                    scaler.step(optimizer)
-                    scaler.update()
+    trainable = [p for p in prep.network.parameters() if p.requires_grad]
+    te_cache: dict[str, Any] = {}
+    rng = random.Random(setup.seed)
+    losses: list[float] = []
+    while len(losses) < setup.steps:
+        for batch in make_batches(dataset, rng):
+            if len(losses) >= setup.steps:
+                break
+            lat = torch.stack([prep.latents[key] for key in batch]).to(device)
+            captions = [dataset.items[i].caption for i, _ in batch]
+            with autocast if autocast is not None else _nullcontext():
+                if prep.train_text_encoder:
+                    cond = encode_text(tokenizer, text_encoder, captions, setup.clip_skip, device)
                 else:
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-                    optimizer.step()
-                if lr_scheduler is not None:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                cur = float(loss.detach())  # also waits for the GPU: honest step times
-                step_ends.append(time.time())
-                losses.append(cur)
-                loss_sum += cur
-                loss_count += 1
-                avg = loss_sum / loss_count
-                bar.update(1)
-                bar.set_postfix(loss=f"{cur:.4f}", avg=f"{avg:.4f}", refresh=False)
-                if writer is not None:
-                    writer.add_scalar("loss/current", cur, step)
-                    writer.add_scalar("loss/average", avg, step)
-                    lrs = _current_lrs(optimizer, lr_scheduler)
-                    if lrs:
-                        writer.add_scalar("lr/unet", lrs[0], step)
-                    if len(lrs) > 1:
-                        writer.add_scalar("lr/textencoder", lrs[1], step)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    train_s = time.time() - t_train
-    note(f"{steps} steps in {train_s:.1f}s ({steps / max(train_s, 1e-9):.2f} steps/s); final loss {losses[-1]:.4f}, "
-         f"average {loss_sum / loss_count:.4f}")
+                    cond = _cached_cond(te_cache, captions, tokenizer, text_encoder, setup.clip_skip, device)
+                eps = torch.randn_like(lat)
+                t = torch.randint(0, n_timesteps, (lat.shape[0],), device=device).long()
+                pred = unet(noise.add_noise(lat, eps, t).to(weight_dtype), t, cond.to(weight_dtype)).sample
+                target = noise.get_velocity(lat, eps, t) if v_prediction else eps
+                loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss became {loss.item()} at step {len(losses) + 1}; "
+                                    "try mixed_precision = 'no' or a lower lr")
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+                optimizer.step()
+            if lr_scheduler is not None:
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))  # also waits for the GPU: honest step times
+            if on_step is not None:
+                on_step(len(losses), losses[-1], _current_lrs(optimizer, lr_scheduler))
+    return losses
 
-    tensors = network.kohya_state_dict(save_dtype)
-    metadata = build_metadata(job, params, base.name, dataset, network_module, spec, net_args, clip_skip, seed,
-                              steps, mp, opt_desc, model_cfg)
-    model_hash, legacy_hash = precalculate_safetensors_hashes(tensors, metadata)
-    metadata["sshs_model_hash"] = model_hash
-    metadata["sshs_legacy_hash"] = legacy_hash
-    save_lora(tensors, metadata, output)
-    note(f"wrote {output} ({len(tensors)} tensors)")
+
+class Progress:
+    """The step callback of a run: tqdm bar, TensorBoard scalars, step end times."""
+
+    def __init__(self, setup: Setup):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=setup.steps, desc="steps", unit="step", file=sys.stderr, dynamic_ncols=True,
+                        mininterval=1.0)
+        self.writer = _summary_writer(setup.job)
+        self.loss_sum = 0.0
+        self.started = time.time()
+        self.step_ends: list[float] = []
+
+    def __call__(self, step: int, loss: float, lrs: list) -> None:
+        self.step_ends.append(time.time())
+        self.loss_sum += loss
+        avg = self.loss_sum / step
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", avg=f"{avg:.4f}", refresh=False)
+        if self.writer is not None:
+            self.writer.add_scalar("loss/current", loss, step)
+            self.writer.add_scalar("loss/average", avg, step)
+            if lrs:
+                self.writer.add_scalar("lr/unet", lrs[0], step)
+            if len(lrs) > 1:
+                self.writer.add_scalar("lr/textencoder", lrs[1], step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------- 4. the result
+
+
+def write_result(setup: Setup, prep: Prepared) -> int:
+    """Write the trained network to ``setup.output`` (kohya keys, sd-scripts metadata); its tensor count."""
+    import torch
+
+    from charbuild.lora.io import save_lora
+
+    tensors = prep.network.kohya_state_dict(getattr(torch, setup.save_dtype))
+    save_lora(setup.output, tensors, build_metadata(setup, prep.model_name, prep.dataset, prep.optimizer_desc))
+    return len(tensors)
+
+
+def run_job(job: TrainJob | dict, on_step: StepCallback | None = None) -> dict:
+    """Train the LoRA described by ``job`` and write it to its ``output``.
+
+    Returns a summary dict (steps, final/average loss, steps per second, module count).
+    Raises :class:`TrainingError` (or :class:`UnsupportedError`, exit code 2) for problems the
+    user can fix. ``on_step`` is called after every step, beside the progress bar.
+    """
+    import torch
+
+    setup = resolve_setup(job)
+    prep = prepare(setup)
+    progress = Progress(setup)
+
+    def step_done(step: int, loss: float, lrs: list) -> None:
+        progress(step, loss, lrs)
+        if on_step is not None:
+            on_step(step, loss, lrs)
+
+    try:
+        losses = train_loop(setup, prep, step_done)
+    finally:
+        progress.close()
+    steps = setup.steps
+    train_s = time.time() - progress.started
+    average = sum(losses) / len(losses)
+    note(f"{steps} steps in {train_s:.1f}s ({steps / max(train_s, 1e-9):.2f} steps/s); final loss {losses[-1]:.4f}, "
+         f"average {average:.4f}")
+    n_tensors = write_result(setup, prep)
+    note(f"wrote {setup.output} ({n_tensors} tensors)")
+    ends = progress.step_ends
     return {
         "steps": steps,
         "final_loss": losses[-1],
-        "average_loss": loss_sum / loss_count,
+        "average_loss": average,
         "losses": losses,
         "steps_per_s": steps / max(train_s, 1e-9),
-        "step_durations": [b - a for a, b in zip([t_train] + step_ends[:-1], step_ends)],
-        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if is_cuda else None,
-        "modules": n_unet + n_te,
-        "output": str(output),
+        "step_durations": [b - a for a, b in zip([progress.started] + ends[:-1], ends)],
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if prep.device.type == "cuda" else None,
+        "modules": len(prep.network.unet_loras) + len(prep.network.te_loras),
+        "output": str(setup.output),
     }
 
 
-def canonical_safetensors(data: bytes) -> bytes:
-    """The same safetensors file with its JSON header in sorted key order.
-
-    The safetensors library writes the metadata map in hash-map order, which changes from
-    process to process; sorting makes equal inputs give equal bytes. Tensor data and offsets
-    are untouched (the header keeps its length: same content, other order).
-    """
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-(8 + len(text)) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + n :]
-
-
-def save_lora(tensors: dict, metadata: dict, output: Path) -> None:
-    """Write ``tensors`` + string ``metadata`` as safetensors to ``output``, atomically.
-
-    The header is written in sorted order, so a rerun with the same inputs gives the same bytes.
-    """
-    from safetensors.torch import save
-
-    data = canonical_safetensors(save(tensors, {k: str(v) for k, v in metadata.items()}))
-    with atomic_path(output) as tmp:
-        tmp.write_bytes(data)
-
-
-def build_metadata(job, params, model_name, dataset, network_module, spec, net_args, clip_skip, seed, steps, mp,
-                   opt_desc, model_cfg) -> dict[str, str]:
+def build_metadata(setup: Setup, model_name: str, dataset, opt_desc: str) -> dict[str, str]:
     """The safetensors header metadata (all strings), sd-scripts' ``ss_*`` and modelspec keys."""
+    job, params, spec = setup.job, setup.job.params, setup.network
     ts = _timestamp()
-    name = params.get("name") or job.get("lora") or Path(job["output"]).stem
+    name = params.name
     res = dataset.datasets[0].resolution
-    lr = params.get("lr")
-    te_lr = params.get("text_encoder_lr")
+    lr, te_lr = params.lr, params.text_encoder_lr
+    steps = setup.steps
     md = {
         "ss_training_started_at": str(ts),
         "ss_output_name": name,
@@ -467,35 +528,35 @@ def build_metadata(job, params, model_name, dataset, network_module, spec, net_a
         "ss_num_batches_per_epoch": "",
         "ss_max_train_steps": str(steps),
         "ss_steps": str(steps),
-        "ss_lr_scheduler": str(params.get("scheduler") or "cosine_with_restarts"),
+        "ss_lr_scheduler": str(params.scheduler),
         "ss_optimizer": opt_desc,
-        "ss_network_module": network_module,
+        "ss_network_module": setup.network_module,
         "ss_network_dim": str(spec.dim),
         "ss_network_alpha": str(float(spec.alpha)),
-        "ss_network_args": json.dumps(net_args),
-        "ss_mixed_precision": mp,
+        "ss_network_args": json.dumps(setup.network_args),
+        "ss_mixed_precision": setup.mixed_precision,
         "ss_full_fp16": "False",
         "ss_v2": "False",
         "ss_base_model_version": "sd_v1",
-        "ss_clip_skip": str(clip_skip),
-        "ss_seed": str(seed),
+        "ss_clip_skip": str(setup.clip_skip),
+        "ss_seed": str(setup.seed),
         "ss_sd_model_name": model_name,
-        "ss_vae_name": Path(model_cfg["vae"]).name if model_cfg.get("vae") else "None",
+        "ss_vae_name": Path(job.model.vae).name if job.model.vae else "None",
         "ss_resolution": f"({res[0]}, {res[1]})",
-        "ss_gradient_checkpointing": str(bool(params.get("gradient_checkpointing"))),
-        "ss_network_train_unet_only": str(bool(params.get("network_train_unet_only"))),
+        "ss_gradient_checkpointing": str(setup.gradient_checkpointing),
+        "ss_network_train_unet_only": str(setup.unet_only),
         "ss_cache_latents": "True",
         "ss_max_grad_norm": str(MAX_GRAD_NORM),
         "ss_caption_dropout_rate": "0.0",
         "ss_noise_offset": "None",
         "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
         "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
-        "ss_training_comment": f"charbuild builtin trainer; lora {job.get('lora')}; variant {job.get('variant')}",
+        "ss_training_comment": f"charbuild builtin trainer; lora {job.lora}; variant {job.variant}",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": name,
-        "modelspec.trigger_phrase": ", ".join(job.get("keywords") or []),
+        "modelspec.trigger_phrase": ", ".join(job.keywords),
         "modelspec.date": datetime.fromtimestamp(ts, tz=timezone.utc).replace(tzinfo=None).isoformat(),
         "modelspec.resolution": f"{res[0]}x{res[1]}",
         "modelspec.prediction_type": "epsilon",
@@ -505,8 +566,8 @@ def build_metadata(job, params, model_name, dataset, network_module, spec, net_a
         for ds in dataset.datasets for b in {it.bucket for it in ds.items}
     ))
     md["ss_num_epochs"] = str(math.ceil(steps / max(1, int(md["ss_num_batches_per_epoch"]))))
-    if clip_skip:
-        md["modelspec.encoder_layer"] = str(clip_skip)
+    if setup.clip_skip:
+        md["modelspec.encoder_layer"] = str(setup.clip_skip)
     return md
 
 
@@ -549,18 +610,14 @@ def _current_lrs(optimizer, lr_scheduler) -> list[float]:
         return []
 
 
-def _summary_writer(job: dict):
-    vdir = job.get("variant_dir")
-    if not vdir:
-        return None
+def _summary_writer(job: TrainJob):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         note("tensorboard is not installed: no TensorBoard logs")
         return None
     stamp = datetime.fromtimestamp(_timestamp()).strftime("%Y%m%d%H%M%S")
-    prefix = f"{job.get('lora') or 'lora'}-{job.get('variant') or 'variant'}"
-    return SummaryWriter(log_dir=str(Path(vdir) / "logs" / f"{prefix}-{stamp}" / "network_train"))
+    return SummaryWriter(log_dir=str(Path(job.variant_dir) / "logs" / f"{job.lora}-{job.variant}-{stamp}" / "network_train"))
 
 
 class _nullcontext:

@@ -1,0 +1,142 @@
+"""The on-disk layout of a project's ``build/`` folder: the one module that spells its paths.
+
+============================================  ===========================================
+path (relative to the project root)           what
+============================================  ===========================================
+``build/images/<char>/<part>/<size>/``        prepared pictures ``<stem>.png`` + ``.txt``
+``build/loras/<lora>/dataset.toml``           the LoRA's dataset TOML
+``build/loras/<lora>/preview.png``            its contact sheet
+``build/loras/<lora>/<variant>/``             one training variant: ``raw.safetensors``
+                                              (+ ``raw.json`` signature), ``merged``,
+                                              ``<lora>-<variant>.safetensors`` (the
+                                              deliverable), ``train.log``, ``logs/``
+``build/locks/``                              build lock, GPU locks
+``build/cache/``                              model hashes; ``trained/``: the run cache
+``build/models/``                             generated models (the ``tiny`` demo model)
+``build/.doit.db``                            doit's state database
+============================================  ===========================================
+
+Two spellings of every path: the task graph uses POSIX strings relative to the root
+(``"build/loras/krnk/dataset.toml"``: what doit stores as targets and dependencies, so
+they must not change when the project moves), everything else absolute
+:class:`~pathlib.Path` objects from :class:`Layout`, whose root is made absolute once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUILD = "build"
+IMAGES = f"{BUILD}/images"
+LORAS = f"{BUILD}/loras"
+LOCKS = f"{BUILD}/locks"
+CACHE = f"{BUILD}/cache"
+MODELS = f"{BUILD}/models"
+DOIT_DB = f"{BUILD}/.doit.db"
+RUN_CACHE = f"{CACHE}/trained"
+
+RAW_NAME = "raw.safetensors"
+MERGED_NAME = "merged.safetensors"
+LOG_NAME = "train.log"
+
+
+# ---------------------------------------------------------------- relative POSIX strings (the graph's)
+
+
+def image_dir(character: str, part: str, size: int) -> str:
+    """The prepared-image folder of a character's part at a ladder size."""
+    return f"{IMAGES}/{character}/{part}/{size}"
+
+
+def lora_dir(lora: str) -> str:
+    """``build/loras/<lora>``."""
+    return f"{LORAS}/{lora}"
+
+
+def dataset_toml(lora: str) -> str:
+    return f"{lora_dir(lora)}/dataset.toml"
+
+
+def preview_png(lora: str) -> str:
+    return f"{lora_dir(lora)}/preview.png"
+
+
+def variant_dir(lora: str, variant: str) -> str:
+    """``build/loras/<lora>/<variant>``: every file of one training variant."""
+    return f"{lora_dir(lora)}/{variant}"
+
+
+def raw_lora(lora: str, variant: str) -> str:
+    return f"{variant_dir(lora, variant)}/{RAW_NAME}"
+
+
+def merged_lora(lora: str, variant: str) -> str:
+    return f"{variant_dir(lora, variant)}/{MERGED_NAME}"
+
+
+def deliverable_stem(lora: str, variant: str) -> str:
+    """``<lora>-<variant>``: the deliverable's file stem, and the name written inside every LoRA
+    file of that variant (``ss_output_name``, ``modelspec.title``: web UIs use it as the alias)."""
+    return f"{lora}-{variant}"
+
+
+def deliverable_lora(lora: str, variant: str) -> str:
+    """``build/loras/<lora>/<variant>/<lora>-<variant>.safetensors``: the file to use."""
+    return f"{variant_dir(lora, variant)}/{deliverable_stem(lora, variant)}.safetensors"
+
+
+# ---------------------------------------------------------------- absolute paths
+
+
+class Layout:
+    """The absolute paths of one project's build folder (``root`` is resolved once, here)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"Layout({str(self.root)!r})"
+
+    def path(self, rel: str) -> Path:
+        """The absolute path of a graph path (a POSIX string relative to the root)."""
+        return self.root / rel
+
+    @property
+    def build_dir(self) -> Path:
+        return self.root / BUILD
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / IMAGES
+
+    @property
+    def loras_dir(self) -> Path:
+        """``build/loras``: also the TensorBoard log root (each variant has ``logs/``)."""
+        return self.root / LORAS
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / LOCKS
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / CACHE
+
+    @property
+    def run_cache_dir(self) -> Path:
+        """Finished trainings kept by content key (safe to delete at any time)."""
+        return self.root / RUN_CACHE
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / MODELS
+
+    @property
+    def doit_db(self) -> Path:
+        return self.root / DOIT_DB
+
+    def variant_dir(self, lora: str, variant: str) -> Path:
+        return self.root / variant_dir(lora, variant)
+
+    def train_log(self, lora: str, variant: str) -> Path:
+        return self.variant_dir(lora, variant) / LOG_NAME

@@ -1,0 +1,127 @@
+"""What a training backend must provide, and the registry the runner finds backends in.
+
+A backend is an object with (see :class:`Backend`):
+
+- ``name`` (what ``[trainer] backend`` says) and ``description`` (its metadata: one line);
+- ``capabilities``: the architectures, network types and mixed precisions it can train;
+- ``command(job, job_file)``: the argument list of the process that trains ``job`` (the job
+  file holds ``job.to_json()``; the job's ``output`` already points into the runner's
+  temporary folder, where the process must leave ``<job.output>``);
+- ``env(job, base)``: the process environment, from ``base`` (the runner's environment with
+  ``CUDA_VISIBLE_DEVICES`` set).
+
+Every backend runs as a process: the runner owns locking, logs, stopping and the result's
+move into place, so a backend is only "how to start it". To add one, write a module with a
+backend object and :func:`register` it (the three built in are registered below); the task
+graph never changes. Importing this package stays cheap: no torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Protocol, runtime_checkable
+
+from ...errors import TrainingError
+from ..job import TrainJob
+
+#: Network types of the variant grammar (:data:`charbuild.train.variants.NETWORKS`).
+ALL_NETWORKS = ("Lora3x3", "Lora1x1", "Locon", "Loha")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can train."""
+
+    architectures: tuple[str, ...]
+    networks: tuple[str, ...]
+    mixed_precisions: tuple[str, ...]
+
+    def problems(self, job: TrainJob) -> list[str]:
+        """Why this backend cannot train ``job`` (empty when it can)."""
+        out = []
+        if job.model.arch not in self.architectures:
+            out.append(f"architecture {job.model.arch!r} (it trains {', '.join(self.architectures)})")
+        if job.params.network not in self.networks:
+            out.append(f"network {job.params.network!r} (it trains {', '.join(self.networks)})")
+        if job.params.mixed_precision not in self.mixed_precisions:
+            out.append(f"mixed_precision {job.params.mixed_precision!r} (it knows {', '.join(self.mixed_precisions)})")
+        return out
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The interface of a training backend (see the module docstring)."""
+
+    name: str
+    description: str
+    capabilities: Capabilities
+
+    def command(self, job: TrainJob, job_file: Path) -> list[str]: ...
+
+    def env(self, job: TrainJob, base: Mapping[str, str]) -> dict[str, str]: ...
+
+
+class PythonModuleBackend:
+    """A backend that is a module of this package run with this interpreter: ``python -m MODULE JOB``."""
+
+    def __init__(self, name: str, module: str, description: str, capabilities: Capabilities):
+        self.name = name
+        self.module = module
+        self.description = description
+        self.capabilities = capabilities
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}: python -m {self.module}>"
+
+    def command(self, job: TrainJob, job_file: Path) -> list[str]:
+        return [sys.executable, "-m", self.module, str(job_file)]
+
+    def env(self, job: TrainJob, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` with this charbuild first on ``PYTHONPATH`` (the child imports the same code)."""
+        env = dict(base)
+        pkg_parent = str(Path(__file__).resolve().parents[3])
+        old = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = pkg_parent + (os.pathsep + old if old else "")
+        return env
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add ``backend`` to the registry (a later one of the same name replaces it); returns it."""
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """The registered backend names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; TrainingError naming the known ones otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TrainingError(
+            f"unknown trainer backend {name!r}{hint}: expected one of {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def check_capabilities(backend: Backend, job: TrainJob) -> None:
+    """Raise TrainingError when ``backend`` cannot train ``job``."""
+    problems = backend.capabilities.problems(job)
+    if problems:
+        raise TrainingError(f"backend {backend.name!r} cannot train {job.label}: " + "; ".join(problems))
+
+
+from . import builtin as _builtin, fake as _fake, sdscripts as _sdscripts  # noqa: E402  (they register)
+
+BUILTIN, SD_SCRIPTS, FAKE = _builtin.BACKEND, _sdscripts.BACKEND, _fake.BACKEND

@@ -1,0 +1,12 @@
+"""The fake backend: ``python -m charbuild.train.fake JOB.json``, a quick stand-in for tests and demos."""
+
+from __future__ import annotations
+
+from . import ALL_NETWORKS, Capabilities, PythonModuleBackend, register
+
+BACKEND = register(PythonModuleBackend(
+    "fake",
+    "charbuild.train.fake",
+    "a stand-in that trains nothing and writes a small valid LoRA (tests, demos)",
+    Capabilities(architectures=("sd15", "sdxl"), networks=ALL_NETWORKS, mixed_precisions=("no", "fp16", "bf16")),
+))

@@ -1,0 +1,33 @@
+"""The kohya-ss sd-scripts backend: ``train_network.py`` (``sdxl_train_network.py``) through accelerate.
+
+The command itself is :func:`charbuild.train.sdscripts.build_command`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from ..job import TrainJob
+from . import ALL_NETWORKS, Capabilities, register
+
+
+class SdScriptsBackend:
+    name = "sd-scripts"
+    description = "kohya-ss sd-scripts' train_network.py (a checkout named by trainer.sd_scripts)"
+    capabilities = Capabilities(architectures=("sd15", "sdxl"), networks=ALL_NETWORKS,
+                                mixed_precisions=("no", "fp16", "bf16"))
+
+    def __repr__(self) -> str:
+        return "<backend sd-scripts>"
+
+    def command(self, job: TrainJob, job_file: Path) -> list[str]:
+        from ..sdscripts import build_command
+
+        return build_command(job)
+
+    def env(self, job: TrainJob, base: Mapping[str, str]) -> dict[str, str]:
+        return dict(base)
+
+
+BACKEND = register(SdScriptsBackend())
