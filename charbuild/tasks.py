@@ -340,7 +340,7 @@ class Graph:
     def train_job(self, lora: Lora, params):
         """The :class:`~charbuild.train.job.TrainJob` of one variant of ``lora`` (absolute paths)."""
         from .dataset_toml import dataset_semantics
-        from .train.job import TrainJob
+        from .train.job import TrainJob, signature_params
 
         root = self.layout.root
         root_s = str(root) + os.sep  # string joins: this runs for thousands of files on every load
@@ -364,7 +364,7 @@ class Graph:
             keywords=tuple(lora.keywords),
             inputs=tuple(inputs),
             signature_extra={
-                "params": params.to_dict(),
+                "params": signature_params(params),
                 "model": self.model_signature(),
                 "backend": trainer.backend,
                 "dataset": dataset_semantics(self.dataset_text(lora)),

@@ -234,7 +234,7 @@ def test_lora3x3_metadata(lora3x3):
     assert md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "2.0"
     assert json.loads(md["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2"}
     assert md["ss_base_model_version"] == "sd_v1"
-    assert md["ss_output_name"] == "krnk-Lora3x3" and md["modelspec.title"] == "krnk-Lora3x3"
+    assert md["ss_output_name"] == "krnk-l3" and md["modelspec.title"] == "krnk-l3"  # <lora>-<variant>
     assert md["modelspec.trigger_phrase"] == "krnk, kuroneko"
     assert md["modelspec.sai_model_spec"] == "1.0.0"
     assert md["modelspec.architecture"] == "stable-diffusion-v1/lora"

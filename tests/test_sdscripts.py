@@ -33,7 +33,7 @@ def job(preset="Lora3x3A50p-AdamW8", *, arch="sd15", vae=None, continue_from=Non
     }
 
 
-NAME = "krnk-Lora3x3A50p-AdamW8-128-100-1000"
+NAME = "krnk-V"  # <lora>-<variant>: the deliverable's stem, unique in a web UI's folder
 # Paths the command builds go through pathlib: spell the expected ones the same way (Windows).
 SCRIPT = str(Path("/sd") / "train_network.py")
 SDXL_SCRIPT = str(Path("/sd") / "sdxl_train_network.py")
@@ -75,7 +75,7 @@ def test_loha_has_algo_and_its_own_dim():
     cmd = build_command(job("LohaA50p-AdamW8"))
     i = cmd.index("--network_args")
     assert cmd[i - 4:i + 5] == [
-        "--output_name=krnk-LohaA50p-AdamW8-32-100-1000", "--network_module=lycoris.kohya",
+        "--output_name=krnk-V", "--network_module=lycoris.kohya",
         "--network_dim=32", "--network_alpha=16",
         "--network_args", "conv_dim=32", "conv_alpha=16", "algo=loha", "--optimizer_type=AdamW8bit",
     ]
@@ -98,7 +98,7 @@ def test_adafactor_flags_and_no_learning_rates():
         "relative_step=True", "scale_parameter=True", "warmup_init=False", "--max_train_steps=1000",
     ]
     assert not [a for a in cmd if a.startswith(("--learning_rate", "--text_encoder_lr", "--lr_scheduler"))]
-    assert "--output_name=krnk-Lora3x3A1-AdaFactor-128-auto-1000" in cmd
+    assert "--output_name=krnk-V" in cmd
 
 
 def test_sdxl_uses_its_script_and_has_no_clip_skip():
@@ -171,3 +171,26 @@ def test_fake_sd_scripts_refuses_an_unknown_flag():
     parser = _load_fake_parser()
     with pytest.raises(SystemExit):
         parser(True).parse_args(build_command(job(accelerate=None))[2:])  # --clip_skip is not SDXL's
+
+
+def test_data_loader_workers_and_the_persistent_flag():
+    """sd-scripts refuses --persistent_data_loader_workers with 0 workers (issue 9, item 6)."""
+    assert build_command(job()) == EXPECTED_LORA3X3  # sd-scripts' default: nothing to say
+    cmd = build_command(job({"preset": "Lora3x3A50p-AdamW8", "data_loader_workers": 0}))
+    assert "--max_data_loader_n_workers=0" in cmd and "--persistent_data_loader_workers" not in cmd
+    cmd = build_command(job({"preset": "Lora3x3A50p-AdamW8", "data_loader_workers": 2}))
+    i = cmd.index("--max_data_loader_n_workers=2")
+    assert cmd[i + 1:i + 3] == ["--persistent_data_loader_workers", "--seed=31337"]
+    # the same number given the old way, as an extra argument, is honoured too
+    cmd = build_command(job({"preset": "Lora3x3A50p-AdamW8", "extra_args": ["--max_data_loader_n_workers", "0"]}))
+    assert "--persistent_data_loader_workers" not in cmd
+    with pytest.raises(ValueError, match="data_loader_workers = -1"):
+        resolve_variant({"preset": "Lora3x3A50p-AdamW8", "data_loader_workers": -1}, steps=10)
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_the_fake_sd_scripts_parser_accepts_the_worker_flags(workers):
+    cmd = build_command(job({"preset": "Lora3x3A50p-AdamW8", "data_loader_workers": workers}, accelerate=None))
+    args = _load_fake_parser()(False).parse_args(cmd[2:])
+    assert args.max_data_loader_n_workers == workers
+    assert args.persistent_data_loader_workers is (workers > 0)

@@ -235,3 +235,26 @@ def test_no_other_module_spells_the_build_folder():
                 if v == "build" or v.startswith("build/") or "/build/" in v or "build/locks" in v:
                     offenders.append(f"{path.relative_to(pkg)}:{node.lineno}: {v!r}")
     assert offenders == []
+
+
+# --------------------------------------------------------------------------- the name inside the file
+
+
+def test_every_deliverable_carries_its_own_stem_as_its_name(tmp_path):
+    """Issue 9 item 1: web UIs use ss_output_name/modelspec.title as the alias; it must be unique."""
+    from safetensors import safe_open
+
+    from graphtools import build
+
+    root = make_project(tmp_path / "p")
+    build(root)
+    files = sorted((root / "build" / "loras").glob("*/*/*-*.safetensors"))
+    assert len(files) >= 2
+    names = []
+    for f in files:
+        for stage in (f, f.parent / "raw.safetensors", f.parent / "merged.safetensors"):  # survives merge, compress
+            with safe_open(str(stage), "np") as fh:
+                md = fh.metadata()
+            assert md["ss_output_name"] == md["modelspec.title"] == f.stem, stage
+        names.append(f.stem)
+    assert len(set(names)) == len(names)

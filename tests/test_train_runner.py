@@ -114,7 +114,7 @@ def test_fake_backend_success_moves_raw_and_writes_sidecar(tmp_path, capfd):
         down = f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")
     assert meta["modelspec.trigger_phrase"] == "k, girl"
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
-    assert meta["ss_output_name"] == "k-Lora3x3A50p-AdamW8-4-100-10"
+    assert meta["ss_output_name"] == "k-Lora3x3A50p-AdamW8"  # <lora>-<variant>
     assert json.loads(meta["ss_tag_frequency"]) == {"characters/k/face": {"from front": 2, "k": 2, "white background": 2}}
     assert down.shape == (4, 320, 3, 3)
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
@@ -140,7 +140,7 @@ def test_sd_scripts_backend_runs_the_script_in_the_project_root(tmp_path, monkey
     assert Path(out_dir).parent == Path(job["variant_dir"]) and Path(out_dir).name.startswith(".train-")
     assert temp_dirs(job) == []
     with safe_open(job["output"], "np") as f:
-        assert f.metadata()["ss_output_name"] == "k-Lora3x3A50p-AdamW8-4-100-10"
+        assert f.metadata()["ss_output_name"] == "k-Lora3x3A50p-AdamW8"  # <lora>-<variant>
 
 
 def test_sd_scripts_sdxl_through_the_runner(tmp_path):
@@ -166,6 +166,14 @@ def test_failure_raises_with_log_tail_and_leaves_no_raw(tmp_path, monkeypatch):
     assert "steps: 100%" in msg  # \r redraws reduced to the final state
     assert not Path(job["output"]).exists() and not sidecar_path(job).exists()
     assert temp_dirs(job) == []
+
+
+def test_zero_data_loader_workers_train_through_sd_scripts(tmp_path):
+    job = make_job(tmp_path, backend="sd-scripts")
+    job["params"]["data_loader_workers"] = 0  # a common setting on Windows and small machines
+    run_training(job, echo=False)
+    assert Path(job["output"]).is_file()
+    assert "--max_data_loader_n_workers=0" in (Path(job["variant_dir"]) / "train.log").read_text(encoding="utf-8")
 
 
 def test_bad_arguments_fail_the_training(tmp_path):

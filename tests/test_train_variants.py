@@ -22,6 +22,7 @@ PARAM_KEYS = {
     "optimizer", "optimizer_args", "lr", "lr_units", "text_encoder_lr", "steps", "scheduler", "seed",
     "clip_skip", "mixed_precision", "save_precision", "gradient_checkpointing",
     "network_train_unet_only", "resolution", "min_bucket_reso", "max_bucket_reso", "extra_args",
+    "data_loader_workers",
 }
 
 ADAFACTOR_ARGS = ["relative_step=True", "scale_parameter=True", "warmup_init=False"]
@@ -193,7 +194,7 @@ def test_every_training_key_is_accepted_in_a_variant_table():
         "steps": 10, "scheduler": "constant", "seed": 5, "optimizer": "AdamW", "optimizer_args": ["weight_decay=0.1"],
         "clip_skip": 1, "mixed_precision": "no", "save_precision": "float", "gradient_checkpointing": False,
         "network_train_unet_only": True, "resolution": [512, 768], "min_bucket_reso": 256,
-        "max_bucket_reso": 1024, "extra_args": ["--max_data_loader_n_workers=0"],
+        "max_bucket_reso": 1024, "extra_args": ["--noise_offset=0.05"], "data_loader_workers": 0,
     }
     assert set(values) == set(TRAINING_KEYS)
     p = resolve_variant({"preset": "Lora3x3A1-AdamW8", **values}, steps=1000).to_dict()

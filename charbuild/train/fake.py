@@ -237,7 +237,6 @@ def run_fake(job: "TrainJob | Mapping[str, Any]") -> int:
     Its test knobs come from the job's opaque ``trainer.extra`` table.
     """
     from .job import as_job
-    from .variants import output_name
 
     job = as_job(job)
     knobs = job.trainer.extra
@@ -263,7 +262,7 @@ def run_fake(job: "TrainJob | Mapping[str, Any]") -> int:
             job.output,
             params,
             arch=job.model.arch,
-            name=output_name(job.lora, params),
+            name=job.title,
             keywords=job.keywords,
             seed_material=inputs_digest(job.inputs, root),
             tag_freq=tag_frequency(job.inputs, root),

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from ..errors import TrainingError
 from ..layout import deliverable_stem
-from .variants import TrainParams
+from .variants import DEFAULT_DATA_LOADER_WORKERS, TrainParams
 
 #: The backend a project trains with when ``[trainer] backend`` is not set.
 DEFAULT_BACKEND = "builtin"
@@ -213,6 +213,19 @@ def _known(d: Mapping[str, Any], cls, what: str) -> dict[str, Any]:
     if unknown:
         raise TrainingError(f"unknown {what} field(s) in the training job: {', '.join(unknown)}")
     return dict(d)
+
+
+def signature_params(params: TrainParams) -> dict[str, Any]:
+    """The params as a training's signature holds them.
+
+    ``data_loader_workers`` appears only when it differs from sd-scripts' default: it can change
+    sd-scripts' result (its workers draw the flip augmentation), but a setting that did not exist
+    when a LoRA was trained must not make that LoRA stale.
+    """
+    d = params.to_dict()
+    if d.get("data_loader_workers") == DEFAULT_DATA_LOADER_WORKERS:
+        del d["data_loader_workers"]
+    return d
 
 
 # ---------------------------------------------------------------- from the project

@@ -56,7 +56,6 @@ from .backends import check_capabilities, get_backend
 from .freshness import Freshness, is_up_to_date, sidecar_path
 from .gpulock import gpu_lease, lock_fd
 from .job import TrainJob, as_job
-from .variants import output_name
 from .process import command_line, console_writer, log_tail, run_process, say, stop_process_group
 
 __all__ = ["Freshness", "Launch", "Launcher", "dry_run_commands", "is_up_to_date", "launch_local", "log_path",
@@ -73,8 +72,8 @@ def log_path(job: TrainJob | Mapping[str, Any]) -> Path:
 
 
 def _backend_job(job: TrainJob, temp_dir: Path) -> TrainJob:
-    """``job`` with its raw file going to ``<temp>/<output name>.safetensors``."""
-    return job.with_output(temp_dir / f"{output_name(job.lora, job.params)}.safetensors")
+    """``job`` with its raw file going to ``<temp>/<lora>-<variant>.safetensors``."""
+    return job.with_output(temp_dir / f"{job.title}.safetensors")
 
 
 # ---------------------------------------------------------------------------- launching

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from ..errors import TrainingError
 from .job import TrainJob, as_job, scheduler_in_effect
-from .variants import DEFAULT_SCHEDULER, format_lr, output_name
+from .variants import DEFAULT_DATA_LOADER_WORKERS, DEFAULT_SCHEDULER, format_lr
 
 
 def _script(job: TrainJob) -> Path:
@@ -34,9 +34,23 @@ def _script(job: TrainJob) -> Path:
 
 
 def raw_output_path(job: TrainJob | Mapping[str, Any]) -> Path:
-    """Where sd-scripts writes the LoRA: ``<dir of job.output>/<output_name>.safetensors``."""
+    """Where sd-scripts writes the LoRA: ``<dir of job.output>/<lora>-<variant>.safetensors``."""
     job = as_job(job)
-    return Path(job.output).parent / f"{output_name(job.lora, job.params)}.safetensors"
+    return Path(job.output).parent / f"{job.title}.safetensors"
+
+
+def data_loader_workers(job: TrainJob) -> int:
+    """The data-loader workers sd-scripts will run: ``params.data_loader_workers``, unless an
+    extra argument ``--max_data_loader_n_workers`` (the last one wins, as in argparse) says otherwise."""
+    workers = job.params.data_loader_workers
+    args = [str(a) for a in (*job.trainer.extra_args, *job.params.extra_args)]
+    for i, arg in enumerate(args):
+        flag, sep, value = arg.partition("=")
+        if flag == "--max_data_loader_n_workers":
+            value = value if sep else (args[i + 1] if i + 1 < len(args) else "")
+            if value.strip().isdigit():
+                workers = int(value)
+    return workers
 
 
 def _resolution(value: Any) -> str:
@@ -61,7 +75,9 @@ def build_command(job: TrainJob | Mapping[str, Any]) -> list[str]:
     with ``accelerate = None`` it is ``[trainer.python, script, ...]``. SDXL uses
     ``sdxl_train_network.py`` and has no ``--clip_skip``. For AdaFactor the scheduler is
     left to sd-scripts (its adafactor schedule, as the original did) unless the
-    params name one other than the default. Every value comes from the job as it is:
+    params name one other than the default. ``--output_name`` is ``<lora>-<variant>``, the
+    deliverable's stem (sd-scripts writes it into the file as ``ss_output_name``). The data
+    loader's ``--persistent_data_loader_workers`` is passed only with workers > 0. Every value comes from the job as it is:
     the defaults live in :class:`~charbuild.train.variants.TrainParams` and
     :mod:`charbuild.train.job`.
     """
@@ -74,7 +90,7 @@ def build_command(job: TrainJob | Mapping[str, Any]) -> list[str]:
             "(.safetensors/.ckpt) or a diffusers folder, or use the builtin backend"
         )
     script = _script(job)
-    name = output_name(job.lora, params)
+    name = job.title  # --output_name is also ss_output_name inside the file: the web UIs' alias
     out_dir = Path(job.output).parent
     variant_dir = Path(job.variant_dir)
 
@@ -127,7 +143,12 @@ def build_command(job: TrainJob | Mapping[str, Any]) -> list[str]:
     ]
     if params.gradient_checkpointing:
         cmd.append("--gradient_checkpointing")
-    cmd += ["--persistent_data_loader_workers", f"--seed={params.seed}"]
+    if params.data_loader_workers != DEFAULT_DATA_LOADER_WORKERS:
+        cmd.append(f"--max_data_loader_n_workers={params.data_loader_workers}")
+    # sd-scripts stops with "persistent_workers option needs num_workers > 0" otherwise
+    if data_loader_workers(job) > 0:
+        cmd.append("--persistent_data_loader_workers")
+    cmd.append(f"--seed={params.seed}")
     if job.continue_from:
         cmd.append(f"--network_weights={job.continue_from}")
     if params.network_train_unet_only:

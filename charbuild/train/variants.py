@@ -55,6 +55,8 @@ DEFAULT_LR_UNITS = 100
 TEXT_ENCODER_PERCENT = 44
 DEFAULT_SCHEDULER = "cosine_with_restarts"
 DEFAULT_SEED = 31337
+#: sd-scripts' own default of ``--max_data_loader_n_workers``.
+DEFAULT_DATA_LOADER_WORKERS = 8
 ADAFACTOR_ARGS = ("relative_step=True", "scale_parameter=True", "warmup_init=False")
 
 _LOGIC_RE = re.compile(r"^(Lora3x3|Lora1x1|Locon|Loha)(A1|A50p)-(AdamW8|AdaFactor|AdaFacotor)$")
@@ -81,6 +83,7 @@ TRAINING_KEYS = (
     "min_bucket_reso",
     "max_bucket_reso",
     "extra_args",
+    "data_loader_workers",
 )
 #: Keys of a variant dict beside the training keys.
 VARIANT_KEYS = ("name", "preset")
@@ -171,6 +174,7 @@ class TrainParams:
     min_bucket_reso: int | None = None
     max_bucket_reso: int | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    data_loader_workers: int = DEFAULT_DATA_LOADER_WORKERS
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with exactly the documented keys (the job's ``params``).
@@ -185,7 +189,8 @@ class TrainParams:
         skip; the runner fills it in before a backend sees the job); ``mixed_precision``;
         ``save_precision``; ``gradient_checkpointing``; ``network_train_unet_only``;
         ``resolution`` (None, int or [w, h]); ``min_bucket_reso``; ``max_bucket_reso``;
-        ``extra_args`` list of extra trainer arguments.
+        ``extra_args`` list of extra trainer arguments; ``data_loader_workers`` sd-scripts'
+        data-loader worker processes (0: load in the training process).
         """
         d = asdict(self)
         d["optimizer_args"] = list(self.optimizer_args)
@@ -416,6 +421,9 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
     min_b = _positive_int(s.get("min_bucket_reso"), "min_bucket_reso", allow_none=True)
     max_b = _positive_int(s.get("max_bucket_reso"), "max_bucket_reso", allow_none=True)
     extra = _str_list(s.get("extra_args", []), "extra_args")
+    workers = s.get("data_loader_workers", DEFAULT_DATA_LOADER_WORKERS)
+    if not _is_int(workers) or workers < 0:
+        raise ValueError(f"data_loader_workers = {workers!r}: expected 0 or a positive integer")
 
     return TrainParams(
         name=name,
@@ -444,6 +452,7 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
         min_bucket_reso=min_b,
         max_bucket_reso=max_b,
         extra_args=extra,
+        data_loader_workers=workers,
     )
 
 

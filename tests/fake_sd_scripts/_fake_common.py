@@ -75,6 +75,9 @@ def main(sdxl: bool) -> int:
         fail(f"--network_weights: {args.network_weights} does not exist")
     if not Path(args.output_dir).is_dir():
         fail(f"--output_dir {args.output_dir} is not a folder")
+    workers = 8 if args.max_data_loader_n_workers is None else args.max_data_loader_n_workers  # sd-scripts' default
+    if args.persistent_data_loader_workers and workers == 0:  # as torch's DataLoader refuses it
+        fail("persistent_workers option needs num_workers > 0")
     if args.log_prefix != args.output_name:
         fail("--log_prefix differs from --output_name")
     net = dict(a.split("=", 1) for a in args.network_args or [])

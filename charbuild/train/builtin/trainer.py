@@ -514,7 +514,7 @@ def build_metadata(setup: Setup, model_name: str, dataset, opt_desc: str) -> dic
     """The safetensors header metadata (all strings), sd-scripts' ``ss_*`` and modelspec keys."""
     job, params, spec = setup.job, setup.job.params, setup.network
     ts = _timestamp()
-    name = params.name
+    name = job.title  # <lora>-<variant>: unique, and the deliverable's stem (the web UIs' alias)
     res = dataset.datasets[0].resolution
     lr, te_lr = params.lr, params.text_encoder_lr
     steps = setup.steps
