@@ -44,6 +44,8 @@ def graph(root: Path | None = None):
         Layout(root).build_dir.mkdir(exist_ok=True)
         try:
             project = load_project(root)
+            g = Graph(project)
+            g.check()
         except CharbuildError as exc:
             for problem in exc.problems():
                 print(problem, file=sys.stderr)
@@ -52,7 +54,7 @@ def graph(root: Path | None = None):
             raise InvalidDodoFile(f"{exc.message}; fix them (`charbuild check` lists them again)") from None
         if project.warnings:
             print(f"charbuild: {len(project.warnings)} warning(s); `charbuild check` lists them", file=sys.stderr)
-        _graphs[root] = Graph(project)
+        _graphs[root] = g
     return _graphs[root]
 
 

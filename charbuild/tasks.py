@@ -335,7 +335,54 @@ class Graph:
         deps = [f"dataset:{lora.name}"]
         for part in lora.parts:
             deps += self.picture_task_names(part)
+        _, upstream = self.continue_from(lora)
+        if upstream:
+            deps.append(upstream)
         return deps
+
+    def continue_from(self, lora: Lora) -> tuple[str | None, str | None]:
+        """(absolute path of the LoRA file ``lora`` continues from, the train task that makes it)
+        for its ``continue_from`` setting: ``"<lora>/<variant>"`` (another LoRA's raw file; its
+        training runs first) or a file path (relative to the project root). ``(None, None)``
+        when it starts from scratch. ConfigError naming the setting's file and line otherwise.
+        """
+        value = getattr(lora, "continue_from", None)  # Lora.continue_from: the raw user string
+        if not value:
+            return None, None
+        where = f"continue_from = {value!r}"
+        head, sep, tail = value.replace("\\", "/").partition("/")
+        if sep and "/" not in tail and head in self.project.loras:
+            if head == lora.name:
+                self._fail(lora, f"{where}: a LoRA cannot continue from itself; name another LoRA's variant or a file")
+            other = self.project.loras[head]
+            names = [p.name for p in self.variants(other)]
+            if tail not in names:
+                self._fail(lora, f"{where}: LoRA {head!r} has no variant {tail!r}; its variants: {', '.join(names)}")
+            chain, seen = other, {lora.name}
+            while chain is not None:  # A -> B -> A would be a cycle of trainings
+                if chain.name in seen:
+                    self._fail(lora, f"{where}: the LoRAs continue from each other in a circle ({chain.name})")
+                seen.add(chain.name)
+                nxt = (getattr(chain, "continue_from", None) or "").replace("\\", "/").split("/")[0]
+                chain = self.project.loras.get(nxt) if nxt != chain.name else None
+            return str(self.layout.path(layout.raw_lora(head, tail))), f"train:{head}/{tail}"
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else self.layout.root / path
+        if not path.is_file():
+            hint = f"; and there is no LoRA named {head!r} (a LoRA is named '<lora>/<variant>')" if sep else ""
+            self._fail(lora, f"{where}: no such file {path}{hint}")
+        return str(path), None
+
+    @staticmethod
+    def _fail(lora: Lora, message: str):
+        from .errors import ConfigError, Problem
+
+        raise ConfigError([Problem(lora.source, message, getattr(lora, "line", None))])
+
+    def check(self) -> None:
+        """Settings only the graph can judge (a LoRA's ``continue_from``): ConfigError when wrong."""
+        for lora in self.project.loras.values():
+            self.continue_from(lora)
 
     def train_job(self, lora: Lora, params):
         """The :class:`~charbuild.train.job.TrainJob` of one variant of ``lora`` (absolute paths)."""
@@ -350,6 +397,9 @@ class Graph:
                 inputs += [root_s + png, root_s + txt]
         model, trainer = self.job_specs()
         vdir = self.layout.variant_dir(lora.name, params.name)
+        continue_from, _ = self.continue_from(lora)
+        if continue_from:
+            inputs.append(continue_from)  # its content is part of the training's signature
         return TrainJob(
             lora=lora.name,
             kind=lora.kind,
@@ -370,7 +420,7 @@ class Graph:
                 "dataset": dataset_semantics(self.dataset_text(lora)),
                 "keywords": lora.keywords,
             },
-            continue_from=None,
+            continue_from=continue_from,
         )
 
     def train_tasks(self):

@@ -330,10 +330,18 @@ def test_continue_from_starts_at_the_given_weights(project, lora1x1):
     job, _ = lora1x1
     cont = _job(project, "Lora1x1", "l1-cont", network_train_unet_only=True, save_precision="float", steps=1, lr=1e-12)
     cont["continue_from"] = job["output"]
-    _train(project, cont)
+    summary = _train(project, cont)
     a, b = load_file(job["output"]), load_file(cont["output"])
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # "steps" of a continued training are the steps it adds (sd-scripts' --network_weights),
+    # never the total: one step here, on top of the STEPS already in the file
+    assert summary["steps"] == 1 and len(summary["losses"]) == 1
+    with safe_open(cont["output"], "pt") as f:
+        md = f.metadata()
+    assert md["ss_steps"] == md["ss_max_train_steps"] == "1"
+    assert md["charbuild.total_steps"] == str(STEPS + 1)
+    assert md["charbuild.continue_from"] == Path(job["output"]).name
 
 
 # ------------------------------------------------------------------------ the entry point

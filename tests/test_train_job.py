@@ -258,3 +258,122 @@ def test_every_deliverable_carries_its_own_stem_as_its_name(tmp_path):
             assert md["ss_output_name"] == md["modelspec.title"] == f.stem, stage
         names.append(f.stem)
     assert len(set(names)) == len(names)
+
+
+# --------------------------------------------------------------------------- continue a training
+
+V = "Lora1x1A1-AdamW8"
+
+
+def _graph(root: Path, **continue_from):
+    """The graph of ``root`` with ``continue_from`` set on LoRAs (what config.Lora.continue_from holds)."""
+    from charbuild.config import load_project
+    from charbuild.tasks import Graph
+
+    project = load_project(root)
+    for name, value in continue_from.items():
+        project.loras[name].continue_from = value
+    return Graph(project)
+
+
+def test_continue_from_a_variant_depends_on_its_training_and_hashes_its_file(tmp_path):
+    root = make_project(tmp_path / "p")
+    g = _graph(root, bbo=f"alc/{V}")
+    g.check()
+    lora = g.project.loras["bbo"]
+    (params,) = g.variants(lora)
+    job = g.train_job(lora, params)
+    raw = str(Layout(root).path(layout.raw_lora("alc", V)))
+    assert job.continue_from == raw and raw in job.inputs  # the file's content is in the signature
+    assert f"train:alc/{V}" in g.train_deps(lora)
+    assert g.train_job(g.project.loras["alc"], params).continue_from is None
+
+
+def test_continue_from_a_file_relative_to_the_root(tmp_path):
+    root = make_project(tmp_path / "p")
+    (root / "old").mkdir()
+    (root / "old" / "face.safetensors").write_bytes(b"x")
+    g = _graph(root, bbo="old/face.safetensors")
+    (params,) = g.variants(g.project.loras["bbo"])
+    assert g.train_job(g.project.loras["bbo"], params).continue_from == str(Layout(root).root / "old/face.safetensors")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("alc/Nope", "continue_from = 'alc/Nope': LoRA 'alc' has no variant 'Nope'; its variants: Lora1x1A1-AdamW8"),
+    ("zzz/V", "continue_from = 'zzz/V': no such file "),
+    ("gone.safetensors", "continue_from = 'gone.safetensors': no such file "),
+    (f"bbo/{V}", "a LoRA cannot continue from itself"),
+])
+def test_bad_continue_from_names_the_file_and_the_setting(tmp_path, value, message):
+    from charbuild.errors import ConfigError
+
+    root = make_project(tmp_path / "p")
+    g = _graph(root, bbo=value)
+    with pytest.raises(ConfigError) as err:
+        g.check()
+    (problem,) = err.value.problems()
+    assert problem.path == g.project.loras["bbo"].source and message in problem.message
+    if value.startswith("zzz"):
+        assert "there is no LoRA named 'zzz'" in problem.message
+
+
+def test_loras_that_continue_from_each_other_are_an_error(tmp_path):
+    from charbuild.errors import ConfigError
+
+    root = make_project(tmp_path / "p")
+    with pytest.raises(ConfigError, match="error"):
+        _graph(root, bbo=f"alc/{V}", alc=f"bbo/{V}").check()
+
+
+def test_a_continued_training_runs_after_its_source_and_follows_its_content(tmp_path, monkeypatch):
+    import charbuild.config as config
+    from graphtools import build, groups
+
+    load = config.load_project
+
+    def load_with_continue(root, *a, **kw):
+        project = load(root, *a, **kw)
+        project.loras["bbo"].continue_from = f"alc/{V}"
+        return project
+
+    monkeypatch.setattr(config, "load_project", load_with_continue)
+    root = make_project(tmp_path / "p")
+    assert {f"alc/{V}", f"bbo/{V}"} <= groups(build(root, f"train:bbo/{V}"))["train"]
+    build(root)
+    assert build(root) == set()  # a continued training is fresh while its source is unchanged
+    raw = root / layout.raw_lora("alc", V)
+    # the source LoRA is retrained (another step count): the continued one is stale with it
+    toml = root / "characters/alice/character.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("[face]\nsteps = 5", "[face]\nsteps = 6"), "utf-8")
+    before = raw.read_bytes()
+    ran = groups(build(root))["train"]
+    assert raw.read_bytes() != before and ran == {f"alc/{V}", f"bbo/{V}"}
+
+
+def _config_has_continue_from() -> bool:
+    from dataclasses import fields as dc_fields
+
+    from charbuild.config import Lora
+
+    return "continue_from" in {f.name for f in dc_fields(Lora)}
+
+
+@pytest.mark.skipif(not _config_has_continue_from(), reason="the config side (Lora.continue_from) comes with the merge")
+def test_continue_from_in_a_character_toml(tmp_path):
+    from charbuild.config import load_project
+    from charbuild.errors import ConfigError
+    from charbuild.tasks import Graph
+
+    root = make_project(tmp_path / "p")
+    toml = root / "characters/bob/character.toml"
+    text = toml.read_text(encoding="utf-8")
+    toml.write_text(text.replace("[face]\n", f'[face]\ncontinue_from = "alc/{V}"\n'), encoding="utf-8")
+    g = Graph(load_project(root))
+    g.check()
+    assert f"train:alc/{V}" in g.train_deps(g.project.loras["bbo"])
+    toml.write_text(text.replace("[face]\n", '[face]\ncontinue_from = "alc/Nope"\n'), encoding="utf-8")
+    g = Graph(load_project(root))
+    with pytest.raises(ConfigError) as err:
+        g.check()
+    (problem,) = err.value.problems()
+    assert problem.path.endswith("character.toml") and problem.line is not None

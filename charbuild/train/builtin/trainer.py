@@ -281,6 +281,8 @@ class Prepared:
     optimizer: Any
     lr_scheduler: Any
     optimizer_desc: str
+    prior_steps: int | None = None  # steps already in the file it continues from
+
 
     @property
     def train_text_encoder(self) -> bool:
@@ -334,8 +336,9 @@ def prepare(setup: Setup) -> Prepared:
     spec = setup.network
     network = LoRANetwork(unet, None if setup.unet_only else text_encoder, spec)
     network.apply_to()
+    prior_steps = None
     if setup.continue_from is not None:
-        _load_continue_from(network, setup.continue_from)
+        prior_steps = _load_continue_from(network, setup.continue_from)
     network.to(device, torch.float32)
     network.requires_grad_(True)
     n_unet, n_te = len(network.unet_loras), len(network.te_loras)
@@ -347,7 +350,7 @@ def prepare(setup: Setup) -> Prepared:
     optimizer, lr_scheduler, opt_desc = make_optimizer(setup, network, is_cuda)
     note(f"optimizer {opt_desc}; scheduler {setup.job.params.scheduler}; seed {setup.seed}")
     return Prepared(device, weight_dtype, base.name, dataset, latents, unet, text_encoder, base.tokenizer,
-                    base.noise_scheduler, network, optimizer, lr_scheduler, opt_desc)
+                    base.noise_scheduler, network, optimizer, lr_scheduler, opt_desc, prior_steps)
 
 
 def _enable_gradient_checkpointing(unet, text_encoder) -> None:
@@ -463,7 +466,8 @@ def write_result(setup: Setup, prep: Prepared) -> int:
     from charbuild.lora.io import save_lora
 
     tensors = prep.network.kohya_state_dict(getattr(torch, setup.save_dtype))
-    save_lora(setup.output, tensors, build_metadata(setup, prep.model_name, prep.dataset, prep.optimizer_desc))
+    metadata = build_metadata(setup, prep.model_name, prep.dataset, prep.optimizer_desc, prep.prior_steps)
+    save_lora(setup.output, tensors, metadata)
     return len(tensors)
 
 
@@ -510,8 +514,14 @@ def run_job(job: TrainJob | dict, on_step: StepCallback | None = None) -> dict:
     }
 
 
-def build_metadata(setup: Setup, model_name: str, dataset, opt_desc: str) -> dict[str, str]:
-    """The safetensors header metadata (all strings), sd-scripts' ``ss_*`` and modelspec keys."""
+def build_metadata(setup: Setup, model_name: str, dataset, opt_desc: str, prior_steps: int | None = None) -> dict[str, str]:
+    """The safetensors header metadata (all strings), sd-scripts' ``ss_*`` and modelspec keys.
+
+    A continued training (``prior_steps`` not None) counts like sd-scripts with
+    ``--network_weights``: ``ss_steps``/``ss_max_train_steps`` are the steps of this run; it adds
+    ``charbuild.continue_from`` (the file's name) and ``charbuild.total_steps`` (the steps in
+    that file plus this run's).
+    """
     job, params, spec = setup.job, setup.job.params, setup.network
     ts = _timestamp()
     name = job.title  # <lora>-<variant>: unique, and the deliverable's stem (the web UIs' alias)
@@ -568,10 +578,15 @@ def build_metadata(setup: Setup, model_name: str, dataset, opt_desc: str) -> dic
     md["ss_num_epochs"] = str(math.ceil(steps / max(1, int(md["ss_num_batches_per_epoch"]))))
     if setup.clip_skip:
         md["modelspec.encoder_layer"] = str(setup.clip_skip)
+    if prior_steps is not None:
+        md["charbuild.continue_from"] = setup.continue_from.name
+        md["charbuild.total_steps"] = str(prior_steps + steps)
     return md
 
 
-def _load_continue_from(network, path: Path) -> None:
+def _load_continue_from(network, path: Path) -> int:
+    """Load the LoRA at ``path`` into ``network``; return the steps it was trained for (0: unknown)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -586,7 +601,15 @@ def _load_continue_from(network, path: Path) -> None:
         raise TrainingError(f"LoRA to continue from does not fit this network: {e}", path=path) from e
     if len(missing) == len(list(network.state_dict())):
         raise TrainingError("LoRA to continue from shares no module with this network", path=path)
-    note(f"continuing from {path}: {len(missing)} missing, {len(unexpected)} unexpected keys")
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata() or {}
+    prior = 0
+    for key in ("charbuild.total_steps", "ss_steps", "ss_max_train_steps"):
+        if str(md.get(key, "")).isdigit():
+            prior = int(md[key])
+            break
+    note(f"continuing from {path} ({prior} steps): {len(missing)} missing, {len(unexpected)} unexpected keys")
+    return prior
 
 
 def _cached_cond(cache, captions, tokenizer, text_encoder, clip_skip, device):
