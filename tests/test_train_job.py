@@ -377,3 +377,39 @@ def test_continue_from_in_a_character_toml(tmp_path):
         g.check()
     (problem,) = err.value.problems()
     assert problem.path.endswith("character.toml") and problem.line is not None
+
+
+# --------------------------------------------------------------------------- the launcher seam
+
+
+def test_a_registered_launcher_runs_the_training_somewhere_else(tmp_path):
+    """What a cluster executor plugs into: it gets the job (output in the temp folder) and the
+    log, hands back the raw file and an exit status; the runner does the rest."""
+    from charbuild.train import runner
+    from charbuild.train.fake import write_fake_lora
+
+    seen = []
+
+    def remote(launch: runner.Launch) -> int:
+        seen.append((launch, TrainJob.from_json(launch.job_file)))  # the temp folder goes afterwards
+        launch.log.write(b"remote: trained\n")
+        write_fake_lora(launch.job.output, launch.job.params.to_dict(), name=launch.job.title)
+        return 0
+
+    runner.register_launcher("remote-test", remote)
+    try:
+        root = tmp_path / "p"
+        (root / "build" / "loras" / "krnk").mkdir(parents=True)
+        inp = root / "a.txt"
+        inp.write_text("krnk, girl", encoding="utf-8")
+        job = make_job(root).with_trainer(executor="remote-test", lock_dir=str(root / "build" / "locks"))
+        job = TrainJob.from_dict({**job.to_dict(), "inputs": [str(inp)]})
+        runner.run_training(job, echo=False)
+        ((launch, from_file),) = seen
+        assert Path(launch.job.output).parent.name.startswith(".train-") and from_file == launch.job
+        assert runner.is_up_to_date(job).fresh
+        assert "remote: trained" in (Path(job.variant_dir) / "train.log").read_text(encoding="utf-8")
+        with pytest.raises(TrainingError, match="unknown trainer executor 'nowhere'"):
+            runner.run_training(job.with_trainer(executor="nowhere"), echo=False)
+    finally:
+        runner._LAUNCHERS.pop("remote-test", None)

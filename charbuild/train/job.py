@@ -27,6 +27,8 @@ from .variants import DEFAULT_DATA_LOADER_WORKERS, TrainParams
 
 #: The backend a project trains with when ``[trainer] backend`` is not set.
 DEFAULT_BACKEND = "builtin"
+#: Where trainings run when ``[trainer] executor`` is not set: this machine.
+DEFAULT_EXECUTOR = "local"
 #: The base model's CLIP skip when ``[model] clip_skip`` is not set (and a variant sets none).
 DEFAULT_CLIP_SKIP = 2
 #: Seconds a stopped trainer gets between SIGTERM and SIGKILL.
@@ -64,7 +66,8 @@ class TrainerSpec:
     ``accelerate`` the sd-scripts launcher (``accelerate`` None: plain ``python script``);
     ``extra_args`` appended to the sd-scripts command; ``run_cache`` reuse earlier identical
     trainings; ``lock_dir`` the GPU lock folder; ``kill_grace``/``lock_poll`` seconds;
-    ``extra`` an opaque table for a backend's own knobs (the fake backend's test knobs).
+    ``extra`` an opaque table for a backend's own knobs (the fake backend's test knobs);
+    ``executor`` the launcher that runs the training (:func:`charbuild.train.runner.register_launcher`).
     """
 
     backend: str = DEFAULT_BACKEND
@@ -79,6 +82,7 @@ class TrainerSpec:
     kill_grace: float = DEFAULT_KILL_GRACE
     lock_poll: float = DEFAULT_LOCK_POLL
     extra: Mapping[str, Any] = field(default_factory=dict)
+    executor: str = DEFAULT_EXECUTOR
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -265,6 +269,7 @@ def job_specs(project, layout) -> tuple[ModelSpec, TrainerSpec]:
         run_cache=bool(t.get("run_cache", defaults.run_cache)),
         lock_dir=str(layout.locks_dir),
         extra=dict(t.get("extra") or {}),
+        executor=t.get("executor") or DEFAULT_EXECUTOR,
     )
     return model, trainer
 

@@ -58,8 +58,9 @@ from .gpulock import gpu_lease, lock_fd
 from .job import TrainJob, as_job
 from .process import command_line, console_writer, log_tail, run_process, say, stop_process_group
 
-__all__ = ["Freshness", "Launch", "Launcher", "dry_run_commands", "is_up_to_date", "launch_local", "log_path",
-           "log_tail", "run_training", "sidecar_path", "stop_process_group", "train_action"]
+__all__ = ["Freshness", "Launch", "Launcher", "dry_run_commands", "get_launcher", "is_up_to_date", "launch_local",
+           "log_path", "log_tail", "register_launcher", "run_training", "sidecar_path", "stop_process_group",
+           "train_action"]
 
 TEMP_PREFIX = ".train-"
 LOG_NAME = "train.log"
@@ -129,6 +130,26 @@ def launch_local(launch: Launch) -> int:
     )
 
 
+_LAUNCHERS: dict[str, Launcher] = {}
+
+
+def register_launcher(name: str, launcher: Launcher) -> Launcher:
+    """Make ``launcher`` the one a job with ``trainer.executor == name`` runs with; returns it."""
+    _LAUNCHERS[name] = launcher
+    return launcher
+
+
+def get_launcher(name: str) -> Launcher:
+    """The launcher registered as ``name``; TrainingError naming the known ones otherwise."""
+    try:
+        return _LAUNCHERS[name]
+    except KeyError:
+        raise TrainingError(f"unknown trainer executor {name!r}: expected one of {', '.join(_LAUNCHERS)}") from None
+
+
+register_launcher("local", launch_local)
+
+
 def dry_run_commands(job: TrainJob | Mapping[str, Any]) -> list[str]:
     """Human-readable lines saying what :func:`run_training` would run for ``job``.
 
@@ -192,16 +213,18 @@ def _restore_from_run_cache(job: TrainJob, cache_dir: Path, echo: bool):
     return True, signature
 
 
-def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launcher: Launcher = launch_local) -> None:
+def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launcher: Launcher | None = None) -> None:
     """Train ``job`` (a TrainJob or its dict form) into its ``output``.
 
     Raises TrainingError when the trainer fails (message: exit status, the log's
     last lines and its path); re-raises KeyboardInterrupt and other exceptions
     after the launcher stopped the trainer and its partial output is deleted.
     ``echo=False`` keeps the trainer's output out of the console (the log still has it).
-    ``launcher`` runs the training (see :class:`Launch`).
+    ``launcher`` runs the training (see :class:`Launch`); default: the one registered under
+    ``job.trainer.executor`` (``"local"``: :func:`launch_local`).
     """
     job = as_job(job)
+    launcher = launcher or get_launcher(job.trainer.executor)
     backend = get_backend(job.backend)
     check_capabilities(backend, job)
     variant_dir = Path(job.variant_dir)
