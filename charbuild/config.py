@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from . import codes
 from .errors import ConfigError, Problem
-from .tomllines import key_lines, line_of, syntax_error_line
+from .tomllines import key_lines, line_of, syntax_error_line, unclosed_construct
 
 DEFAULT_SIZES = (128, 192, 256, 384, 512, 768)
 KIND_DEFAULTS = {
@@ -167,10 +167,7 @@ class _Collector:
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
-            self.problems.append(
-                Problem(self.shown, f"TOML syntax error: {message}; fix the syntax", syntax_error_line(exc))
-            )
+            self.problems.append(Problem(self.shown, _syntax_message(exc, text), syntax_error_line(exc, text)))
             return None
 
     def check_keys(self, table: dict, allowed: dict[str, Any], keypath: tuple = (), what: str = "") -> None:
@@ -189,6 +186,19 @@ class _Collector:
             self.error(f"'{_dotted(keypath + (key,))}' {complaint}", keypath + (key,))
             return default
         return value
+
+
+def _syntax_message(exc: Exception, text: str) -> str:
+    """``tomllib``'s message without its position (the line goes in front), said for the line shown."""
+    message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+    if "(at end of document)" in message:
+        message = message.replace(" (at end of document)", "")
+        unclosed = unclosed_construct(text)
+        if unclosed:
+            message = f"the {unclosed[1]} that starts on this line is never closed ({message} at the end of the file)"
+        else:
+            message += " at the end of the file"
+    return f"TOML syntax error: {message}; fix the syntax"
 
 
 def _show(root: Path, path: Path) -> str:
@@ -592,7 +602,10 @@ def _template_warnings(root: Path, ch: Character, problems: list[Problem]) -> No
 GROUP_KEYS = LORA_KEYS | {"members"}
 
 
-def _load_groups(root: Path, chars_dir: Path, characters: dict[str, Character], problems: list[Problem]) -> list[tuple[str, list[Part], dict, str]]:
+def _load_groups(root: Path, chars_dir: Path, characters: dict[str, Character], unreadable: set[str],
+                 problems: list[Problem]) -> list[tuple[str, list[Part], dict, str]]:
+    """The groups of groups.toml; ``unreadable`` names the character folders whose
+    character.toml had errors: their members are not blamed on groups.toml."""
     path = chars_dir / "groups.toml"
     if not path.exists():
         return []
@@ -620,6 +633,10 @@ def _load_groups(root: Path, chars_dir: Path, characters: dict[str, Character], 
         for member in members:
             ch_name, _, outfit = member.partition("/")
             ch = characters.get(ch_name)
+            if ch is None and ch_name in unreadable:
+                c.warning(f"[{gname}] member {member!r} not checked: its character could not be read "
+                          f"(fix {_show(root, chars_dir / ch_name / 'character.toml')} first)", kp + ("members",))
+                continue
             if ch is None or outfit not in ch.outfits:
                 close = difflib.get_close_matches(member, known, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else (f"; known: {', '.join(known)}" if known else "")
@@ -658,6 +675,7 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
     settings = _load_project_toml(root, chars_dir, problems)
 
     characters: dict[str, Character] = {}
+    unreadable: set[str] = set()  # folders whose character.toml has errors
     for folder in sorted(p for p in chars_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
         if not (folder / "character.toml").exists():
             if any(folder.iterdir()):
@@ -666,6 +684,7 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
             continue
         ch = _load_character(root, folder, problems)
         if ch is None:
+            unreadable.add(folder.name)
             continue
         characters[ch.name] = ch
         _scan_part(root, ch.face, folder / "face", "f", problems, verify_images)
@@ -704,7 +723,7 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
                                         "body pictures (b00.png ...): add some or remove its table"))
             add(_make_lora(outfit.keyword, "body", [ch.face, outfit], s, [outfit.keyword, ch.keyword], [ch.name], ch.source),
                 f"{ch.source} [outfits.{outfit.name}]")
-    for gname, parts, s, shown in _load_groups(root, chars_dir, characters, problems):
+    for gname, parts, s, shown in _load_groups(root, chars_dir, characters, unreadable, problems):
         all_parts: list[Part] = []
         for part in parts:
             face = characters[part.character].face

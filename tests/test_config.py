@@ -136,3 +136,37 @@ def test_source_formats_accepted(tmp_path):
     draw_picture(face / "f02-smile.webp", "f02")
     p = load_project(root)
     assert [(i.code, i.stem) for i in p.characters["a"].face.images] == [("f00", "f00"), ("f01", "f01"), ("f02", "f02-smile")]
+
+
+def test_unclosed_array_at_the_end_names_the_line_it_starts_on(project):
+    (project / "characters" / "bob" / "character.toml").write_text(
+        'keyword = "bbo"\nclass = "boy"\ntags = ["a",\n  "b",\n', encoding="utf-8")
+    msgs = problems_of(project)
+    assert "characters/bob/character.toml:3: error: TOML syntax error: the array that starts on this line is " \
+           "never closed (Invalid value at the end of the file); fix the syntax" in msgs, msgs
+
+
+def test_unclosed_string_and_open_end_name_a_line(tmp_path):
+    from charbuild.tomllines import syntax_error_line
+    import tomllib
+
+    for text, line in [('a = 1\nb = """x\ny\n', 2), ('a = 1\nb = [ # [\n1,\n\n', 2), ("a = 1\nb = [1, 2]\nc =\n\n", 3)]:
+        with pytest.raises(tomllib.TOMLDecodeError) as info:
+            tomllib.loads(text)
+        assert syntax_error_line(info.value, text) == line, text
+
+
+def test_a_broken_character_file_is_not_blamed_on_groups_toml(tmp_path):
+    root = make_project(tmp_path / "p", characters={
+        "alice": {"keyword": "alc", "face": ["f00"], "outfits": {"dress": ("alcdr", ["b00"])}},
+        "bob": {"keyword": "bbo", "face": ["f00"], "outfits": {"suit": ("bbosu", ["b00"])}},
+    }, groups={"duo": ["alice/dress", "bob/suit"]})
+    (root / "characters" / "bob" / "character.toml").write_text('keyword = "bbo"\ntags = ["a",\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_project(root)
+    errors = [str(p) for p in info.value.problems()]
+    assert errors == ["characters/bob/character.toml:2: error: TOML syntax error: the array that starts on this "
+                      "line is never closed (Invalid value at the end of the file); fix the syntax"], errors
+    notes = [str(w) for w in info.value.warnings if "groups.toml" in w.path]
+    assert notes == ["characters/groups.toml:2: warning: [duo] member 'bob/suit' not checked: its character "
+                     "could not be read (fix characters/bob/character.toml first)"], notes
