@@ -244,14 +244,12 @@ class Collector:
         return value
 
     def checked(self, table: Mapping, checks: Mapping[str, Checker], keypath: KeyPath = ()) -> dict:
-        """The entries of ``table`` whose key has a checker and whose value passes it;
-        each failing value is reported at its own line (unknown keys are not reported here)."""
+        """``table`` without the values that fail their key's checker; each failure is reported
+        at its own line. Keys without a checker are kept (:meth:`check_keys` reports unknown keys)."""
         out = {}
         for key, value in table.items():
             check = checks.get(key)
-            if check is None:
-                continue
-            complaint = check(value)
+            complaint = check(value) if check is not None else None
             if complaint:
                 self.error(f"'{dotted(keypath + (key,))}' {complaint}", keypath + (key,))
             else:

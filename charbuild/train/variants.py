@@ -56,6 +56,8 @@ DEFAULT_LR_UNITS = 100
 TEXT_ENCODER_PERCENT = 44
 DEFAULT_SCHEDULER = "cosine_with_restarts"
 DEFAULT_SEED = 31337
+#: sd-scripts' ``--max_data_loader_n_workers`` default; 0 loads the data in the training process.
+DEFAULT_DATA_LOADER_WORKERS = 8
 ADAFACTOR_ARGS = ("relative_step=True", "scale_parameter=True", "warmup_init=False")
 
 _LOGIC_RE = re.compile(r"^(Lora3x3|Lora1x1|Locon|Loha)(A1|A50p)-(AdamW8|AdaFactor|AdaFacotor)$")
@@ -82,6 +84,7 @@ TRAINING_KEYS = (
     "min_bucket_reso",
     "max_bucket_reso",
     "extra_args",
+    "data_loader_workers",
 )
 #: Keys of a variant dict beside the training keys.
 VARIANT_KEYS = ("name", "preset")
@@ -163,6 +166,7 @@ class TrainParams:
     min_bucket_reso: int | None = None
     max_bucket_reso: int | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    data_loader_workers: int = DEFAULT_DATA_LOADER_WORKERS
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with exactly the documented keys (the job's ``params``).
@@ -177,7 +181,8 @@ class TrainParams:
         skip; the runner fills it in before a backend sees the job); ``mixed_precision``;
         ``save_precision``; ``gradient_checkpointing``; ``network_train_unet_only``;
         ``resolution`` (None, int or [w, h]); ``min_bucket_reso``; ``max_bucket_reso``;
-        ``extra_args`` list of extra trainer arguments.
+        ``extra_args`` list of extra trainer arguments; ``data_loader_workers`` the data
+        loader's worker processes (0: none, load in the training process).
         """
         d = asdict(self)
         d["optimizer_args"] = list(self.optimizer_args)
@@ -286,8 +291,8 @@ TRAINING_CHECKS: dict[str, Checker] = {
     "min_bucket_reso": is_int(1),
     "max_bucket_reso": is_int(1),
     "extra_args": is_string_list,
+    "data_loader_workers": is_int(0),
 }
-assert set(TRAINING_CHECKS) == set(TRAINING_KEYS)
 
 
 def _get(s: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -429,6 +434,7 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
     min_b = _get(s, "min_bucket_reso", None)
     max_b = _get(s, "max_bucket_reso", None)
     extra = tuple(_get(s, "extra_args", ()))
+    workers = _get(s, "data_loader_workers", DEFAULT_DATA_LOADER_WORKERS)
 
     return TrainParams(
         name=name,
@@ -457,6 +463,7 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
         min_bucket_reso=min_b,
         max_bucket_reso=max_b,
         extra_args=extra,
+        data_loader_workers=workers,
     )
 
 
