@@ -298,3 +298,12 @@ def test_continue_from_errors_name_the_file_and_line(project):
     msgs = problems_of(project)
     assert any(m.startswith("characters/bob/character.toml:6: error: 'continue_from' = 'alk/Lora1x1A1-AdamW8' names no "
                             "LoRA of this project (did you mean 'alc'?)") for m in msgs), msgs
+
+
+def test_an_unreadable_project_toml_is_not_blamed_on_the_loras(project):
+    toml = project / "characters" / "alice" / "character.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("[face]\n", '[face]\nmerge = "MYFACE"\n'), encoding="utf-8")
+    (project / "characters" / "project.toml").write_text('[merge.presets]\nMYFACE = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1,0,1,1,1,0,1,1,1,0,0,1\n',
+                                                          encoding="utf-8")
+    msgs = problems_of(project)
+    assert len(msgs) == 1 and msgs[0].startswith("characters/project.toml:2: error: TOML syntax error"), msgs
