@@ -17,11 +17,11 @@ the caption's hash stable).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from charbuild.checks import did_you_mean
 from charbuild.codes import CODE_RE, is_image_file, parse_code
 from charbuild.errors import CharbuildError
 from charbuild.fsutil import write_text_atomic
@@ -85,9 +85,8 @@ def rules_with_overrides(overrides: Mapping[str, object], base: TagRules = DEFAU
     changes: dict[str, tuple[str, ...]] = {}
     for key, value in overrides.items():
         if key not in TAG_RULE_KEYS:
-            close = difflib.get_close_matches(str(key), TAG_RULE_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"unknown caption rule {key!r}{hint}; known rules: {', '.join(TAG_RULE_KEYS)}")
+            problems.append(f"unknown caption rule {key!r}{did_you_mean(key, TAG_RULE_KEYS)}; "
+                            f"known rules: {', '.join(TAG_RULE_KEYS)}")
             continue
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             problems.append(

@@ -190,7 +190,8 @@ def tags(folder, keyword, tags, overwrite):
     from .captions import caption_folder
 
     report = caption_folder(Path(folder), keyword=keyword, tags=list(tags), overwrite=overwrite)
-    click.echo(str(report))
+    for line in report.lines():
+        click.echo(line)
 
 
 @cli.command()

@@ -84,24 +84,18 @@ _BARE_SAFE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f']*")
 
 def toml_string(value: str) -> str:
     """A TOML string for ``value``: a literal ``'...'`` (the original's style) when it can be
-    one, else a basic ``"..."`` string with escapes. Both round-trip through tomllib."""
+    one, else a basic ``"..."`` string escaped by ``tomli_w``. Both round-trip through tomllib.
+
+    Only the value goes through the library: ``tomli_w`` writes every string as a basic
+    string, every array across lines and ``[[datasets.subsets]]`` as an inline array, so
+    the document itself keeps the original generator's hand-written shape.
+    """
     if _BARE_SAFE.fullmatch(value):
         return f"'{value}'"
-    out = []
-    for ch in value:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch == '"':
-            out.append('\\"')
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+    import tomli_w
+
+    line = tomli_w.dumps({"v": value})  # 'v = "…"\n'
+    return line[len("v = "):-1]
 
 
 def _toml_bool(value: bool) -> str:

@@ -85,10 +85,76 @@ def line_of(lines: dict[tuple[str, ...], int], path: tuple[str, ...]) -> int | N
     return None
 
 
-def syntax_error_line(exc: Exception) -> int | None:
-    """The line number a ``tomllib.TOMLDecodeError`` points at."""
+def syntax_error_line(exc: Exception, text: str | None = None) -> int | None:
+    """The line a ``tomllib.TOMLDecodeError`` is about.
+
+    ``tomllib`` gives a position for most errors, but only "at end of document" for a
+    construct that is never closed; then, given the ``text``, this is the line where the
+    unclosed array, inline table or string starts (:func:`unclosed_construct_line`), or
+    the last non-blank line when nothing is left open.
+    """
     lineno = getattr(exc, "lineno", None)
-    if isinstance(lineno, int):
+    if isinstance(lineno, int) and lineno > 0 and "end of document" not in str(exc):
         return lineno
     m = _SYNTAX_LINE_RE.search(str(exc))
-    return int(m.group(1)) if m else None
+    if m:
+        return int(m.group(1))
+    if text is None:
+        return None
+    unclosed = unclosed_construct(text)
+    return unclosed[0] if unclosed else last_line(text)
+
+
+def last_line(text: str) -> int | None:
+    """The number of the last non-blank line of ``text`` (None for an empty text)."""
+    numbered = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return numbered[-1] if numbered else None
+
+
+def unclosed_construct(text: str) -> tuple[int, str] | None:
+    """``(line, what)`` of the outermost construct still open at the end of ``text``.
+
+    ``what`` is "array", "inline table" or "string" (basic, literal and their multi-line
+    forms); comments are skipped. None when everything is closed.
+    """
+    opened: list[tuple[int, str]] = []   # (line, what) of each open bracket, outermost first
+    string: str | None = None  # the open string's delimiter
+    string_line = 0
+    number, i, n = 1, 0, len(text)
+    while i < n:
+        ch = text[i]
+        if string is not None:
+            if ch == "\\" and string in ('"', '"""'):
+                if text[i + 1:i + 2] == "\n":
+                    number += 1
+                i += 2
+                continue
+            if text.startswith(string, i):
+                i += len(string)
+                string = None
+                continue
+            if ch == "\n":
+                if len(string) == 1:  # a one-line string ends at the end of its line
+                    return string_line, "string"
+                number += 1
+            i += 1
+            continue
+        if ch == "\n":
+            number += 1
+        elif ch == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif ch in "\"'":
+            string = ch * 3 if text.startswith(ch * 3, i) else ch
+            string_line = number
+            i += len(string)
+            continue
+        elif ch in "[{":
+            opened.append((number, "array" if ch == "[" else "inline table"))
+        elif ch in "]}" and opened:
+            opened.pop()
+        i += 1
+    if string is not None:
+        return string_line, "string"
+    return opened[0] if opened else None

@@ -57,7 +57,11 @@ def test_tags_captions_a_folder_in_place(tmp_path, capsys):
     assert code == 0
     assert (folder / "f00.txt").read_text(encoding="utf-8").startswith(
         "kuronekomimi, shorthair, white background, black background, simple background, from horizontal")
-    assert "notes.png" in out
+    assert out.splitlines() == [
+        f"{folder / 'notes.png'}: skipped: file name does not start with an image code [fb][0-2][0-7] "
+        "(e.g. f00.png); rename it to caption it",
+        f"{folder}: 1 caption(s) written, 0 unchanged, 1 skipped (keywords: kuronekomimi, shorthair)",
+    ]
     assert not (folder / "notes.txt").exists()
 
 

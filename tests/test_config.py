@@ -136,3 +136,174 @@ def test_source_formats_accepted(tmp_path):
     draw_picture(face / "f02-smile.webp", "f02")
     p = load_project(root)
     assert [(i.code, i.stem) for i in p.characters["a"].face.images] == [("f00", "f00"), ("f01", "f01"), ("f02", "f02-smile")]
+
+
+def test_unclosed_array_at_the_end_names_the_line_it_starts_on(project):
+    (project / "characters" / "bob" / "character.toml").write_text(
+        'keyword = "bbo"\nclass = "boy"\ntags = ["a",\n  "b",\n', encoding="utf-8")
+    msgs = problems_of(project)
+    assert "characters/bob/character.toml:3: error: TOML syntax error: the array that starts on this line is " \
+           "never closed (Invalid value at the end of the file); fix the syntax" in msgs, msgs
+
+
+def test_unclosed_string_and_open_end_name_a_line(tmp_path):
+    from charbuild.tomllines import syntax_error_line
+    import tomllib
+
+    for text, line in [('a = 1\nb = """x\ny\n', 2), ('a = 1\nb = [ # [\n1,\n\n', 2), ("a = 1\nb = [1, 2]\nc =\n\n", 3)]:
+        with pytest.raises(tomllib.TOMLDecodeError) as info:
+            tomllib.loads(text)
+        assert syntax_error_line(info.value, text) == line, text
+
+
+def test_a_broken_character_file_is_not_blamed_on_groups_toml(tmp_path):
+    root = make_project(tmp_path / "p", characters={
+        "alice": {"keyword": "alc", "face": ["f00"], "outfits": {"dress": ("alcdr", ["b00"])}},
+        "bob": {"keyword": "bbo", "face": ["f00"], "outfits": {"suit": ("bbosu", ["b00"])}},
+    }, groups={"duo": ["alice/dress", "bob/suit"]})
+    (root / "characters" / "bob" / "character.toml").write_text('keyword = "bbo"\ntags = ["a",\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_project(root)
+    errors = [str(p) for p in info.value.problems()]
+    assert errors == ["characters/bob/character.toml:2: error: TOML syntax error: the array that starts on this "
+                      "line is never closed (Invalid value at the end of the file); fix the syntax"], errors
+    notes = [str(w) for w in info.value.warnings if "groups.toml" in w.path]
+    assert notes == ["characters/groups.toml:2: warning: [duo] member 'bob/suit' not checked: its character "
+                     "could not be read (fix characters/bob/character.toml first)"], notes
+
+
+FACE_LBW = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1,0,1,1,1,0,1,1,1,0,0,1"
+
+
+def _write_project_toml(root: Path, extra: str) -> None:
+    toml = root / "characters" / "project.toml"
+    toml.write_text(toml.read_text(encoding="utf-8") + extra, encoding="utf-8")
+
+
+def test_lbw_weight_strings_are_accepted_wherever_weights_are(project):
+    from charbuild.config import merge_spec, resolve_merge_weights
+    from charbuild.lora.blocks import resolve_block_weights
+
+    _write_project_toml(project, f'[merge]\nface = "MYFACE"\nbody = "{FACE_LBW}"\n'
+                                 f'[merge.presets]\nMYFACE = "{FACE_LBW}"\nSHORT = "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0"\n')
+    toml = project / "characters" / "bob" / "character.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("[face]\n", '[face]\nmerge = " 1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1 "\n'),
+                    encoding="utf-8")
+    p = load_project(project)
+    expected = resolve_block_weights(FACE_LBW)  # as `charbuild merge --weights 0,1,…` reads it
+    assert resolve_merge_weights(merge_spec(p.loras["alc"], p.merge), p) == expected
+    assert resolve_merge_weights(merge_spec(p.loras["alcdr"], p.merge), p) == expected
+    assert resolve_merge_weights("SHORT", p) == resolve_block_weights("INS")
+    assert resolve_merge_weights(merge_spec(p.loras["bbo"], p.merge), p) == resolve_block_weights(
+        "1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1")
+
+
+def test_every_weight_error_names_the_line_of_its_value(project):
+    _write_project_toml(project, '[merge]\nbody = "0,1,x"\n[merge.presets]\nMYFACE = "0,1,1"\nOK = "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0"\n')
+    toml = project / "characters" / "alice" / "character.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("[face]\n", '[face]\nmerge = "MYFACE"\n')
+                    .replace('keyword = "alcdr"\n', 'keyword = "alcdr"\nmerge = "1,0,1"\n'), encoding="utf-8")
+    msgs = problems_of(project)
+    lines = toml.read_text(encoding="utf-8").splitlines()
+    assert "characters/project.toml:11: error: [merge.presets] MYFACE: 3 block weights given; sd15 takes 17 or 26 " \
+           "values (17: BASE…OUT11, 26: BASE…OUT11)" in msgs, msgs
+    assert any(m.startswith("characters/project.toml:9: error: 'merge.body': block weight: 'x' is not a number") for m in msgs), msgs
+    merge_line = lines.index('merge = "1,0,1"') + 1
+    assert any(m.startswith(f"characters/alice/character.toml:{merge_line}: error: LoRA 'alcdr' merge weights: 3 block weights")
+               for m in msgs), msgs
+    # the broken preset is reported once, at its own line, not again where the face LoRA names it
+    assert not any("'alc' merge weights" in m for m in msgs), msgs
+    assert len(msgs) == 3, msgs
+
+
+def test_a_bad_training_value_is_reported_once_at_its_own_line(project):
+    _write_project_toml(project, "")
+    toml = project / "characters" / "project.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("dim = 4\n", 'dim = 4\nlr = "fast"\n'), encoding="utf-8")
+    msgs = problems_of(project)
+    assert msgs == ["characters/project.toml:6: error: 'training.lr' must be a learning rate: a float like 1e-4 or an "
+                    "integer number of 1e-6 units, not 'fast'"], msgs
+
+
+def test_a_lora_training_value_is_reported_at_its_own_line(project):
+    toml = project / "characters" / "bob" / "character.toml"
+    toml.write_text(toml.read_text(encoding="utf-8") + "[face.training]\nseed = -1\nmixed_precision = \"fp61\"\n", encoding="utf-8")
+    msgs = problems_of(project)
+    n = len(toml.read_text(encoding="utf-8").splitlines())
+    assert f"characters/bob/character.toml:{n - 1}: error: 'face.training.seed' must be >= 0, not -1" in msgs, msgs
+    assert any(m.startswith(f"characters/bob/character.toml:{n}: error: 'face.training.mixed_precision' must be one of")
+               and "did you mean 'fp16'" in m for m in msgs), msgs
+
+
+def test_settings_hold_the_users_values_only(project):
+    _write_project_toml(project, f'[merge.presets]\nMYFACE = "{FACE_LBW}"\n')
+    p = load_project(project)
+    assert p.training == {"variants": ["Lora1x1A1-AdamW8"], "dim": 4}
+    assert set(p.merge) == {"presets", "face", "body", "group"}
+    assert p.merge["presets"]["MYFACE"] == [float(x) for x in FACE_LBW.split(",")]
+    assert not [k for t in (p.model, p.trainer, p.dataset, p.compress, p.captions) for k in t if k.startswith("_")]
+    alc = p.loras["alc"]
+    assert alc.line == 5 and alc.origin.line("steps") == 6 and alc.source == "characters/alice/character.toml"
+    assert p.origin.line("training", "dim") == 5
+
+
+def test_backend_specific_settings_travel_in_trainer_extra(project):
+    _write_project_toml(project, '[trainer.extra]\nfake_seconds = 0.5\nanything = { nested = [1, 2] }\n')
+    p = load_project(project)
+    assert p.trainer["extra"] == {"fake_seconds": 0.5, "anything": {"nested": [1, 2]}}
+    toml = project / "characters" / "project.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("[trainer.extra]\n", ""), encoding="utf-8")
+    msgs = problems_of(project)
+    assert "characters/project.toml:8: error: 'trainer.fake_seconds' is a backend-specific setting: move it into " \
+           "the [trainer.extra] table" in msgs, msgs
+
+
+def test_default_trainer_extra_is_an_empty_table(project):
+    assert load_project(project).trainer["extra"] == {}
+
+
+def test_continue_from_a_file_or_a_variant_of_the_project(project):
+    (project / "models").mkdir()
+    (project / "models" / "old.safetensors").write_bytes(b"x")
+    alice = project / "characters" / "alice" / "character.toml"
+    text = alice.read_text(encoding="utf-8")
+    alice.write_text(text.replace("[face]\n", '[face]\ncontinue_from = "models/old.safetensors"\n')
+                     .replace('keyword = "alcdr"\n', 'keyword = "alcdr"\ncontinue_from = "alc/Lora1x1A1-AdamW8"\n'),
+                     encoding="utf-8")
+    p = load_project(project)
+    assert p.loras["alc"].continue_from == "models/old.safetensors"
+    assert p.loras["alcdr"].continue_from == "alc/Lora1x1A1-AdamW8"
+    assert p.loras["bbo"].continue_from is None
+
+
+def test_continue_from_errors_name_the_file_and_line(project):
+    alice = project / "characters" / "alice" / "character.toml"
+    text = alice.read_text(encoding="utf-8")
+    alice.write_text(text.replace("[face]\n", '[face]\ncontinue_from = "models/none.safetensors"\n')
+                     .replace('keyword = "alcdr"\n', 'keyword = "alcdr"\ncontinue_from = "alcdr/Lora1x1A1-AdamW8"\n'),
+                     encoding="utf-8")
+    bob = project / "characters" / "bob" / "character.toml"
+    bob.write_text(bob.read_text(encoding="utf-8").replace("[face]\n", '[face]\ncontinue_from = "alc/Lora3x3"\n'), encoding="utf-8")
+    msgs = problems_of(project)
+    lines = alice.read_text(encoding="utf-8").splitlines()
+    first = lines.index('continue_from = "models/none.safetensors"') + 1
+    second = lines.index('continue_from = "alcdr/Lora1x1A1-AdamW8"') + 1
+    assert any(m.startswith(f"characters/alice/character.toml:{first}: error: 'continue_from' file "
+                            "'models/none.safetensors' does not exist") for m in msgs), msgs
+    assert f"characters/alice/character.toml:{second}: error: 'continue_from' makes LoRA 'alcdr' continue from itself " \
+           "(alcdr -> alcdr); continue from another LoRA or a file" in msgs, msgs
+    assert any(m.startswith("characters/bob/character.toml:6: error: 'continue_from' = 'alc/Lora3x3': LoRA 'alc' has "
+                            "no variant 'Lora3x3'") for m in msgs), msgs
+    bob.write_text(bob.read_text(encoding="utf-8").replace('"alc/Lora3x3"', '"alk/Lora1x1A1-AdamW8"'), encoding="utf-8")
+    msgs = problems_of(project)
+    assert any(m.startswith("characters/bob/character.toml:6: error: 'continue_from' = 'alk/Lora1x1A1-AdamW8' names no "
+                            "LoRA of this project (did you mean 'alc'?)") for m in msgs), msgs
+
+
+def test_an_unreadable_project_toml_is_not_blamed_on_the_loras(project):
+    toml = project / "characters" / "alice" / "character.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("[face]\n", '[face]\nmerge = "MYFACE"\n'), encoding="utf-8")
+    (project / "characters" / "project.toml").write_text('[merge.presets]\nMYFACE = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1,0,1,1,1,0,1,1,1,0,0,1\n',
+                                                          encoding="utf-8")
+    msgs = problems_of(project)
+    assert len(msgs) == 1 and msgs[0].startswith("characters/project.toml:2: error: TOML syntax error"), msgs

@@ -177,6 +177,7 @@ def test_steps_come_from_the_kind_unless_set():
         ({"entry": {"preset": "Lora3x3A1-AdamW8", "extra_args": "--foo"}}, "list of strings"),
         ({"entry": {"preset": "Lora3x3A1-AdamW8", "gradient_checkpointing": 1}}, "true or false"),
         ({"entry": {"preset": "Lora3x3A1-AdamW8", "resolution": [512]}}, "resolution"),
+        ({"entry": {"preset": "Lora3x3A1-AdamW8", "data_loader_workers": -1}}, "data_loader_workers = -1: must be >= 0"),
         ({"entry": {"preset": "Lora3x3A5-AdamW8"}}, "variant 'Lora3x3A5-AdamW8': unknown training preset"),
         ({"entry": 42}, "preset string or a table"),
     ],
@@ -211,3 +212,10 @@ def test_output_name_is_the_originals():
     assert output_name("krnksf", p) == "krnksf-LohaA1-AdaFactor-32-auto-1200"
     p = resolve_variant({"preset": "Lora1x1A1-AdamW8", "lr": 2.5e-6}, steps=5)
     assert output_name("x", p) == "x-Lora1x1A1-AdamW8-128-2.5e-06-5"
+
+
+def test_every_training_key_has_its_one_checker_and_workers_default_as_sd_scripts():
+    from charbuild.train.variants import TRAINING_CHECKS
+
+    assert set(TRAINING_CHECKS) == set(TRAINING_KEYS)
+    assert resolve_variant("Lora3x3A1-AdamW8", steps=10).data_loader_workers == 8  # --max_data_loader_n_workers

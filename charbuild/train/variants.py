@@ -28,11 +28,12 @@ This module is pure: no I/O, no torch.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, NamedTuple
+
+from ..checks import Checker, closest, did_you_mean, is_bool, is_choice, is_int, is_number, is_str, require
 
 NETWORKS = ("Lora3x3", "Lora1x1", "Locon", "Loha")
 ALPHA_MODES = ("A1", "A50p")
@@ -55,7 +56,7 @@ DEFAULT_LR_UNITS = 100
 TEXT_ENCODER_PERCENT = 44
 DEFAULT_SCHEDULER = "cosine_with_restarts"
 DEFAULT_SEED = 31337
-#: sd-scripts' own default of ``--max_data_loader_n_workers``.
+#: sd-scripts' ``--max_data_loader_n_workers`` default; 0 loads the data in the training process.
 DEFAULT_DATA_LOADER_WORKERS = 8
 ADAFACTOR_ARGS = ("relative_step=True", "scale_parameter=True", "warmup_init=False")
 
@@ -103,15 +104,6 @@ class Logic(NamedTuple):
 ALL_LOGICS = tuple(str(Logic(n, a, o)) for n in NETWORKS for a in ALPHA_MODES for o in OPTIMIZER_PRESETS)
 
 
-def did_you_mean(word: str, choices, *, n: int = 1) -> str:
-    """`` (did you mean 'X'?)`` for the closest of ``choices`` (case-insensitive), or ``""``."""
-    lowered = {c.lower(): c for c in choices}
-    close = difflib.get_close_matches(str(word).lower(), list(lowered), n=n, cutoff=0.6)
-    if not close:
-        return ""
-    return " (did you mean " + " or ".join(repr(lowered[c]) for c in close) + "?)"
-
-
 def parse_logic(text: str) -> Logic:
     """Parse a logic string such as ``"Lora3x3A50p-AdamW8"``.
 
@@ -123,7 +115,7 @@ def parse_logic(text: str) -> Logic:
     m = _LOGIC_RE.match(text)
     if m:
         return Logic(m.group(1), m.group(2), _OPTIMIZER_SPELLINGS[m.group(3)])
-    close = difflib.get_close_matches(text.lower(), [x.lower() for x in ALL_LOGICS], n=1, cutoff=0.6)
+    close = closest(text, ALL_LOGICS)
     head, sep, opt = text.partition("-")
     if not sep:
         detail = "it needs a '-' before the optimizer (AdamW8 or AdaFactor)"
@@ -137,7 +129,7 @@ def parse_logic(text: str) -> Logic:
             detail = f"unknown alpha mode {head[len(net):]!r}, expected A1 or A50p"
     hint = ""
     if close:
-        hint = f" (did you mean {next(x for x in ALL_LOGICS if x.lower() == close[0])!r}?)"
+        hint = f" (did you mean {close[0]!r}?)"
     raise ValueError(
         f"unknown training preset {text!r}{hint}: {detail}; the grammar is "
         "(Lora3x3|Lora1x1|Locon|Loha)(A1|A50p)-(AdamW8|AdaFactor)"
@@ -189,8 +181,8 @@ class TrainParams:
         skip; the runner fills it in before a backend sees the job); ``mixed_precision``;
         ``save_precision``; ``gradient_checkpointing``; ``network_train_unet_only``;
         ``resolution`` (None, int or [w, h]); ``min_bucket_reso``; ``max_bucket_reso``;
-        ``extra_args`` list of extra trainer arguments; ``data_loader_workers`` sd-scripts'
-        data-loader worker processes (0: load in the training process).
+        ``extra_args`` list of extra trainer arguments; ``data_loader_workers`` the data
+        loader's worker processes (0: none, load in the training process).
         """
         d = asdict(self)
         d["optimizer_args"] = list(self.optimizer_args)
@@ -238,51 +230,85 @@ def _check_keys(d: Mapping[str, Any], allowed, where: str) -> None:
         raise ValueError(f"{where}: " + "; ".join(msgs))
 
 
-def _is_int(v: Any) -> bool:
+def _is_whole(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_learning_rate(v: Any) -> str | None:
+    """A float learning rate in (0, 1), or an integer number of 1e-6 units (>= 1)."""
+    if _is_whole(v):
+        return None if v >= 1 else f"must be >= 1 as an integer: an integer learning rate is in units of 1e-6, not {v}"
+    if isinstance(v, float):
+        if not (v > 0 and math.isfinite(v)):
+            return f"must be a positive number: a learning rate, not {v}"
+        if v >= 1:
+            return f"is too large for a learning rate ({v}); write 1e-4, or 100 for 100e-6"
+        return None
+    return f"must be a learning rate: a float like 1e-4 or an integer number of 1e-6 units, not {v!r}"
+
+
+def is_string_list(v: Any) -> str | None:
+    """A list (or tuple) of strings."""
+    if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+        return None
+    return f"must be a list of strings, not {v!r}"
+
+
+def is_resolution(v: Any) -> str | None:
+    """A positive integer, or ``[width, height]`` of positive integers."""
+    if _is_whole(v) and v > 0:
+        return None
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_whole(x) and x > 0 for x in v):
+        return None
+    return "must be an integer or [width, height]"
+
+
+def is_conv_dim(v: Any) -> str | None:
+    """A positive integer, or 0 for no conv layers."""
+    return None if _is_whole(v) and v == 0 else is_int(1)(v)
+
+
+#: The checker of every training key: the one place its type and range are defined (the
+#: config loader reports a failing value at its own line; :func:`resolve_variant` raises).
+TRAINING_CHECKS: dict[str, Checker] = {
+    "dim": is_int(1),
+    "alpha": is_number(),
+    "conv_dim": is_conv_dim,
+    "conv_alpha": is_number(),
+    "lr": is_learning_rate,
+    "text_encoder_lr": is_learning_rate,
+    "steps": is_int(1),
+    "scheduler": is_str,
+    "seed": is_int(0),
+    "optimizer": is_choice(*OPTIMIZERS),
+    "optimizer_args": is_string_list,
+    "clip_skip": is_int(1),
+    "mixed_precision": is_choice(*MIXED_PRECISIONS),
+    "save_precision": is_choice(*SAVE_PRECISIONS),
+    "gradient_checkpointing": is_bool,
+    "network_train_unet_only": is_bool,
+    "resolution": is_resolution,
+    "min_bucket_reso": is_int(1),
+    "max_bucket_reso": is_int(1),
+    "extra_args": is_string_list,
+    "data_loader_workers": is_int(0),
+}
+
+
+def _get(s: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``s[key]`` (or ``default``) checked by the key's checker; None stays None."""
+    value = s.get(key, default)
+    return None if value is None else require(value, key, TRAINING_CHECKS[key])
 
 
 def _lr_value(v: Any, key: str) -> tuple[float | None, int | None]:
     """(lr float, lr units) from a setting: a float lr, or an int number of 1e-6 units (>= 1)."""
     if v is None:
         return None, None
-    if _is_int(v):
-        if v < 1:
-            raise ValueError(f"{key} = {v}: an integer learning rate is in units of 1e-6 and must be >= 1")
+    require(v, key, is_learning_rate)
+    if _is_whole(v):
         return v / 1e6, v
-    if isinstance(v, float):
-        if not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"{key} = {v}: a learning rate must be a positive number")
-        if v >= 1:
-            raise ValueError(f"{key} = {v}: too large for a learning rate; write 1e-4, or 100 for 100e-6")
-        return v, lr_to_units(v)
-    raise ValueError(f"{key} = {v!r}: a learning rate is a float like 1e-4 or an integer number of 1e-6 units")
-
-
-def _positive_int(v: Any, key: str, *, allow_none: bool = False) -> int | None:
-    if v is None and allow_none:
-        return None
-    if not _is_int(v) or v < 1:
-        raise ValueError(f"{key} = {v!r}: expected a positive integer")
-    return v
-
-
-def _number(v: Any, key: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-        raise ValueError(f"{key} = {v!r}: expected a positive number")
-    return v
-
-
-def _str_list(v: Any, key: str) -> tuple[str, ...]:
-    if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
-        raise ValueError(f"{key} = {v!r}: expected a list of strings")
-    return tuple(v)
-
-
-def _choice(v: Any, key: str, choices) -> str:
-    if v not in choices:
-        raise ValueError(f"{key} = {v!r}: expected one of {', '.join(choices)}{did_you_mean(str(v), choices)}")
-    return v
+    return v, lr_to_units(v)
 
 
 def resolve_variant(
@@ -357,26 +383,26 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
     module = "networks.lora" if network in ("Lora3x3", "Lora1x1") else "lycoris.kohya"
     algo = {"Locon": "lora", "Loha": "loha"}.get(network)
 
-    dim = _positive_int(s.get("dim", DEFAULT_DIMS[network]), "dim")
+    dim = require(s.get("dim", DEFAULT_DIMS[network]), "dim", TRAINING_CHECKS["dim"])
     half = logic.alpha_mode == "A50p"
-    alpha = _number(s["alpha"], "alpha") if "alpha" in s else (max(1, dim // 2) if half else 1)
+    alpha = _get(s, "alpha", None) if "alpha" in s else (max(1, dim // 2) if half else 1)
 
     if network == "Lora1x1":
         conv_dim = None
     else:
-        cd = s.get("conv_dim", dim)
-        conv_dim = None if cd in (0, None) else _positive_int(cd, "conv_dim")
+        cd = _get(s, "conv_dim", dim)
+        conv_dim = None if cd in (0, None) else cd
     if conv_dim is None:
         conv_alpha = None
     elif s.get("conv_alpha") is not None:
-        conv_alpha = _number(s["conv_alpha"], "conv_alpha")
+        conv_alpha = _get(s, "conv_alpha", None)
     else:
         conv_alpha = max(1, conv_dim // 2) if half else 1
 
     default_opt = "adafactor" if logic.optimizer == "AdaFactor" else "AdamW8bit"
-    optimizer = _choice(s.get("optimizer", default_opt), "optimizer", OPTIMIZERS)
+    optimizer = _get(s, "optimizer", default_opt)
     if "optimizer_args" in s:
-        optimizer_args = _str_list(s["optimizer_args"], "optimizer_args")
+        optimizer_args = tuple(_get(s, "optimizer_args", ()))
     else:
         optimizer_args = ADAFACTOR_ARGS if optimizer == "adafactor" else ()
 
@@ -394,36 +420,21 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
         units = lr_units if lr_units is not None else lr * 1e6
         te = math.floor(units * TEXT_ENCODER_PERCENT / 100) / 1e6 or None
 
-    steps = _positive_int(s.get("steps", kind_steps), "steps")
-    scheduler = s.get("scheduler", DEFAULT_SCHEDULER)
-    if not isinstance(scheduler, str) or not scheduler:
-        raise ValueError(f"scheduler = {scheduler!r}: expected a scheduler name like 'cosine_with_restarts'")
-    seed = s.get("seed", DEFAULT_SEED)
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"seed = {seed!r}: expected a non-negative integer")
-    clip_skip = _positive_int(s.get("clip_skip"), "clip_skip", allow_none=True)
-    mixed = _choice(s.get("mixed_precision", "fp16"), "mixed_precision", MIXED_PRECISIONS)
-    save = _choice(s.get("save_precision", "fp16"), "save_precision", SAVE_PRECISIONS)
-    flags = {}
-    for key, default in (("gradient_checkpointing", True), ("network_train_unet_only", False)):
-        v = s.get(key, default)
-        if not isinstance(v, bool):
-            raise ValueError(f"{key} = {v!r}: expected true or false")
-        flags[key] = v
-    res = s.get("resolution")
-    if res is not None:
-        if _is_int(res) and res > 0:
-            pass
-        elif isinstance(res, (list, tuple)) and len(res) == 2 and all(_is_int(x) and x > 0 for x in res):
-            res = tuple(res)
-        else:
-            raise ValueError(f"resolution = {res!r}: expected an integer or [width, height]")
-    min_b = _positive_int(s.get("min_bucket_reso"), "min_bucket_reso", allow_none=True)
-    max_b = _positive_int(s.get("max_bucket_reso"), "max_bucket_reso", allow_none=True)
-    extra = _str_list(s.get("extra_args", []), "extra_args")
-    workers = s.get("data_loader_workers", DEFAULT_DATA_LOADER_WORKERS)
-    if not _is_int(workers) or workers < 0:
-        raise ValueError(f"data_loader_workers = {workers!r}: expected 0 or a positive integer")
+    steps = _get(s, "steps", kind_steps)
+    scheduler = _get(s, "scheduler", DEFAULT_SCHEDULER)
+    seed = _get(s, "seed", DEFAULT_SEED)
+    clip_skip = _get(s, "clip_skip", None)
+    mixed = _get(s, "mixed_precision", "fp16")
+    save = _get(s, "save_precision", "fp16")
+    flags = {key: _get(s, key, default) for key, default in (("gradient_checkpointing", True),
+                                                              ("network_train_unet_only", False))}
+    res = _get(s, "resolution", None)
+    if isinstance(res, list):
+        res = tuple(res)
+    min_b = _get(s, "min_bucket_reso", None)
+    max_b = _get(s, "max_bucket_reso", None)
+    extra = tuple(_get(s, "extra_args", ()))
+    workers = _get(s, "data_loader_workers", DEFAULT_DATA_LOADER_WORKERS)
 
     return TrainParams(
         name=name,
@@ -485,3 +496,13 @@ def canonical_params_text(params: TrainParams | Mapping[str, Any]) -> str:
 
     p = params.to_dict() if isinstance(params, TrainParams) else dict(params)
     return json.dumps(p, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def training_defaults(training: Mapping[str, Any]) -> dict[str, Any]:
+    """The project's ``[training]`` values that apply to every variant (its ``variants`` list left out)."""
+    return {k: v for k, v in training.items() if k != "variants"}
+
+
+def variant_entries(lora: Any, training: Mapping[str, Any]) -> list:
+    """The variant entries of ``lora`` (anything with ``.variants``): its own list, else the project's."""
+    return lora.variants or training["variants"]

@@ -1,0 +1,51 @@
+"""A LoRA's block weights from the project's ``[merge]`` settings.
+
+Every place that takes a list of weights (``[merge.presets]``, ``[merge] face/body/group``, a
+LoRA's ``merge =``) accepts what ``charbuild merge --weights`` accepts: a preset name, the
+LBW comma string ``"0,1,1,…"``, a list of 12/17/20/26 numbers, or (``merge`` only) a block
+table. The parsing is :func:`charbuild.lora.blocks.resolve_block_weights`'s, called here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from .model import Lora, Project
+
+
+def preset_values(value: Any, arch: str) -> list[float]:
+    """The weights of a ``[merge.presets]`` entry: a comma string or a list of numbers.
+
+    Returned over every block of ``arch`` (a short list is expanded as LBW does), so the
+    preset means the same wherever it is used. Raises ValueError saying what is wrong.
+    """
+    from .lora.blocks import resolve_block_weights
+
+    if isinstance(value, str):
+        if "," not in value:
+            raise ValueError(f"must be comma-separated numbers like \"0,1,1,…\" or a list of numbers, not {value!r}")
+    elif not isinstance(value, list):
+        raise ValueError(f"must be comma-separated numbers like \"0,1,1,…\" or a list of numbers, not {value!r}")
+    return list(resolve_block_weights(value, arch=arch).values())
+
+
+def merge_spec(lora: "Lora", merge: Mapping[str, Any]) -> Any:
+    """The block-weight spec of ``lora``: its own ``merge``, else its kind's project default."""
+    return lora.merge if lora.merge is not None else merge[lora.kind]
+
+
+def resolve_merge_weights(spec: Any, settings_or_project: "Project | Mapping[str, Any]") -> dict[str, float]:
+    """Block weights for a merge spec, with the project's own presets (a Project or its settings)."""
+    from .lora.blocks import resolve_block_weights
+
+    if isinstance(settings_or_project, Mapping):
+        merge, model = settings_or_project["merge"], settings_or_project["model"]
+    else:
+        merge, model = settings_or_project.merge, settings_or_project.model
+    return resolve_block_weights(_stripped(spec), arch=model["arch"], presets=merge.get("presets") or None)
+
+
+def _stripped(spec: Any) -> Any:
+    # as `charbuild merge --weights` strips its text before resolving it
+    return spec.strip() if isinstance(spec, str) else spec
