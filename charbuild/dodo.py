@@ -16,7 +16,7 @@ from .errors import CharbuildError
 from .tasks import GROUP_DOCS
 
 __all__ = ["DOIT_CONFIG", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
-           "task_merge", "task_compress", "task__prune", "task__aliases"]
+           "task_merge", "task_compress", "task_report", "task__prune", "task__aliases"]
 
 DOIT_CONFIG = {
     "backend": "sqlite3",
@@ -86,6 +86,14 @@ def task_merge():
 
 def task_compress():
     yield from graph().compress_tasks()
+
+
+def task_report():
+    # after the LoRA groups: a plain `doit` runs tasks in definition order, so the page shows this run's LoRAs
+    from .report.tasks import report_tasks
+
+    g = graph()
+    yield from report_tasks(g.project, g)
 
 
 for _group in GROUP_DOCS:  # one wording for doit list and for readers of this file
