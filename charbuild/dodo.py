@@ -89,7 +89,6 @@ def task_compress():
 
 
 def task_report():
-    # after the LoRA groups: a plain `doit` runs tasks in definition order, so the page shows this run's LoRAs
     from .report.tasks import report_tasks
 
     g = graph()

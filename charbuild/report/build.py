@@ -5,12 +5,12 @@ Everything lands in ``build/report/``: ``index.html``, ``report.css``, ``report.
 by a hash of their source path so that any file name — Japanese included — is a safe URL). A
 file the new page no longer uses is removed; nothing outside ``build/report/`` is touched.
 
-The *observed key* is what decides whether the page is up to date beyond its ``file_dep``: the
-plan, plus (size, mtime) of every LoRA file, loss log and sample it would show. The action
-computes it before it reads anything and returns it; :class:`ReportUpToDate` compares it with
-the key of the files on disk now. LoRA files are keyed by stat, not listed as ``file_dep``, on
-purpose: a ``file_dep`` on a training's output makes doit train first, and the report must be
-cheap to make in the middle of a project.
+The *observed key* is what decides whether the page is up to date beyond its ``file_dep`` (the
+source pictures): the plan, plus (size, mtime) of every preview sheet, LoRA file, loss log and
+sample it would show. The action computes it before it reads anything and returns it;
+:class:`ReportUpToDate` compares it with the key of the files on disk now. Those build outputs
+are keyed by stat rather than listed as ``file_dep`` so that ``doit --single report`` (what
+``charbuild report`` runs) can write the page of a half-built project without training.
 """
 
 from __future__ import annotations
@@ -56,18 +56,19 @@ def sample_files(root: Path, variant_dir: str) -> dict[int, dict[str, str]]:
 
 
 def observed_files(plan: dict, root: Path) -> dict[str, list[int]]:
-    """(size, mtime_ns) of every variant file, loss log and sample the page would show now."""
+    """(size, mtime_ns) of every preview sheet, LoRA file, loss log and sample the page would show now."""
     seen: dict[str, list[int]] = {}
     for lora in plan["loras"]:
+        rels = [lora["preview"]]
         for v in lora["variants"]:
-            rels = [*v["files"].values(), f"{v['dir']}/{METRICS_NAME}"]
+            rels += [*v["files"].values(), f"{v['dir']}/{METRICS_NAME}"]
             rels += [p for codes in sample_files(root, v["dir"]).values() for p in codes.values()]
-            for rel in rels:
-                try:
-                    st = (root / rel).stat()
-                except OSError:
-                    continue
-                seen[rel] = [st.st_size, st.st_mtime_ns]
+        for rel in rels:
+            try:
+                st = (root / rel).stat()
+            except OSError:
+                continue
+            seen[rel] = [st.st_size, st.st_mtime_ns]
     return dict(sorted(seen.items()))
 
 

@@ -126,9 +126,12 @@ def source_pictures(plan: dict) -> list[str]:
                    for row in part["rows"] for cell in row for p in cell["pictures"]})
 
 
-def preview_task_name(lora_name: str) -> str:
-    """The doit task that writes a LoRA's preview sheet."""
-    return f"preview:{lora_name}"
+def lora_task_names(graph) -> list[str]:
+    """The doit tasks that make what the report shows of each LoRA (dataset, preview, compress…)."""
+    names: list[str] = []
+    for lora in graph.project.loras.values():
+        names += graph.lora_deps(lora)
+    return names
 
 
 def stale_reasons(root: Path) -> list[tuple[str, str]]:
