@@ -118,6 +118,12 @@ def _samples_grid(samples: dict) -> str:
     return f'<table class="samples"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
 
 
+def _compress_shown(settings: dict) -> dict:
+    """The compression settings that apply: the method's own value, not the other methods'."""
+    method = settings.get("method")
+    return {k: v for k, v in settings.items() if v is not None and (not k.startswith("sv_") or k == method)}
+
+
 def render_lora(lora: dict) -> str:
     """One LoRA's section: preview, dataset, per variant the loss, samples and files, the merge bar."""
     lid = anchor("lora", lora["name"])
@@ -133,7 +139,7 @@ def render_lora(lora: dict) -> str:
     merge = lora["merge"]
     out.append(f'<h3>merge weights: {_e(merge["preset"])} ({len(merge["blocks"])} blocks, {_e(merge["arch"])})</h3>')
     out.append(block_bar_svg([(b, w) for b, w in merge["blocks"]]))
-    settings = ", ".join(f"{k} = {_number(v)}" for k, v in sorted(lora["compress"].items()))
+    settings = ", ".join(f"{k} = {_number(v)}" for k, v in sorted(_compress_shown(lora["compress"]).items()))
     out.append(f"<p>compression: {_e(settings)}</p>")
     for i, v in enumerate(lora["variants"]):
         stem = v["files"]["compressed"].rsplit("/", 1)[-1].removesuffix(".safetensors")

@@ -101,6 +101,15 @@ def loss_chart_svg(log: LossLog, *, width: int = 640, height: int = 260, title: 
     return "".join(out)
 
 
+def short_block_label(name: str) -> str:
+    """``IN04`` -> ``I04``, ``OUT11`` -> ``O11``, ``M00`` -> ``M``, ``BASE`` -> ``B``: fits under a bar."""
+    if name == "BASE":
+        return "B"
+    if name.startswith("M"):
+        return "M"
+    return name[0] + name.lstrip("INOUT")
+
+
 def block_bar_svg(blocks: Sequence[tuple[str, float]], *, cell: int = 26, height: int = 120) -> str:
     """An inline ``<svg>`` bar chart of block weights: one bar per ``(block name, weight)``.
 
@@ -112,7 +121,7 @@ def block_bar_svg(blocks: Sequence[tuple[str, float]], *, cell: int = 26, height
     values = [v for _, v in blocks]
     top_v = max(1.0, max(values))
     low_v = min(0.0, min(values))
-    label_h, top = 34, 14
+    label_h, top = 22, 14
     ph = height - label_h - top
     width = len(blocks) * cell + 8
 
@@ -130,9 +139,7 @@ def block_bar_svg(blocks: Sequence[tuple[str, float]], *, cell: int = 26, height
                    f'<rect class="{cls}" data-block="{escape(name)}" data-weight="{_f(v)}" x="{x + 2}" y="{_f(y)}" '
                    f'width="{cell - 4}" height="{_f(max(h, 0))}"/>'
                    f'<text x="{x + cell / 2:.0f}" y="{top - 3}" text-anchor="middle" class="value">{_f(v)}</text>'
-                   f'<text x="{x + cell / 2:.0f}" y="{height - label_h + 12}" text-anchor="middle" class="name">'
-                   f'{escape(name[:2])}</text>'
-                   f'<text x="{x + cell / 2:.0f}" y="{height - label_h + 24}" text-anchor="middle" class="name">'
-                   f'{escape(name[2:])}</text></g>')
+                   f'<text x="{x + cell / 2:.0f}" y="{height - label_h + 14}" text-anchor="middle" class="name">'
+                   f'{escape(short_block_label(name))}</text></g>')
     out.append(f'<line x1="2" y1="{_f(zero)}" x2="{width - 2}" y2="{_f(zero)}" class="axis"/></svg>')
     return "".join(out)
