@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import CharbuildError
+from .report.summary import SummaryReporter
 from .tasks import GROUP_DOCS
 
 __all__ = ["DOIT_CONFIG", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
@@ -24,6 +25,7 @@ DOIT_CONFIG = {
     "check_file_uptodate": "md5",
     "verbosity": 1,
     "action_string_formatting": "new",
+    "reporter": SummaryReporter,  # doit's console output plus one line per LoRA built (report/summary.py)
 }
 
 # doit commands that only read state: they must not take the build lock.
@@ -165,6 +167,8 @@ def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = N
         install_sigterm_handler()
         command = _command_of(argv)
         namespace = {name: getattr(this, name) for name in __all__}
+        if extra_config and "reporter" in extra_config:  # DOIT_CONFIG would override extra_config's
+            namespace["DOIT_CONFIG"] = {**DOIT_CONFIG, "reporter": extra_config["reporter"]}
         # doit binds its output stream when it is imported; use the current one
         config = {"outfile": sys.stdout, **(extra_config or {})}
         main = DoitMain(ModuleTaskLoader(namespace), extra_config={"GLOBAL": config})

@@ -141,3 +141,29 @@ def _failing_write(atomic_path, target, text):
     with atomic_path(target) as tmp:
         tmp.write_text(text[:100], encoding="utf-8")  # half written, then the disk fills up
         raise OSError(28, "No space left on device")
+
+
+def test_a_run_ends_with_one_summary_line_per_lora_it_built(tmp_path):
+    import io
+
+    from charbuild.dodo import run_doit
+
+    root = make_project(tmp_path / "proj")
+    out = io.StringIO()
+    assert run_doit(root, ["run"], extra_config={"outfile": out}) == 0
+    lines = out.getvalue().splitlines()
+    start = lines.index("built 3 LoRA(s):")
+    summary = sorted(lines[start + 1:start + 4])
+    assert summary[0].startswith(f"  build/loras/alc/{V}/alc-{V}.safetensors  ")
+    assert summary[0].endswith("  trigger words: alc") and " kB  rank " in summary[0]
+    assert summary[1].endswith("trigger words: alcdr, alc")
+    size = (root / f"build/loras/alc/{V}/alc-{V}.safetensors").stat().st_size
+    assert f"{size / 1e3:.1f} kB" in summary[0]
+    toml = root / "characters/bob/character.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("[face]\nsteps = 5", "[face]\nsteps = 6"), encoding="utf-8")
+    out = io.StringIO()
+    assert run_doit(root, ["run"], extra_config={"outfile": out}) == 0
+    assert "built 1 LoRA(s):" in out.getvalue() and f"bbo-{V}.safetensors" in out.getvalue()
+    out = io.StringIO()
+    assert run_doit(root, ["run"], extra_config={"outfile": out}) == 0
+    assert "LoRA(s)" not in out.getvalue()
