@@ -72,7 +72,7 @@ def test_a_bad_loss_log_is_shown_on_the_page_with_its_line(built):
     (root / f"build/loras/alc/{V}/metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\nnot json\n{"step": 2, "loss": 0.4}\n',
                                                               encoding="utf-8")
     assert build(root) == {"report"}
-    assert f"build/loras/alc/{V}/metrics.jsonl:2: error: bad loss log line" in page(root)
+    assert f"<p class=\"warn\">build/loras/alc/{V}/metrics.jsonl:2: error: bad loss log line" in page(root)
 
 
 def test_samples_make_a_steps_by_codes_grid_and_leave_with_their_files(built):

@@ -165,10 +165,11 @@ def collect(plan: dict, root: Path, out_dir: Path, stale: list[tuple[str, str]])
             for role, rel in v["files"].items():
                 if (root / rel).is_file():
                     vd["found"][role] = _inspect(root / rel)
+            log_rel = f"{v['dir']}/{METRICS_NAME}"
             try:
-                vd["metrics"] = read_metrics(root / v["dir"] / METRICS_NAME)
-            except CharbuildError as exc:
-                vd["metrics_error"] = str(exc)
+                vd["metrics"] = read_metrics(root / log_rel)
+            except CharbuildError as exc:  # shown on the page, with the project-relative path
+                vd["metrics_error"] = str(CharbuildError(exc.message, log_rel, exc.line))
             for step, codes in sample_files(root, v["dir"]).items():
                 vd["samples"][step] = {code: files.put(asset_name(rel), (root / rel).read_bytes())
                                        for code, rel in codes.items()}
