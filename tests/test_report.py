@@ -141,3 +141,32 @@ def test_page_has_every_section_relative_urls_and_escaped_text():
 def test_page_says_everything_is_up_to_date_when_nothing_is_stale():
     html = render_page(_page(stale=[]))
     assert "everything is up to date" in html and "train:k/V" not in html
+
+
+def test_the_plan_of_a_real_project(tmp_path):
+    """The adapter on a project on disk: grids, dataset rows, merge blocks, files, settings."""
+    from conftest import make_project
+
+    from charbuild.config import load_project
+    from charbuild.report.source import report_plan, source_pictures
+    from charbuild.tasks import Graph
+
+    root = make_project(tmp_path / "p", project_extra='[merge]\nface = "ALL"\n')
+    toml = root / "characters/bob/character.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("[face]", "symmetric = false\n[face]"), encoding="utf-8")
+    plan = report_plan(Graph(load_project(root)))
+    chars = {c["name"]: c for c in plan["characters"]}
+    bob_face = chars["bob"]["parts"][0]
+    assert chars["bob"]["symmetric"] is False and bob_face["columns"] == 8
+    assert "f05" in bob_face["missing"] and "f00" not in bob_face["missing"]
+    assert [p["name"] for p in chars["alice"]["parts"]] == ["face", "dress"]
+    assert chars["alice"]["parts"][0]["columns"] == 5
+    assert source_pictures(plan) == sorted(p.relative_to(root).as_posix() for p in (root / "characters").rglob("*.png"))
+    loras = {lo["name"]: lo for lo in plan["loras"]}
+    assert [(r["size"], r["pictures"], r["batch"]) for r in loras["alcdr"]["dataset"]] == [(64, 3, 2), (96, 3, 2), (64, 2, 2), (96, 2, 2)]
+    assert len(loras["alc"]["merge"]["blocks"]) == 17 and loras["alc"]["merge"]["preset"] == "ALL"
+    assert len(loras["alcdr"]["merge"]["blocks"]) == 26  # BODY uses blocks outside the 17
+    v = loras["alc"]["variants"][0]
+    assert v["files"]["compressed"] == "build/loras/alc/Lora1x1A1-AdamW8/alc-Lora1x1A1-AdamW8.safetensors"
+    assert v["params"]["dim"] == 4 and v["params"]["steps"] == 5
+    assert loras["alcdr"]["keywords"] == ["alcdr", "alc"]
