@@ -153,6 +153,16 @@ def status(root, show_all):
 
 
 @cli.command()
+@click.option("--root", type=click.Path(file_okay=False))
+@click.option("--build", "build_all", is_flag=True, help="Bring every LoRA up to date first (trains), as `doit report` does.")
+def report(root, build_all):
+    """Write the project report build/report/index.html (trains nothing unless --build)."""
+    from .report.cli import report_command
+
+    sys.exit(report_command(_root(root), build_all=build_all))
+
+
+@cli.command()
 @click.argument("name")
 @click.option("--keyword", help="Trigger word (default: the name without spaces).")
 @click.option("--outfit", "outfits", multiple=True, help="Add an outfit (repeatable).")

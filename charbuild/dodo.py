@@ -14,10 +14,11 @@ from pathlib import Path
 
 from .errors import CharbuildError
 from .layout import DOIT_DB, Layout
+from .report.summary import SummaryReporter
 from .tasks import GROUP_DOCS
 
 __all__ = ["DOIT_CONFIG", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
-           "task_merge", "task_compress", "task__prune", "task__aliases"]
+           "task_merge", "task_compress", "task_report", "task__prune", "task__aliases"]
 
 DOIT_CONFIG = {
     "backend": "sqlite3",
@@ -25,6 +26,7 @@ DOIT_CONFIG = {
     "check_file_uptodate": "md5",
     "verbosity": 1,
     "action_string_formatting": "new",
+    "reporter": SummaryReporter,  # doit's console output plus one line per LoRA built (report/summary.py)
 }
 
 # doit commands that only read state: they must not take the build lock.
@@ -89,6 +91,13 @@ def task_merge():
 
 def task_compress():
     yield from graph().compress_tasks()
+
+
+def task_report():
+    from .report.tasks import report_tasks
+
+    g = graph()
+    yield from report_tasks(g.project, g)
 
 
 for _group in GROUP_DOCS:  # one wording for doit list and for readers of this file
@@ -162,6 +171,8 @@ def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = N
         install_sigterm_handler()
         command = _command_of(argv)
         namespace = {name: getattr(this, name) for name in __all__}
+        if extra_config and "reporter" in extra_config:  # DOIT_CONFIG would override extra_config's
+            namespace["DOIT_CONFIG"] = {**DOIT_CONFIG, "reporter": extra_config["reporter"]}
         # doit binds its output stream when it is imported; use the current one
         config = {"outfile": sys.stdout, **(extra_config or {})}
         main = DoitMain(ModuleTaskLoader(namespace), extra_config={"GLOBAL": config})

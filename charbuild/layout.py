@@ -13,6 +13,7 @@ path (relative to the project root)           what
 ``build/locks/``                              build lock, GPU locks
 ``build/cache/``                              model hashes; ``trained/``: the run cache
 ``build/models/``                             generated models (the ``tiny`` demo model)
+``build/report/``                             the project report page (``index.html`` + assets)
 ``build/.doit.db``                            doit's state database
 ============================================  ===========================================
 
@@ -34,6 +35,7 @@ CACHE = f"{BUILD}/cache"
 MODELS = f"{BUILD}/models"
 DOIT_DB = f"{BUILD}/.doit.db"
 RUN_CACHE = f"{CACHE}/trained"
+REPORT = f"{BUILD}/report"
 
 RAW_NAME = "raw.safetensors"
 MERGED_NAME = "merged.safetensors"

@@ -39,6 +39,7 @@ GROUP_DOCS = {
     "train": "raw LoRA per LoRA and training variant (holds a GPU lock)",
     "merge": "block-weight-merged LoRA (FACE/BODY presets or your own)",
     "compress": "compressed LoRA (SVD rank reduction): the file to use",
+    "report": "the project report page build/report/index.html (open it from disk)",
 }
 
 

@@ -144,6 +144,7 @@ def test_training_settings_retrain_only_that_lora(built):
     toml = root / "characters/bob/character.toml"
     toml.write_text(toml.read_text(encoding="utf-8").replace("[face]\nsteps = 5", "[face]\nsteps = 6"), encoding="utf-8")
     ran = groups(build(root))
+    assert ran.pop("report") == {""}  # the report page shows these settings and files
     assert ran == {"train": {f"bbo/{V}"}, "merge": {f"bbo/{V}"}, "compress": {f"bbo/{V}"}}
 
 
@@ -152,6 +153,7 @@ def test_merge_weights_never_retrain(built):
     proj = root / "characters/project.toml"
     proj.write_text(proj.read_text(encoding="utf-8") + '[merge]\nface = "ALL"\n', encoding="utf-8")
     ran = groups(build(root))
+    assert ran.pop("report") == {""}  # the report page shows these settings and files
     assert ran == {"merge": {f"alc/{V}", f"bbo/{V}"}, "compress": {f"alc/{V}", f"bbo/{V}"}}
 
 
@@ -160,6 +162,7 @@ def test_compression_ratio_only_recompresses(built):
     proj = root / "characters/project.toml"
     proj.write_text(proj.read_text(encoding="utf-8") + "[compress]\nsv_ratio = 8\n", encoding="utf-8")
     ran = groups(build(root))
+    assert ran.pop("report") == {""}  # the report page shows these settings and files
     assert ran == {"compress": {f"alc/{V}", f"alcdr/{V}", f"bbo/{V}", f"duo/{V}"}}
 
 

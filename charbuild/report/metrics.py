@@ -1,0 +1,94 @@
+"""The loss log a trainer writes beside its TensorBoard logs: ``<variant_dir>/metrics.jsonl``.
+
+Format (UTF-8, one JSON object per line, appended as training goes; blank lines are ignored):
+
+- a training line: ``{"step": 120, "loss": 0.0831, "lr": 0.0001}`` — ``step`` a non-negative
+  integer, ``loss`` a finite number, ``lr`` optional (a number);
+- a validation line: ``{"step": 200, "val_loss": 0.0912}``;
+- any other keys are allowed and ignored (a trainer may add ``"epoch"``, ``"time"``, …).
+
+A line may hold both ``loss`` and ``val_loss``. Steps need not be sorted; a step logged twice
+(a resumed run) keeps its last value. The reader is strict: a line that is not such an object
+raises a :class:`~charbuild.errors.CharbuildError` naming the file and line, so a corrupt log is
+reported rather than drawn wrong — except a truncated *last* line, which a running or killed
+trainer leaves behind and which is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from charbuild.errors import CharbuildError
+
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class LossLog:
+    """The curves of one training: (step, value) pairs sorted by step."""
+
+    loss: list[tuple[int, float]] = field(default_factory=list)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+    lr: list[tuple[int, float]] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not self.loss and not self.val_loss
+
+
+def _number(obj: dict, key: str, where: str) -> float | None:
+    if key not in obj or obj[key] is None:
+        return None
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{where}: {key!r} must be a finite number, not {v!r}")
+    return float(v)
+
+
+def parse_metrics(text: str, path: str | Path = METRICS_NAME) -> LossLog:
+    """Parse the text of a ``metrics.jsonl`` file (see the module docstring for the format)."""
+    curves: dict[str, dict[int, float]] = {"loss": {}, "val_loss": {}, "lr": {}}
+    lines = text.split("\n")
+    last_index = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                if i == last_index and not text.endswith("\n"):
+                    break  # a line the trainer is still writing (or was killed while writing)
+                raise ValueError("not a JSON object") from None
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+            step = obj.get("step")
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"'step' must be a non-negative integer, not {step!r}")
+            values = {k: _number(obj, k, "") for k in curves}
+            if values["loss"] is None and values["val_loss"] is None:
+                raise ValueError("needs 'loss' or 'val_loss'")
+        except ValueError as exc:
+            message = str(exc).lstrip(": ")
+            raise CharbuildError(
+                f"bad loss log line ({message}); expected {{\"step\": N, \"loss\": X}} or {{\"step\": N, \"val_loss\": X}}",
+                path=path, line=i + 1,
+            ) from None
+        for k, v in values.items():
+            if v is not None:
+                curves[k][step] = v
+    return LossLog(*(sorted(curves[k].items()) for k in ("loss", "val_loss", "lr")))
+
+
+def read_metrics(path: str | Path) -> LossLog | None:
+    """The loss log at ``path``, or None when the file does not exist."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CharbuildError(f"cannot read the loss log ({exc})", path=path) from None
+    return parse_metrics(text, path)

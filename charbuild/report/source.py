@@ -1,0 +1,160 @@
+"""The one adapter between the report and the rest of charbuild.
+
+Everything the report knows about a project comes through here, from the public names
+``charbuild.config`` (``Project``, ``Lora``, ``Part``, ``merge_spec``, ``resolve_merge_weights``,
+``subset_for``), ``charbuild.tasks`` (``Graph``), ``charbuild.layout``, ``charbuild.dataset_toml`` and
+``charbuild.status``. When those move, this file is the one to adapt.
+
+:func:`report_plan` turns a project into the *plan*: plain JSON-ready data (strings, numbers,
+lists, dicts; paths relative to the project root, POSIX), which doubles as the doit
+``uptodate`` value of the report and as the argument of its action.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from charbuild.codes import MIRROR_CODES, TEMPLATE_CODES
+
+PLAN_VERSION = 1
+
+#: The fields of a training variant the report shows (the rest are in the trainer's log).
+SHOWN_PARAMS = ("network", "dim", "alpha", "conv_dim", "conv_alpha", "lr", "text_encoder_lr", "steps",
+                "optimizer", "scheduler", "seed")
+
+
+def template_grid(kind_letter: str, pictures: dict[str, list[str]], symmetric: bool) -> dict:
+    """The 3 × 5 (symmetric) or 3 × 8 angle grid of one part.
+
+    ``pictures`` maps a code to the project-relative paths of its pictures. Returns
+    ``{"columns", "rows": [[{"code", "pictures", "template"}]], "missing": [codes], "extra": [codes]}``:
+    template codes without a picture are *missing*; a symmetric character's mirror codes
+    (h 5-7) widen the grid to 8 columns when it has such pictures, but are never missing.
+    """
+    template = set(TEMPLATE_CODES[kind_letter])
+    if not symmetric:
+        template |= set(MIRROR_CODES[kind_letter])
+    has_mirrors = any(c in pictures for c in MIRROR_CODES[kind_letter])
+    columns = 8 if (not symmetric or has_mirrors) else 5
+    rows = [[{"code": f"{kind_letter}{v}{h}", "pictures": list(pictures.get(f"{kind_letter}{v}{h}", [])),
+              "template": f"{kind_letter}{v}{h}" in template} for h in range(columns)] for v in range(3)]
+    missing = [c["code"] for row in rows for c in row if c["template"] and not c["pictures"]]
+    return {"columns": columns, "rows": rows, "missing": missing}
+
+
+def _dataset_rows(graph, lora) -> list[dict]:
+    from charbuild.config import subset_for
+    from charbuild.dataset_toml import CLASS_RESOLUTION, folder_class
+
+    batch_sizes = graph.project.dataset["batch_sizes"]
+    rows = []
+    for part in lora.parts:
+        for size in graph.sizes:
+            subset = subset_for(part, size)
+            if subset is None:
+                continue
+            try:
+                wc, hc = folder_class(subset)
+                resolution, batch = [CLASS_RESOLUTION[wc], CLASS_RESOLUTION[hc]], batch_sizes.get(f"{wc}_{hc}", 1)
+            except ValueError:  # mixed size classes: `charbuild check` reports it; show the row anyway
+                resolution, batch = None, None
+            rows.append({"folder": subset.image_dir, "part": f"{part.character}/{part.name}", "size": size,
+                         "pictures": len(subset.image_sizes), "resolution": resolution, "batch": batch,
+                         "flip_aug": subset.flip_aug})
+    return rows
+
+
+def _merge_blocks(graph, lora) -> dict:
+    from charbuild.config import merge_spec, resolve_merge_weights
+    from charbuild.lora.blocks import block_names
+
+    spec = merge_spec(lora, graph.project.merge)
+    weights = resolve_merge_weights(spec, graph.project)
+    arch = graph.project.model["arch"]
+    short = block_names(arch, 17 if arch == "sd15" else 12)
+    full = block_names(arch, 26 if arch == "sd15" else 20)
+    # the short list when the blocks it leaves out are all 0 (a plain LoRA touches only those)
+    names = short if all(weights.get(b, 0) == 0 for b in full if b not in short) else full
+    return {"preset": spec if isinstance(spec, str) else "custom", "arch": arch,
+            "blocks": [[b, float(weights.get(b, 0.0))] for b in names]}
+
+
+def report_plan(graph) -> dict:
+    """The plan of the report of ``graph``'s project: what it shows and where the files are."""
+    from charbuild import layout
+
+    project = graph.project
+    characters = []
+    for ch in project.characters.values():
+        parts = []
+        for part in [ch.face, *ch.outfits.values()]:
+            pictures: dict[str, list[str]] = {}
+            for img in sorted(part.images, key=lambda i: i.rel):
+                pictures.setdefault(img.code, []).append(img.rel)
+            grid = template_grid("f" if part.kind == "face" else "b", pictures, ch.symmetric)
+            parts.append({"name": part.name, "kind": part.kind, "keyword": part.keyword, **grid})
+        characters.append({"name": ch.name, "keyword": ch.keyword, "symmetric": ch.symmetric, "parts": parts})
+    loras = []
+    for lora in project.loras.values():
+        variants = []
+        for params in graph.variants(lora):
+            p = params.to_dict()
+            vdir = layout.variant_dir(lora.name, params.name)
+            variants.append({
+                "name": params.name,
+                "dir": vdir,
+                "params": {k: p[k] for k in SHOWN_PARAMS if k in p},
+                "files": {"raw": layout.raw_lora(lora.name, params.name),
+                          "merged": layout.merged_lora(lora.name, params.name),
+                          "compressed": layout.deliverable_lora(lora.name, params.name)},
+            })
+        loras.append({
+            "name": lora.name, "kind": lora.kind, "keywords": list(lora.keywords),
+            "characters": list(lora.characters), "repeats": lora.repeats,
+            "preview": layout.preview_png(lora.name),
+            "dataset": _dataset_rows(graph, lora),
+            "merge": _merge_blocks(graph, lora),
+            "compress": dict(graph.compress_settings(lora)),
+            "variants": variants,
+        })
+    return {"v": PLAN_VERSION, "project": project.root.name, "characters": characters, "loras": loras}
+
+
+def source_pictures(plan: dict) -> list[str]:
+    """Every source picture the plan shows (project-relative), sorted."""
+    return sorted({p for ch in plan["characters"] for part in ch["parts"]
+                   for row in part["rows"] for cell in row for p in cell["pictures"]})
+
+
+def lora_task_names(graph) -> list[str]:
+    """The doit tasks that make what the report shows of each LoRA (dataset, preview, compress…)."""
+    names: list[str] = []
+    for lora in graph.project.loras.values():
+        names += graph.lora_deps(lora)
+    return names
+
+
+def stale_reasons(root: Path) -> list[tuple[str, str]]:
+    """``charbuild status``'s (task, reason) list: doit's own check, read-only."""
+    from charbuild.status import stale_tasks
+
+    return stale_tasks(root)
+
+
+def load_graph(root: Path):
+    """The task graph of the project at ``root`` (for ``charbuild report`` outside doit)."""
+    from charbuild.dodo import graph
+
+    return graph(root)
+
+
+def task_targets(root: Path) -> dict[str, list[str]]:
+    """doit task name -> its targets, for every task of the project's graph that has targets."""
+    g = load_graph(root)
+    out: dict[str, list[str]] = {}
+    for tasks in (g.image_tasks, g.caption_tasks, g.dataset_tasks, g.preview_tasks, g.train_tasks,
+                  g.merge_tasks, g.compress_tasks):
+        for t in tasks():
+            if t.get("name") and t.get("targets"):
+                out[f"{t['basename']}:{t['name']}"] = list(t["targets"])
+    return out

@@ -1,0 +1,61 @@
+"""One line per LoRA a doit run built, printed when the run ends (issue 13 item 5, summary).
+
+``SummaryReporter`` is doit's console reporter plus that summary; ``DOIT_CONFIG["reporter"]``
+names it, so a plain ``doit``, ``charbuild build`` and ``charbuild train`` all print, e.g.::
+
+    built 2 LoRA(s):
+      build/loras/krnk/Lora3x3A50p-AdamW8/krnk-Lora3x3A50p-AdamW8.safetensors  35.1 MB  rank 32  trigger words: krnk
+
+A LoRA counts as built when its ``compress:`` task (the deliverable file) ran successfully in
+this run. The line reads the file itself (:func:`charbuild.lora.inspect.inspect_lora`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from doit.reporter import ConsoleReporter
+
+DELIVERABLE_GROUP = "compress"
+
+
+def summary_line(info: dict, shown_path: str) -> str:
+    """The summary line of one LoRA from its :func:`inspect_lora` dict."""
+    ranks = sorted({int(r) for r in info["ranks"]})
+    rank = "rank " + ("/".join(map(str, ranks)) if ranks else "—")
+    size = info["file_size"]
+    size_text = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+    words = ", ".join(info["trigger_words"]) or "none"
+    return f"  {shown_path}  {size_text}  {rank}  trigger words: {words}"
+
+
+def summary_lines(paths: list[str]) -> list[str]:
+    """The summary of the LoRA files ``paths`` (a file that cannot be read says why)."""
+    from charbuild.errors import CharbuildError
+    from charbuild.lora.inspect import inspect_lora
+
+    lines = [f"built {len(paths)} LoRA(s):"]
+    for p in paths:
+        try:
+            lines.append(summary_line(inspect_lora(p), p))
+        except (CharbuildError, OSError, ValueError) as exc:
+            lines.append(f"  {p}  (cannot read it: {exc})")
+    return lines
+
+
+class SummaryReporter(ConsoleReporter):
+    """doit's console reporter, plus one line per LoRA built in the run when it ends."""
+
+    def __init__(self, outstream, options):
+        super().__init__(outstream, options)
+        self.built: list[str] = []
+
+    def add_success(self, task):
+        super().add_success(task)
+        if task.name.startswith(DELIVERABLE_GROUP + ":") and task.targets:
+            self.built.append(Path(task.targets[0]).as_posix())
+
+    def complete_run(self):
+        super().complete_run()
+        if self.built:
+            self.write("\n".join(summary_lines(self.built)) + "\n")
