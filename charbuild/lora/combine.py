@@ -13,14 +13,18 @@ route, no full delta: seconds instead of minutes for big conv layers); otherwise
 LoHa, wide LoHa ranks) from the summed full deltas.
 
 Inputs must share one architecture; a module present in only some inputs is taken from those.
-The output is kohya LoRA in the first input's dtype, with the first input's metadata,
-``modelspec.merged_from`` and ``charbuild.combine`` (JSON list of ``[file, ratio]``).
+The output is kohya LoRA in the first input's dtype. Its metadata (see
+:mod:`charbuild.lora.provenance`) keeps only what every input agrees on (base model, arch…),
+records each input in ``charbuild.combine_inputs`` (JSON: file, sshs_model_hash, ratio, and its
+own output name, training comment with any resize history, merge weights, combine inputs) and
+in ``charbuild.combine`` (JSON list of ``[file, ratio]``), lists them in
+``modelspec.merged_from`` and takes its name (``ss_output_name``, ``modelspec.title``) from
+``output_name`` or, as ``sdxl_merge_lora.py`` does, from the output file's stem.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +34,7 @@ from charbuild.errors import LoraFileError
 from charbuild.lora.compress import loha_factors, pad_to_rank, resize_factors, resize_full, target_shape
 from charbuild.lora.io import LoraFile, load_lora, save_lora
 from charbuild.lora.parallel import map_modules
+from charbuild.lora.provenance import combine_metadata, input_record, model_hash, with_output_name
 
 
 def _scaled_factors(lora: LoraFile, stem: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -115,32 +120,43 @@ def combine_files(
     rank: int | None = None,
     progress: bool = False,
     workers: int | None = None,
+    output_name: str | None = None,
 ) -> dict:
-    """Combine ``inputs`` [(path, ratio), …] into ``dst`` (exact, or SVD to ``rank``); return a report."""
+    """Combine ``inputs`` [(path, ratio), …] into ``dst`` (exact, or SVD to ``rank``); return a report.
+
+    ``output_name`` (default: the stem of ``dst``) is written as ``ss_output_name`` and
+    ``modelspec.title``.
+    """
     if not inputs:
         raise LoraFileError("combine needs at least one input LoRA")
     if rank is not None and rank < 1:
         raise LoraFileError(f"rank must be at least 1, got {rank}")
+    try:
+        with_output_name({}, output_name)
+    except ValueError as exc:
+        raise LoraFileError(str(exc), dst) from None
     loras = [(load_lora(path), float(ratio)) for path, ratio in inputs]
     tensors = combine_loras(loras, rank=rank, progress=progress, workers=workers)
     first = loras[0][0]
     dtype = next((t.dtype for t in first.tensors.values() if t.is_floating_point()), torch.float32)
     tensors = {k: v.to(dtype) for k, v in tensors.items()}
     ranks = sorted({int(v.shape[0]) for k, v in tensors.items() if k.endswith("lora_down.weight")})
-    metadata = dict(first.metadata)
-    for key in ("sshs_model_hash", "sshs_legacy_hash", "ss_network_args"):
-        metadata.pop(key, None)
-    metadata["ss_network_module"] = "networks.lora"
-    metadata["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
-    metadata["ss_network_alpha"] = metadata["ss_network_dim"]
-    names = [Path(p).name for p, _ in inputs]
-    metadata["modelspec.merged_from"] = ", ".join(names)
-    metadata["charbuild.combine"] = json.dumps([[name, float(r)] for name, (_, r) in zip(names, inputs)])
+    mode = "exact" if rank is None else f"svd rank {rank}"
+    records = [
+        input_record(Path(path).name, model_hash(path), r, lora.metadata) for (path, _), (lora, r) in zip(inputs, loras)
+    ]
+    metadata = combine_metadata(
+        records,
+        [lora.metadata for lora, _ in loras],
+        mode=mode,
+        dim=str(ranks[0]) if len(ranks) == 1 else "Dynamic",
+        output_name=Path(dst).stem if output_name is None else output_name,
+    )
     save_lora(dst, tensors, metadata)
     return {
         "inputs": [[str(p), float(r)] for p, r in inputs],
         "dst": str(dst),
-        "mode": "exact" if rank is None else f"svd rank {rank}",
+        "mode": mode,
         "modules": sum(1 for k in tensors if k.endswith(".alpha")),
         "ranks": ranks,
         "arch": first.arch,
