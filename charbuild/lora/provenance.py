@@ -52,9 +52,14 @@ def model_hash(path: str | Path) -> str:
     return sha.hexdigest()
 
 
-def input_record(name: str, digest: str, ratio: float, metadata: Mapping[str, str]) -> dict:
-    """One input of a combination: file, hash, ratio, and the history its own metadata carries."""
+def input_record(
+    name: str, digest: str, ratio: float, metadata: Mapping[str, str], *, block_weights: Mapping[str, float] | None = None
+) -> dict:
+    """One input of a combination: file, hash, ratio (and the block weights applied to it in the
+    combination), and the history its own metadata carries."""
     record: dict = {"file": name, "sshs_model_hash": digest, "ratio": float(ratio)}
+    if block_weights is not None:
+        record["block_weights"] = {b: float(w) for b, w in block_weights.items()}
     title = metadata.get("ss_output_name") or metadata.get("modelspec.title")
     if title:
         record["output_name"] = title
@@ -90,11 +95,20 @@ def shared_metadata(metadatas: Sequence[Mapping[str, str]]) -> dict[str, str]:
     }
 
 
+# What sd-scripts' merge scripts write for a LoRA of each arch when the inputs do not agree on it.
+_ARCH_DEFAULTS = {
+    "sd15": {"ss_base_model_version": "sd_v1", "modelspec.architecture": "stable-diffusion-v1/lora"},
+    "sdxl": {"ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"},
+}
+
+
 def combine_metadata(
-    records: Sequence[dict], metadatas: Sequence[Mapping[str, str]], *, mode: str, dim: str, output_name: str
-) -> dict[str, str]:
-    """The header of a combination of inputs described by ``records`` (see :func:`input_record`)."""
-    meta = shared_metadata(metadatas)
+    records: Sequence[dict], metadatas: Sequence[Mapping[str, str]], *, mode: str, dim: str, output_name: str,
+    arch: str | None = None,
+) -> dict[str, str]:  # fmt: skip
+    """The header of a combination of inputs described by ``records`` (see :func:`input_record`);
+    ``arch`` fills in the base-model keys the inputs do not agree on."""
+    meta = {**_ARCH_DEFAULTS.get(arch or "", {}), **shared_metadata(metadatas)}
     meta["ss_network_module"] = "networks.lora"
     meta["ss_network_dim"] = meta["ss_network_alpha"] = dim
     names = [r["file"] for r in records]
