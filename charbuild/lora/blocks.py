@@ -117,16 +117,17 @@ def _canonical(name: str) -> str:
 def resolve_block_weights(
     spec: str | Sequence[float] | Mapping[str, float],
     arch: str = "sd15",
-    presets: Mapping[str, Sequence[float]] | None = None,
+    presets: Mapping[str, Sequence[float] | str | Mapping[str, float]] | None = None,
 ) -> dict[str, float]:
     """Turn a weights spec into ``{block: weight}`` over every block of ``arch``.
 
-    ``spec``: a preset name (``presets`` override and extend :data:`BUILTIN_PRESETS`), a list of
+    ``spec``: a preset name (``presets`` override and extend :data:`BUILTIN_PRESETS`; a preset is a
+    list, or any string or table form below), a list of
     12/17/20/26 numbers or a comma string of them, or a dict block -> value (unnamed blocks
     1.0). Raises ``ValueError`` naming the valid presets/lengths/blocks.
     """
     _check_arch(arch)
-    table = {**BUILTIN_PRESETS, **{k: list(v) for k, v in (presets or {}).items()}}
+    table = {**BUILTIN_PRESETS, **{k: v if isinstance(v, (str, Mapping)) else list(v) for k, v in (presets or {}).items()}}
     full = all_blocks(arch)
     lengths = sorted(n for (a, n) in _NAMES if a == arch)
     if isinstance(spec, Mapping):
@@ -159,7 +160,14 @@ def resolve_block_weights(
                         f"unknown block-weight preset {spec!r}.{hint} Presets: {', '.join(sorted(table))}; "
                         f"or give {'/'.join(map(str, lengths))} comma-separated numbers"
                     )
-            values = list(table[text])
+            preset = table[text]
+            if isinstance(preset, (str, Mapping)):  # a preset written as "0,1,…", "IN04:0.5,…" or a table
+                others = {k: v for k, v in table.items() if k != text}  # no preset refers to itself
+                try:
+                    return resolve_block_weights(preset, arch, others)
+                except ValueError as exc:
+                    raise ValueError(f"preset {text}: {exc}") from None
+            values = list(preset)
             if len(values) not in lengths and len(set(values)) == 1:
                 values = values[:1] * _FULL[arch]  # uniform presets (NONE, ALL, ALL0.5) fit any arch
             if len(values) not in lengths:
