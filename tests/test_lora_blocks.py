@@ -97,6 +97,19 @@ def test_resolve_presets_lists_and_strings():
     assert resolve_block_weights("FACE", presets={"FACE": [0.0] * 26})["IN01"] == 0.0
 
 
+def test_presets_written_as_strings_or_tables():
+    """A user preset as LBW users copy it ("0,1,1,…"), in named form or as a table: never read char by char."""
+    face = ",".join(str(int(v)) for v in BUILTIN_PRESETS["FACE"])
+    assert resolve_block_weights("MYFACE", presets={"MYFACE": face}) == resolve_block_weights("FACE")
+    assert resolve_block_weights("XL", "sdxl", {"XL": "IN07 IN08::1,OUT00-OUT02::0.5"})["OUT01"] == 0.5
+    assert resolve_block_weights("T", "sdxl", {"T": {"M00": 0}})["M00"] == 0.0
+    assert resolve_block_weights("ALIAS", "sdxl", {"ALIAS": "HALF", "HALF": ",".join(["0.5"] * 12)})["IN05"] == 0.5
+    with pytest.raises(ValueError, match="preset MYFACE: 3 block weights given"):
+        resolve_block_weights("MYFACE", presets={"MYFACE": "1,0,1"})
+    with pytest.raises(ValueError, match="preset LOOP: .*unknown block-weight preset 'LOOP'"):
+        resolve_block_weights("LOOP", presets={"LOOP": "LOOP"})
+
+
 def test_resolve_dict_defaults_to_one():
     w = resolve_block_weights({"MID": 0.25, "out03": -1})
     assert w["M00"] == 0.25 and w["OUT03"] == -1.0 and w["IN05"] == 1.0 and len(w) == 26

@@ -7,7 +7,10 @@ A weights spec (:func:`resolve_block_weights`) is one of
 
 * a preset name: the user's ``presets`` first, then :data:`BUILTIN_PRESETS`;
 * a list of 12/17/20/26 numbers, or the same as a comma string (``"0,1,1,…"``);
-* a dict block name -> value; **blocks the dict does not name keep 1.0** (full strength).
+* a dict block name -> value; **blocks the dict does not name keep 1.0** (full strength);
+* the same as a string of named entries (:func:`parse_named_weights`): ``"IN04:0.5, OUT03-OUT05:0"``,
+  or in the LBW extension's own ``lbwe=`` form ``"IN04 IN05::0.5"`` (blocks, an empty element
+  part, the ratio); later entries win, unnamed blocks keep 1.0, as in LBW.
 
 A short list (17 for SD1.5, 12 for SDXL) maps into the full set by block name; blocks it does
 not name get 0, as in the LBW extension. The result always names every block of the arch.
@@ -114,16 +117,17 @@ def _canonical(name: str) -> str:
 def resolve_block_weights(
     spec: str | Sequence[float] | Mapping[str, float],
     arch: str = "sd15",
-    presets: Mapping[str, Sequence[float]] | None = None,
+    presets: Mapping[str, Sequence[float] | str | Mapping[str, float]] | None = None,
 ) -> dict[str, float]:
     """Turn a weights spec into ``{block: weight}`` over every block of ``arch``.
 
-    ``spec``: a preset name (``presets`` override and extend :data:`BUILTIN_PRESETS`), a list of
+    ``spec``: a preset name (``presets`` override and extend :data:`BUILTIN_PRESETS`; a preset is a
+    list, or any string or table form below), a list of
     12/17/20/26 numbers or a comma string of them, or a dict block -> value (unnamed blocks
     1.0). Raises ``ValueError`` naming the valid presets/lengths/blocks.
     """
     _check_arch(arch)
-    table = {**BUILTIN_PRESETS, **{k: list(v) for k, v in (presets or {}).items()}}
+    table = {**BUILTIN_PRESETS, **{k: v if isinstance(v, (str, Mapping)) else list(v) for k, v in (presets or {}).items()}}
     full = all_blocks(arch)
     lengths = sorted(n for (a, n) in _NAMES if a == arch)
     if isinstance(spec, Mapping):
@@ -140,6 +144,8 @@ def resolve_block_weights(
         return out
     if isinstance(spec, str):
         text = spec.strip()
+        if ":" in text:
+            return parse_named_weights(text, arch)
         if "," in text or _is_number(text):
             values = [_number(x, "block weight") for x in text.split(",")]
         else:
@@ -154,7 +160,14 @@ def resolve_block_weights(
                         f"unknown block-weight preset {spec!r}.{hint} Presets: {', '.join(sorted(table))}; "
                         f"or give {'/'.join(map(str, lengths))} comma-separated numbers"
                     )
-            values = list(table[text])
+            preset = table[text]
+            if isinstance(preset, (str, Mapping)):  # a preset written as "0,1,…", "IN04:0.5,…" or a table
+                others = {k: v for k, v in table.items() if k != text}  # no preset refers to itself
+                try:
+                    return resolve_block_weights(preset, arch, others)
+                except ValueError as exc:
+                    raise ValueError(f"preset {text}: {exc}") from None
+            values = list(preset)
             if len(values) not in lengths and len(set(values)) == 1:
                 values = values[:1] * _FULL[arch]  # uniform presets (NONE, ALL, ALL0.5) fit any arch
             if len(values) not in lengths:
@@ -171,6 +184,71 @@ def resolve_block_weights(
     names = block_names(arch, len(values))
     out = {b: 0.0 for b in full}
     out.update(zip(names, values))
+    return out
+
+
+def parse_named_weights(text: str, arch: str = "sd15") -> dict[str, float]:
+    """``{block: weight}`` over every block of ``arch`` from named entries; unnamed blocks 1.0.
+
+    Entries are separated by commas or new lines; each is ``BLOCKS:RATIO`` or LBW's elemental
+    ``BLOCKS:ELEMENTS:RATIO`` with an empty ELEMENTS part (and, in that form, no space before or
+    after the block names: LBW reads one as an empty name that matches every module). BLOCKS is one or more block names
+    separated by spaces, each a name (``IN04``, ``M00``/``MID``, ``OUT03``) or a range ``A-B``
+    taken in LBW's 26-block order (``IN05-OUT05``; names the arch lacks are skipped). A block named
+    by several entries takes the last one's ratio, as LBW's ``ratiodealer`` does.
+
+    Not accepted, with a message: a non-empty ELEMENTS part (LBW's per-layer ``attn``/``proj``
+    filters reach inside a block, which one weight per block cannot express) and ``NOT`` (in LBW
+    it also reaches the modules outside every block, which a build keeps at ×1).
+    """
+    _check_arch(arch)
+    full = all_blocks(arch)
+    order = [_canonical(b) for b in SD15_26]  # LBW's BLOCKID26: the order ranges run in
+    out = {b: 1.0 for b in full}
+    for raw in text.replace("\n", ",").split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        parts = [p.strip() for p in entry.split(":")]
+        if len(parts) == 3:
+            blocks_part = raw.split(":")[0]
+            if blocks_part != blocks_part.strip(" ") or "  " in blocks_part:
+                raise ValueError(
+                    f"{raw!r}: in LBW's BLOCKS:ELEMENTS:RATIO form a space before, after or between the block "
+                    "names is an empty name, which LBW matches against every module; remove the extra spaces "
+                    f"({entry.split(':')[0].strip()}::{parts[2]}) or write BLOCKS:RATIO"
+                )
+            if parts[1]:
+                raise ValueError(
+                    f"{entry!r}: per-element weights ({parts[1]!r}, LBW's lbwe filter) are not supported; "
+                    f"give whole blocks, e.g. {parts[0]}::{parts[2]}"
+                )
+            parts = [parts[0], parts[2]]
+        if len(parts) != 2 or not parts[0]:
+            raise ValueError(f"{entry!r}: expected BLOCKS:RATIO (e.g. IN04:0.5 or IN05-OUT05:0)")
+        names = parts[0].split()
+        if names[0].upper() == "NOT":
+            raise ValueError(
+                f"{entry!r}: NOT is not accepted (in LBW it also reaches conv_out and the time embedding, "
+                "which a build keeps at ×1); list the blocks or give a range"
+            )
+        value = _number(parts[1], f"{entry!r}: ratio")
+        chosen: list[str] = []
+        for name in names:
+            if "-" in name:
+                lo, _, hi = name.partition("-")
+                ends = [_canonical(lo), _canonical(hi)]
+                bad = [e for e in ends if e not in order]
+                if bad:
+                    raise ValueError(f"{entry!r}: unknown block name(s) {', '.join(bad)}; valid: {', '.join(full)}")
+                i, j = sorted(order.index(e) for e in ends)
+                chosen += [b for b in order[i : j + 1] if b in out]
+            elif _canonical(name) in out:
+                chosen.append(_canonical(name))
+            else:
+                raise ValueError(f"{entry!r}: unknown block name for {arch}: {name}; valid: {', '.join(full)}")
+        for b in chosen:
+            out[b] = value
     return out
 
 

@@ -136,18 +136,35 @@ def _parse_input(text: str) -> tuple[str, float]:
 @click.command("combine")
 @click.argument("items", nargs=-1, required=True)
 @click.option("--rank", type=int, default=None, help="Re-factorise the summed deltas to this rank (default: exact).")
+@click.option("--weights", "-w", "weights", multiple=True,
+              help="Block weights of one input (as merge --weights; - for none): give it once per input, in order.")
+@click.option("--preset-file", type=click.Path(dir_okay=False, path_type=Path), help="LBW preset file (NAME:v1,…) adding presets.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Modules combined side by side (default: one per CPU core, as torch counts them).")
 @_user_errors
-def combine_cmd(items: tuple[str, ...], rank: int | None, progress: bool, threads: int | None) -> None:
+def combine_cmd(items: tuple[str, ...], rank: int | None, weights: tuple[str, ...], preset_file: Path | None,
+                progress: bool, threads: int | None) -> None:  # fmt: skip
     """Combine LoRAs: IN[:RATIO] ... OUT (exact rank concatenation, or --rank N by SVD)."""
     from charbuild.lora.combine import combine_files
 
     if len(items) < 2:
         raise click.UsageError("give at least one input and the output: A.safetensors[:RATIO] ... OUT.safetensors")
     *inputs, dst = items
-    report = combine_files([_parse_input(x) for x in inputs], dst, rank=rank, progress=progress, workers=threads)
+    specs, presets = None, {}
+    if weights:
+        if len(weights) != len(inputs):
+            raise click.UsageError(f"--weights given {len(weights)} times for {len(inputs)} inputs: give it once per input")
+        specs = []
+        for text in weights:
+            if text.strip() == "-":
+                specs.append(None)
+                continue
+            spec, more = _weights_spec(text, preset_file)
+            specs.append(spec)
+            presets.update(more)
+    report = combine_files([_parse_input(x) for x in inputs], dst, rank=rank, progress=progress, workers=threads,
+                           block_weights=specs, presets=presets or None)  # fmt: skip
     click.echo(f"{dst}: {report['modules']} modules, ranks {report['ranks']} ({report['mode']})")
 
 

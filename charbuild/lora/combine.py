@@ -12,24 +12,41 @@ LoHa (as Khatri-Rao factors), the SVD comes from the concatenated factors (compr
 route, no full delta: seconds instead of minutes for big conv layers); otherwise (LoKr, Tucker
 LoHa, wide LoHa ranks) from the summed full deltas.
 
+Block weights per input (``block_weights``, as sd-scripts' ``sdxl_merge_lora.py --lbws``): each
+input's ratio is multiplied, module by module, by its block's weight (LBW's rules, as
+:func:`charbuild.lora.merge.merge_lora` applies them: block-less modules ×1, a short list's
+unnamed blocks 0), so the result is ``ΔW = Σ ratio_i · w_i(block) · ΔW_i``, what
+``sdxl_merge_lora.py --sd_model`` adds to a checkpoint. Where sd-scripts' own LoRA-to-LoRA merge
+differs (it scales up *and* down by ``√(alpha_i/alpha_0)·ratio``, so ratios act squared, and
+its ``--concat`` keeps the first alpha over the summed rank), we keep the checkpoint semantics;
+its ``--lbws`` also leaves a short list's unnamed blocks at 1 and gives ``time_embed``/``label_emb``
+the IN00 weight, where LBW (and we) give 0 and ×1 (docs/sdxl.md).
+
 Inputs must share one architecture; a module present in only some inputs is taken from those.
-The output is kohya LoRA in the first input's dtype, with the first input's metadata,
-``modelspec.merged_from`` and ``charbuild.combine`` (JSON list of ``[file, ratio]``).
+The output is kohya LoRA in the first input's dtype. Its metadata (see
+:mod:`charbuild.lora.provenance`) keeps only what every input agrees on (base model, arch…),
+records each input in ``charbuild.combine_inputs`` (JSON: file, sshs_model_hash, ratio, and its
+own output name, training comment with any resize history, merge weights, combine inputs) and
+in ``charbuild.combine`` (JSON list of ``[file, ratio]``), lists them in
+``modelspec.merged_from`` and takes its name (``ss_output_name``, ``modelspec.title``) from
+``output_name`` or, as ``sdxl_merge_lora.py`` does, from the output file's stem.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from charbuild.errors import LoraFileError
 from charbuild.lora.compress import loha_factors, pad_to_rank, resize_factors, resize_full, target_shape
+from charbuild.lora.blocks import resolve_block_weights
 from charbuild.lora.io import LoraFile, load_lora, save_lora
+from charbuild.lora.merge import module_weight
 from charbuild.lora.parallel import map_modules
+from charbuild.lora.provenance import combine_metadata, input_record, model_hash, with_output_name
 
 
 def _scaled_factors(lora: LoraFile, stem: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -59,10 +76,17 @@ def _combine_module(present: list[tuple[LoraFile, float]], stem: str, rank: int 
 
 
 def combine_loras(
-    loras: Sequence[tuple[LoraFile, float]], *, rank: int | None = None, progress: bool = False, workers: int | None = None
+    loras: Sequence[tuple[LoraFile, float]],
+    *,
+    rank: int | None = None,
+    progress: bool = False,
+    workers: int | None = None,
+    block_weights: Sequence[Mapping[str, float] | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pure core of :func:`combine_files`: the combined tensors (float32, kohya LoRA keys).
 
+    ``block_weights``: one ``{block: w}`` (or None: all 1) per input; a module's share of an
+    input is ``ratio · w(block)``, and an input whose block weight is 0 leaves that module out.
     Modules are combined on ``workers`` threads (default ``torch.get_num_threads()``).
     """
     from tqdm import tqdm
@@ -79,15 +103,26 @@ def combine_loras(
                 "(--rank N) to re-factorise the summed deltas by SVD",
                 lora.path,
             )
+    weights = list(block_weights) if block_weights is not None else [None] * len(loras)
+    if len(weights) != len(loras):
+        raise ValueError(f"{len(weights)} block-weight specs for {len(loras)} inputs: give one per input")
     stems = sorted({s for lora, _ in loras for s in lora.modules})
     plans = []
     for stem in stems:
-        present = [(lora, ratio) for lora, ratio in loras if stem in lora.modules]
-        shapes = {target_shape(lora.modules[stem], arch) for lora, _ in present}
+        present = [(lora, ratio, w) for (lora, ratio), w in zip(loras, weights) if stem in lora.modules]
+        shapes = {target_shape(lora.modules[stem], arch) for lora, _, _ in present}
         if len(shapes) != 1:
-            files = ", ".join(str(lora.path) for lora, _ in present)
+            files = ", ".join(str(lora.path) for lora, _, _ in present)
             raise LoraFileError(f"{stem}: the inputs adapt layers of different shapes {sorted(shapes)} ({files})")
-        plans.append((stem, present, shapes.pop()))
+        shares = []
+        for lora, ratio, w in present:
+            block_w = module_weight(stem, arch, w)[1] if w else 1.0
+            if block_w != 0.0:  # as merge: a block at weight 0 drops the input's module
+                shares.append((lora, ratio * block_w))
+        if shares:
+            plans.append((stem, shares, shapes.pop()))
+    if not plans:
+        raise LoraFileError("every module has block weight 0 in every input: the combination would be empty")
 
     def combine(plan):
         stem, present, _ = plan
@@ -115,32 +150,58 @@ def combine_files(
     rank: int | None = None,
     progress: bool = False,
     workers: int | None = None,
+    output_name: str | None = None,
+    block_weights: Sequence[object | None] | None = None,
+    presets: Mapping[str, Sequence[float]] | None = None,
 ) -> dict:
-    """Combine ``inputs`` [(path, ratio), …] into ``dst`` (exact, or SVD to ``rank``); return a report."""
+    """Combine ``inputs`` [(path, ratio), …] into ``dst`` (exact, or SVD to ``rank``); return a report.
+
+    ``output_name`` (default: the stem of ``dst``) is written as ``ss_output_name`` and
+    ``modelspec.title``. ``block_weights``: one spec per input (anything
+    :func:`~charbuild.lora.blocks.resolve_block_weights` takes, with ``presets``; None for none),
+    resolved for the files' arch and recorded per input.
+    """
     if not inputs:
         raise LoraFileError("combine needs at least one input LoRA")
     if rank is not None and rank < 1:
         raise LoraFileError(f"rank must be at least 1, got {rank}")
+    try:
+        with_output_name({}, output_name)
+    except ValueError as exc:
+        raise LoraFileError(str(exc), dst) from None
     loras = [(load_lora(path), float(ratio)) for path, ratio in inputs]
-    tensors = combine_loras(loras, rank=rank, progress=progress, workers=workers)
+    specs = list(block_weights) if block_weights is not None else [None] * len(loras)
+    if len(specs) != len(loras):
+        raise LoraFileError(f"{len(specs)} block-weight specs for {len(loras)} inputs: give one per input", dst)
+    resolved: list[dict[str, float] | None] = []
+    for (path, _), (lora, _), spec in zip(inputs, loras, specs):
+        try:
+            resolved.append(None if spec is None else resolve_block_weights(spec, lora.arch, presets))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise LoraFileError(f"block weights: {exc}", path) from None
+    tensors = combine_loras(loras, rank=rank, progress=progress, workers=workers, block_weights=resolved)
     first = loras[0][0]
     dtype = next((t.dtype for t in first.tensors.values() if t.is_floating_point()), torch.float32)
     tensors = {k: v.to(dtype) for k, v in tensors.items()}
     ranks = sorted({int(v.shape[0]) for k, v in tensors.items() if k.endswith("lora_down.weight")})
-    metadata = dict(first.metadata)
-    for key in ("sshs_model_hash", "sshs_legacy_hash", "ss_network_args"):
-        metadata.pop(key, None)
-    metadata["ss_network_module"] = "networks.lora"
-    metadata["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
-    metadata["ss_network_alpha"] = metadata["ss_network_dim"]
-    names = [Path(p).name for p, _ in inputs]
-    metadata["modelspec.merged_from"] = ", ".join(names)
-    metadata["charbuild.combine"] = json.dumps([[name, float(r)] for name, (_, r) in zip(names, inputs)])
+    mode = "exact" if rank is None else f"svd rank {rank}"
+    records = [
+        input_record(Path(path).name, model_hash(path), r, lora.metadata, block_weights=w)
+        for (path, _), (lora, r), w in zip(inputs, loras, resolved)
+    ]
+    metadata = combine_metadata(
+        records,
+        [lora.metadata for lora, _ in loras],
+        mode=mode,
+        dim=str(ranks[0]) if len(ranks) == 1 else "Dynamic",
+        arch=first.arch,
+        output_name=Path(dst).stem if output_name is None else output_name,
+    )
     save_lora(dst, tensors, metadata)
     return {
         "inputs": [[str(p), float(r)] for p, r in inputs],
         "dst": str(dst),
-        "mode": "exact" if rank is None else f"svd rank {rank}",
+        "mode": mode,
         "modules": sum(1 for k in tensors if k.endswith(".alpha")),
         "ranks": ranks,
         "arch": first.arch,

@@ -59,6 +59,7 @@ from charbuild.lora.io import (
 )
 from charbuild.lora.keysets import layer_shapes
 from charbuild.lora.parallel import map_modules
+from charbuild.lora.provenance import with_output_name
 
 MIN_SV = 1e-6
 METHODS = ("sv_ratio", "sv_fro", "sv_cumulative", None)
@@ -497,8 +498,9 @@ def _last_alpha(entries: dict[str, dict]):
     return next(reversed(entries.values()))["new_alpha"] if entries else None
 
 
-def _result_metadata(lora: LoraFile, opts: dict, last_alpha) -> dict[str, str]:
-    """The output's metadata as resize_lora.py writes it (``last_alpha``: of the last module)."""
+def _result_metadata(lora: LoraFile, opts: dict, last_alpha, output_name: str | None = None) -> dict[str, str]:
+    """The output's metadata as resize_lora.py writes it (``last_alpha``: of the last module); the
+    name keys kept, or set to ``output_name``."""
     method, old_dim = opts["method"], _old_dim(lora)
     metadata = dict(lora.metadata)
     comment = metadata.get("ss_training_comment", "")
@@ -518,7 +520,7 @@ def _result_metadata(lora: LoraFile, opts: dict, last_alpha) -> dict[str, str]:
         metadata["charbuild.converted_from"] = lora.format
     for key in ("sshs_model_hash", "sshs_legacy_hash"):
         metadata.pop(key, None)
-    return metadata
+    return with_output_name(metadata, output_name)
 
 
 def _report(lora: LoraFile, opts: dict, entries: dict[str, dict]) -> dict:
@@ -572,7 +574,7 @@ def compress_lora(
     return result, _report(lora, opts, entries)
 
 
-def _header_bound(lora: LoraFile, opts: dict) -> int:
+def _header_bound(lora: LoraFile, opts: dict, output_name: str | None) -> int:
     """Header bytes enough for any output: every module at its rank cap (most digits in shapes
     and offsets), and room for any float as ``ss_network_alpha``."""
     dtype = PRECISIONS[opts["save_precision"]]
@@ -583,12 +585,15 @@ def _header_bound(lora: LoraFile, opts: dict) -> int:
         up = (shape[0], k, 1, 1) if len(shape) == 4 else (shape[0], k)
         specs += [(f"{stem}.alpha", dtype, ()), (f"{stem}.lora_down.weight", dtype, (k, *shape[1:])),
                   (f"{stem}.lora_up.weight", dtype, up)]  # fmt: skip
-    return header_room(specs, _result_metadata(lora, opts, "x" * 32))
+    return header_room(specs, _result_metadata(lora, opts, "x" * 32, output_name))
 
 
 def compress_file(src: str | Path, dst: str | Path, *, progress: bool = False, verbose: bool = False,
-                  workers: int | None = None, **options) -> dict:  # fmt: skip
+                  workers: int | None = None, output_name: str | None = None, **options) -> dict:  # fmt: skip
     """Read ``src``, resize it like :func:`compress_lora` with ``options``, write ``dst`` atomically.
+
+    ``ss_output_name`` and ``modelspec.title`` are kept as ``src`` has them, or both set to
+    ``output_name`` when it is given.
 
     The output is written module by module while later ones compute (and hashed meanwhile), so
     it never sits in memory whole. Returns the report plus ``src``, ``dst``, ``size_in`` and
@@ -598,11 +603,12 @@ def compress_file(src: str | Path, dst: str | Path, *, progress: bool = False, v
     try:
         opts = _options(**{"method": "sv_ratio", "param": 16.0, "new_rank": 128, "new_conv_rank": None,
                            "save_precision": "fp16", "rank_rule": "legacy", **options})  # fmt: skip
+        with_output_name({}, output_name)
     except (TypeError, ValueError) as exc:
         raise LoraFileError(str(exc), src) from None
-    with stream_lora(dst, _header_bound(lora, opts)) as out:
+    with stream_lora(dst, _header_bound(lora, opts, output_name)) as out:
         entries = _resize_all(lora, opts, out.add, workers=workers, progress=progress, verbose=verbose)
-        out.finish(_result_metadata(lora, opts, _last_alpha(entries)))
+        out.finish(_result_metadata(lora, opts, _last_alpha(entries), output_name))
     report = _report(lora, opts, entries)
     report.update(src=str(src), dst=str(dst), size_in=Path(src).stat().st_size, size_out=Path(dst).stat().st_size)
     return report

@@ -6,7 +6,8 @@ change is linear in w, so fractional and negative weights behave as at inference
 merge tools that scale up *and* down, giving w²). Down factors, alpha and rank stay as they
 are; modules at weight 0 are dropped; block-less modules (conv_out, time embedding) stay ×1.
 
-Metadata: everything is kept; ``charbuild.merge_weights`` records the weights applied (JSON,
+Metadata: everything is kept (the name keys ``ss_output_name`` / ``modelspec.title`` too, unless
+``output_name`` sets both); ``charbuild.merge_weights`` records the weights applied (JSON,
 block -> value), ``charbuild.merge_note`` an optional note, and ``modelspec.trigger_phrase``
 the keywords when given. ``save_lora`` refreshes the sshs hashes.
 """
@@ -21,6 +22,7 @@ from typing import Mapping, Sequence
 from charbuild.errors import LoraFileError
 from charbuild.lora.blocks import all_blocks, block_of, resolve_block_weights
 from charbuild.lora.io import LoraFile, LoraModule, load_lora, save_lora
+from charbuild.lora.provenance import with_output_name
 
 
 def scaled_factor(module: LoraModule) -> str:
@@ -78,14 +80,18 @@ def merge_file(
     keywords: Sequence[str] | None = None,
     note: str | None = None,
     presets: Mapping[str, Sequence[float]] | None = None,
+    output_name: str | None = None,
 ) -> dict:
     """Read ``src``, bake in ``weights``, write ``dst`` atomically; return a report.
 
     ``weights`` is a {block: w} dict or any spec :func:`resolve_block_weights` accepts (preset
-    name, list, comma string), resolved for the file's arch. Nothing is written on error.
+    name, list, comma string), resolved for the file's arch. ``output_name`` sets
+    ``ss_output_name`` and ``modelspec.title`` (kept as ``src`` has them otherwise). Nothing is
+    written on error.
     """
     lora = load_lora(src)
     try:
+        with_output_name({}, output_name)
         resolved = resolve_block_weights(weights, lora.arch, presets)
     except ValueError as exc:
         raise LoraFileError(str(exc), src) from None
@@ -94,7 +100,7 @@ def merge_file(
         merged.metadata["modelspec.trigger_phrase"] = ", ".join(keywords)
     if note:
         merged.metadata["charbuild.merge_note"] = note
-    written = save_lora(dst, merged.tensors, merged.metadata)
+    written = save_lora(dst, merged.tensors, with_output_name(merged.metadata, output_name))
     per_block: dict[str, dict[str, float]] = {}
     blockless: list[str] = []
     for stem in lora.modules:
