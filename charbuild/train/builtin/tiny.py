@@ -39,8 +39,8 @@ temporary folder and renamed into place, and reused afterwards.
 (``DownBlock2D`` + ``CrossAttnDownBlock2D`` ×2, transformer depth 1/2/10 as SDXL, linear
 ``proj_in``/``proj_out``, ``addition_embed_type = "text_time"``) at channels (32, 64, 64)
 instead of (320, 640, 1280); a CLIP-L-shaped ``CLIPTextModel`` (quick-GELU) and a bigG-shaped
-``CLIPTextModelWithProjection`` (GELU, a projection for the pooled output), 4 layers of width
-32 each (cross-attention width 32 + 32 = 64, as SDXL's 768 + 1280 = 2048); the tiny VAE with
+``CLIPTextModelWithProjection`` (GELU, a projection to a pooled output of 32), 4 layers each, of
+widths 32 and 48 (cross-attention width 32 + 48 = 80, as SDXL's 768 + 1280 = 2048); the tiny VAE with
 SDXL's scaling factor 0.13025; both tokenizers byte-level as above (the second pads with
 ``!``, id 0, as SDXL's OpenCLIP tokenizer); SDXL's DDPM schedule (the same as SD1.5's).
 """
@@ -188,7 +188,9 @@ def build_tiny_sdxl_components(seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    width1, width2, pooled, time_dim = 32, 32, 32, 8
+    # the widths differ, as CLIP-L's 768 and bigG's 1280 do: diffusers' single-file loader tells the
+    # two encoders apart by the width of their position embedding
+    width1, width2, pooled, time_dim = 32, 48, 32, 8
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(int(seed))
