@@ -226,3 +226,18 @@ def test_load_base_model_tiny_sdxl_and_arch_checks(models_root, tiny_sdxl):
     assert info.value.path == str(path)
     sd15 = load_base_model({"base": "tiny", "arch": "sd15"}, models_root)
     assert sd15.arch == "sd15" and sd15.name == "tiny-0" and sd15.tokenizer_2 is None
+
+
+def test_a_text_encoder_left_at_random_is_an_error(tiny_sdxl):
+    """diffusers (without accelerate) loads text encoders with strict=False: charbuild checks."""
+    from charbuild.train.builtin.models import verify_text_encoders_loaded
+    from charbuild.train.builtin.tiny import build_tiny_sdxl_components
+
+    _, model, path = tiny_sdxl
+    verify_text_encoders_loaded(path, "sdxl", model.text_encoder, model.text_encoder_2)
+    _, _, other_te1, other_te2 = build_tiny_sdxl_components(1)
+    with pytest.raises(CheckpointError, match="text encoder was not loaded") as info:
+        verify_text_encoders_loaded(path, "sdxl", model.text_encoder, other_te2)
+    assert info.value.path == str(path) and "conditioner.embedders.1" in str(info.value)
+    with pytest.raises(CheckpointError, match="conditioner.embedders.0"):
+        verify_text_encoders_loaded(path, "sdxl", other_te1, model.text_encoder_2)

@@ -148,11 +148,65 @@ def load_single_file(path: Path, arch: str | None = None, config_dir: Path | Non
             f"cannot load the {'SDXL' if found == 'sdxl' else 'SD1.x'} checkpoint ({_first_line(e)}); "
             "is the file complete (its size as published)?", path=path,
         ) from e  # fmt: skip
+    verify_text_encoders_loaded(path, found, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     extra = {}
     if found == "sdxl":
         extra = {"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": _bigg_padding(pipe.tokenizer_2)}
     return BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, sched, path.name, found, **extra)
+
+
+def _text_encoder_probes(arch: str, text_encoder, text_encoder_2) -> list[tuple[str, object]]:
+    """(checkpoint key, the loaded tensor it must equal): the first and last layers of each encoder."""
+    import torch
+
+    def layers(te):
+        return (te.text_model if hasattr(te, "text_model") else te).encoder.layers
+
+    def embedding(te):
+        return (te.text_model if hasattr(te, "text_model") else te).embeddings.token_embedding.weight
+
+    first_prefix = "conditioner.embedders.0.transformer.text_model." if arch == "sdxl" else "cond_stage_model.transformer.text_model."
+    last = len(layers(text_encoder)) - 1
+    probes = [
+        (first_prefix + "embeddings.token_embedding.weight", embedding(text_encoder)),
+        (first_prefix + f"encoder.layers.{last}.mlp.fc2.weight", layers(text_encoder)[last].mlp.fc2.weight),
+    ]
+    if text_encoder_2 is not None:
+        g = "conditioner.embedders.1.model."
+        last2 = len(layers(text_encoder_2)) - 1
+        qkv = torch.cat([getattr(layers(text_encoder_2)[last2].self_attn, f"{x}_proj").weight for x in "qkv"])
+        probes += [
+            (g + "token_embedding.weight", embedding(text_encoder_2)),
+            (g + f"transformer.resblocks.{last2}.attn.in_proj_weight", qkv),
+            (g + "text_projection", text_encoder_2.text_projection.weight.T),
+        ]
+    return probes
+
+
+def verify_text_encoders_loaded(path: Path, arch: str, text_encoder, text_encoder_2=None) -> None:
+    """Fail unless the text encoders hold the checkpoint's weights (spot checks, ``.safetensors`` only).
+
+    Why: without ``accelerate`` diffusers loads a converted text encoder with
+    ``load_state_dict(strict=False)``, so a layout its converter does not know would leave the
+    encoder at its random initialisation without a word.
+    """
+    if Path(path).suffix.lower() != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    probes = _text_encoder_probes(arch, text_encoder, text_encoder_2)
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        for key, loaded in probes:
+            if key not in names:
+                continue  # another key layout; the converter handled it or failed loudly
+            stored = f.get_tensor(key)
+            if tuple(stored.shape) != tuple(loaded.shape) or not bool((stored.float() == loaded.detach().float()).all()):
+                raise CheckpointError(
+                    f"the text encoder was not loaded from this checkpoint ({key} differs); "
+                    "is it an unusual layout? convert it to a diffusers folder and use that", path=path,
+                )  # fmt: skip
 
 
 def _load_vae(path: Path, arch: str = "sd15"):
