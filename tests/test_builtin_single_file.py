@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from single_file_fixtures import write_single_file  # noqa: E402
 
@@ -241,3 +237,21 @@ def test_a_text_encoder_left_at_random_is_an_error(tiny_sdxl):
     assert info.value.path == str(path) and "conditioner.embedders.1" in str(info.value)
     with pytest.raises(CheckpointError, match="conditioner.embedders.0"):
         verify_text_encoders_loaded(path, "sdxl", other_te1, model.text_encoder_2)
+
+
+def test_v_pred_markers_give_a_v_prediction_schedule(tmp_path, tiny_sdxl):
+    """NoobAI-XL v-pred files carry empty ``v_pred`` and ``ztsnr`` tensors, as ComfyUI reads them."""
+    from safetensors.torch import load_file, save_file
+
+    from charbuild.train.builtin.checkpoint import prediction_hints
+
+    assert prediction_hints(["a", "b"]) == {"prediction_type": None, "zero_terminal_snr": False}
+    assert prediction_hints(["v_pred", "ztsnr"]) == {"prediction_type": "v_prediction", "zero_terminal_snr": True}
+    folder, _, path = tiny_sdxl
+    tensors = load_file(str(path))
+    vpred = tmp_path / "noob-vpred.safetensors"
+    save_file({**tensors, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, str(vpred))
+    loaded = load_single_file(vpred, "sdxl", config_dir=folder)
+    assert loaded.noise_scheduler.config.prediction_type == "v_prediction" and loaded.zero_terminal_snr
+    plain = load_single_file(path, "sdxl", config_dir=folder)
+    assert plain.noise_scheduler.config.prediction_type == "epsilon" and not plain.zero_terminal_snr

@@ -90,6 +90,21 @@ def checkpoint_kind(keys: Iterable[str]) -> str:
     return "unknown"
 
 
+def prediction_hints(keys: Iterable[str]) -> dict[str, object]:
+    """What a checkpoint says about its noise schedule through marker tensors.
+
+    NoobAI-XL's v-prediction releases (and other v-pred SDXL fine-tunes) carry empty tensors
+    named ``v_pred`` and ``ztsnr``; ComfyUI and Forge read them the same way. Returns
+    ``{"prediction_type": "v_prediction" | None, "zero_terminal_snr": bool}`` (None: not said,
+    i.e. epsilon unless the configuration says otherwise).
+    """
+    names = set(keys)
+    return {
+        "prediction_type": "v_prediction" if "v_pred" in names else None,
+        "zero_terminal_snr": "ztsnr" in names,
+    }
+
+
 def arch_mismatch(kind: str, arch: str | None) -> str | None:
     """Why a checkpoint of ``kind`` cannot be trained as ``arch`` (None: it can).
 
@@ -153,7 +168,12 @@ def check_checkpoint_arch(path: str | Path, arch: str | None = None) -> str:
     ``arch`` is what the configuration says (None: not given). Raises :class:`CheckpointError`
     naming the file when it cannot be read, is no supported checkpoint, or is not ``arch``.
     """
-    kind = checkpoint_kind(read_checkpoint_keys(path))
+    return check_keys_arch(path, read_checkpoint_keys(path), arch)
+
+
+def check_keys_arch(path: str | Path, keys: Iterable[str], arch: str | None = None) -> str:
+    """:func:`check_checkpoint_arch` for keys already read from ``path``."""
+    kind = checkpoint_kind(keys)
     problem = arch_mismatch(kind, arch)
     if problem:
         raise CheckpointError(problem, path=path)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from charbuild.errors import TrainingError
 
-from .checkpoint import SUPPORTED_ARCHS, CheckpointError, check_checkpoint_arch
+from .checkpoint import SUPPORTED_ARCHS, CheckpointError, check_keys_arch, prediction_hints, read_checkpoint_keys
 
 #: The model configs charbuild ships, one diffusers-style folder per architecture.
 CONFIGS_DIR = Path(__file__).with_name("configs")
@@ -46,6 +46,7 @@ class BaseModel:
     arch: str = "sd15"  # "sd15" | "sdxl"
     text_encoder_2: object = None  # SDXL's OpenCLIP bigG (CLIPTextModelWithProjection)
     tokenizer_2: object = None  # SDXL's second tokenizer (pads with "!", id 0)
+    zero_terminal_snr: bool = False  # the checkpoint says it was trained so (NoobAI v-pred's "ztsnr")
 
 
 def shipped_config_dir(arch: str) -> Path:
@@ -121,7 +122,9 @@ def load_single_file(path: Path, arch: str | None = None, config_dir: Path | Non
     """An SD1.x or SDXL ``.safetensors``/``.ckpt`` checkpoint, with no network access.
 
     ``arch``: what the configuration says (None: read from the file's tensor names); a file of
-    another architecture is a :class:`~.checkpoint.CheckpointError` naming it. ``config_dir``:
+    another architecture is a :class:`~.checkpoint.CheckpointError` naming it. A file with the
+    ``v_pred`` marker gets a v-prediction scheduler, one with ``ztsnr`` ``zero_terminal_snr``
+    set (the training loop rescales the betas, :func:`.loss.apply_zero_terminal_snr`). ``config_dir``:
     a diffusers-style folder of configs (and tokenizers) to convert with instead of the shipped
     ``configs/<arch>/`` (tests use a tiny model's folder).
     """
@@ -129,7 +132,9 @@ def load_single_file(path: Path, arch: str | None = None, config_dir: Path | Non
 
     from .clip_tokenizer import clip_tokenizer
 
-    found = check_checkpoint_arch(path, arch)
+    keys = read_checkpoint_keys(path)
+    found = check_keys_arch(path, keys, arch)
+    hints = prediction_hints(keys)
     folder = Path(config_dir) if config_dir is not None else shipped_config_dir(found)
     kwargs = {}
     if not (folder / "tokenizer").is_dir():
@@ -149,10 +154,11 @@ def load_single_file(path: Path, arch: str | None = None, config_dir: Path | Non
             "is the file complete (its size as published)?", path=path,
         ) from e  # fmt: skip
     verify_text_encoders_loaded(path, found, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    extra = {}
+    overrides = {"prediction_type": hints["prediction_type"]} if hints["prediction_type"] else {}
+    sched = DDPMScheduler.from_config(pipe.scheduler.config, **overrides)
+    extra = {"zero_terminal_snr": bool(hints["zero_terminal_snr"])}
     if found == "sdxl":
-        extra = {"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": _bigg_padding(pipe.tokenizer_2)}
+        extra.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=_bigg_padding(pipe.tokenizer_2))
     return BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, sched, path.name, found, **extra)
 
 
