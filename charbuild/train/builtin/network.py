@@ -14,6 +14,11 @@ Module selection and key names follow kohya-ss sd-scripts ``networks.lora``:
 - Stem = ``lora_unet`` / ``lora_te`` + ``.`` + module path, with ``.`` → ``_``; the text
   encoder's path always starts ``text_model.`` (transformers 5 dropped that level; we add it). diffusers and
   transformers use SD1.5's names, so the stems are the ones the WebUIs expect.
+- SDXL (``arch="sdxl"``, detected from the UNet's ``addition_embed_type = "text_time"``): the
+  same modules, but the UNet path is first converted to the original SGM path that
+  ``sdxl_train_network.py`` writes (``input_blocks``/``middle_block``/``output_blocks``, see
+  :mod:`.sdxl_names`), and the two text encoders are ``lora_te1`` (CLIP-L) and ``lora_te2``
+  (OpenCLIP bigG), as sd-scripts' ``LORA_PREFIX_TEXT_ENCODER1/2``.
 
 LoRA: ``down`` (r, in[, k, k]) kaiming-uniform(a=√5), ``up`` (out, r[, 1, 1]) zeros, output
 ``org(x) + up(down(x)) · alpha / r``. LoHa (LyCORIS ``algo=loha``): ΔW = (w1a·w1b) ⊙ (w2a·w2b) ·
@@ -23,6 +28,7 @@ alpha / r, initialised like LyCORIS (w1b, w2b ~ N(0, 1), w1a ~ N(0, 0.1), w2a = 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,8 +136,18 @@ class NetworkSpec:
     conv_alpha: float | None = None
 
 
-def _find_targets(root: nn.Module, prefix: str, targets: tuple[str, ...], spec: NetworkSpec, conv_search: bool):
-    """Yield (stem, module, rank, alpha) for every module kohya would adapt."""
+def _find_targets(
+    root: nn.Module,
+    prefix: str,
+    targets: tuple[str, ...],
+    spec: NetworkSpec,
+    conv_search: bool,
+    rename: Callable[[str], str] | None = None,
+):
+    """Yield (stem, module, rank, alpha) for every module kohya would adapt.
+
+    ``rename`` maps a module path of ``root`` to the path the stem is made of (SDXL's UNet).
+    """
     seen = set()
     for name, module in root.named_modules():
         if module.__class__.__name__ not in targets:
@@ -142,7 +158,8 @@ def _find_targets(root: nn.Module, prefix: str, targets: tuple[str, ...], spec: 
             if not (is_linear or is_conv):
                 continue
             is_1x1 = is_conv and tuple(child.kernel_size) == (1, 1)
-            stem = f"{prefix}.{name}.{child_name}".replace(".", "_")
+            path = f"{name}.{child_name}" if child_name else name
+            stem = f"{prefix}.{rename(path) if rename else path}".replace(".", "_")
             if is_linear or is_1x1:
                 rank, alpha = spec.dim, spec.alpha
             elif conv_search and spec.conv_dim:
@@ -155,26 +172,67 @@ def _find_targets(root: nn.Module, prefix: str, targets: tuple[str, ...], spec: 
             yield stem, child, int(rank), alpha
 
 
-class LoRANetwork(nn.Module):
-    """All adapter modules of one training run, on a UNet and (optionally) a text encoder."""
+def unet_arch(unet: nn.Module) -> str:
+    """"sdxl" for a UNet with SDXL's size/crop + pooled-text conditioning, else "sd15"."""
+    config = getattr(unet, "config", None)
+    return "sdxl" if getattr(config, "addition_embed_type", None) == "text_time" else "sd15"
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None, spec: NetworkSpec):
+
+def _te_prefix(text_encoder: nn.Module, prefix: str) -> str:
+    # transformers 5 flattened CLIPTextModel (no ``text_model`` level); kohya names keep it
+    return prefix if hasattr(text_encoder, "text_model") else f"{prefix}.text_model"
+
+
+class LoRANetwork(nn.Module):
+    """All adapter modules of one training run, on a UNet and (optionally) its text encoder(s).
+
+    ``text_encoder``: ``None`` (UNet only), one module (SD1.5), or for SDXL a pair
+    ``(text_encoder_1, text_encoder_2)`` (either may be ``None``). ``arch``: "sd15" or "sdxl";
+    ``None`` takes it from the UNet (:func:`unet_arch`).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module | Sequence[nn.Module | None] | None,
+        spec: NetworkSpec,
+        arch: str | None = None,
+    ):
         super().__init__()
         self.spec = spec
+        self.arch = arch or unet_arch(unet)
+        if self.arch not in ("sd15", "sdxl"):
+            raise ValueError(f"unknown arch {self.arch!r} (sd15 or sdxl)")
         cls = {"lora": LoRAModule, "loha": LoHaModule}[spec.algo]
         unet_targets = UNET_TARGETS + (UNET_TARGETS_CONV if spec.conv_dim else ())
+        rename = None
+        if self.arch == "sdxl":
+            from .sdxl_names import sdxl_unet_module_name, up_block_attentions
+
+            has_attn = up_block_attentions(unet)
+            rename = lambda path: sdxl_unet_module_name(path, has_attn)  # noqa: E731
         self.unet_loras = nn.ModuleList(
-            cls(stem, m, r, a) for stem, m, r, a in _find_targets(unet, "lora_unet", unet_targets, spec, True)
+            cls(stem, m, r, a) for stem, m, r, a in _find_targets(unet, "lora_unet", unet_targets, spec, True, rename)
         )
+        if isinstance(text_encoder, nn.Module) or text_encoder is None:
+            encoders = [text_encoder]
+        else:
+            encoders = list(text_encoder)
+        if self.arch == "sdxl":
+            if len(encoders) == 1 and encoders[0] is not None:
+                raise ValueError("an SDXL network needs both text encoders: pass (text_encoder_1, text_encoder_2)")
+            prefixes = ["lora_te1", "lora_te2"]
+        else:
+            if len(encoders) != 1:
+                raise ValueError("an SD1.x network has one text encoder")
+            prefixes = ["lora_te"]
         self.te_loras = nn.ModuleList()
-        if text_encoder is not None:
-            # transformers 5 flattened CLIPTextModel (no ``text_model`` level); kohya names keep it
-            te_prefix = "lora_te" if hasattr(text_encoder, "text_model") else "lora_te.text_model"
-            self.te_loras = nn.ModuleList(
-                cls(stem, m, r, a) for stem, m, r, a in _find_targets(text_encoder, te_prefix, TE_TARGETS, spec, False)
-            )
+        for te, prefix in zip(encoders, prefixes):
+            if te is not None:
+                found = _find_targets(te, _te_prefix(te, prefix), TE_TARGETS, spec, False)
+                self.te_loras.extend(cls(stem, m, r, a) for stem, m, r, a in found)
         if not self.unet_loras:
-            raise ValueError("no UNet module to adapt: is this an SD1.5-style diffusers UNet?")
+            raise ValueError("no UNet module to adapt: is this a diffusers Stable Diffusion UNet?")
 
     def apply_to(self) -> None:
         """Hook every adapter into its module."""

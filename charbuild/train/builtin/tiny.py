@@ -33,6 +33,16 @@ Shape (compared with SD1.5):
 The folder is a ``StableDiffusionPipeline``-style diffusers folder (``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``), written once to a
 temporary folder and renamed into place, and reused afterwards.
+
+``base = "tiny-sdxl"`` (:func:`ensure_tiny_sdxl_model`) is the same idea for SDXL: a
+``StableDiffusionXLPipeline`` folder whose UNet has SDXL's block types and module names
+(``DownBlock2D`` + ``CrossAttnDownBlock2D`` ×2, transformer depth 1/2/10 as SDXL, linear
+``proj_in``/``proj_out``, ``addition_embed_type = "text_time"``) at channels (32, 64, 64)
+instead of (320, 640, 1280); a CLIP-L-shaped ``CLIPTextModel`` (quick-GELU) and a bigG-shaped
+``CLIPTextModelWithProjection`` (GELU, a projection to a pooled output of 32), 4 layers each, of
+widths 32 and 48 (cross-attention width 32 + 48 = 80, as SDXL's 768 + 1280 = 2048); the tiny VAE with
+SDXL's scaling factor 0.13025; both tokenizers byte-level as above (the second pads with
+``!``, id 0, as SDXL's OpenCLIP tokenizer); SDXL's DDPM schedule (the same as SD1.5's).
 """
 
 from __future__ import annotations
@@ -43,8 +53,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from charbuild import layout
+
 #: Bump when the generated model changes: old caches are then not reused.
 TINY_MODEL_VERSION = 2
+#: The same for the tiny SDXL model.
+TINY_SDXL_MODEL_VERSION = 1
 
 SD15_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -61,7 +75,12 @@ _DONE_MARKER = "charbuild-tiny.json"
 
 def tiny_model_dir(root: str | Path, seed: int = 0) -> Path:
     """Where the tiny model of ``seed`` is cached for the project at ``root``."""
-    return Path(root) / "build" / "models" / f"tiny-{int(seed)}"
+    return Path(root) / layout.MODELS / f"tiny-{int(seed)}"
+
+
+def tiny_sdxl_model_dir(root: str | Path, seed: int = 0) -> Path:
+    """Where the tiny SDXL model of ``seed`` is cached for the project at ``root``."""
+    return Path(root) / layout.MODELS / f"tiny-sdxl-{int(seed)}"
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -87,7 +106,7 @@ def byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def _write_tokenizer(folder: Path) -> None:
+def _write_tokenizer(folder: Path, pad_token: str | None = None) -> None:
     from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,7 +114,8 @@ def _write_tokenizer(folder: Path) -> None:
     raw.mkdir()
     (raw / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False), encoding="utf-8")
     (raw / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tok = CLIPTokenizer(vocab=str(raw / "vocab.json"), merges=str(raw / "merges.txt"), model_max_length=77)
+    extra = {"pad_token": pad_token} if pad_token else {}
+    tok = CLIPTokenizer(vocab=str(raw / "vocab.json"), merges=str(raw / "merges.txt"), model_max_length=77, **extra)
     tok.save_pretrained(folder)
     # keep the plain vocab/merges too: the slow-tokenizer format other tools read
     for name in ("vocab.json", "merges.txt"):
@@ -161,6 +181,117 @@ def build_tiny_components(seed: int = 0):
     return unet, vae, text_encoder
 
 
+def build_tiny_sdxl_components(seed: int = 0):
+    """Create (unet, vae, text_encoder, text_encoder_2) of the tiny SDXL model from ``seed``.
+
+    Deterministic like :func:`build_tiny_components`.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    # the widths differ, as CLIP-L's 768 and bigG's 1280 do: diffusers' single-file loader tells the
+    # two encoders apart by the width of their position embedding
+    width1, width2, pooled, time_dim = 32, 48, 32, 8
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(seed))
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32, 64),  # each level wider, as SDXL (else a shortcut conv is missing)
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),  # SDXL's depths
+            cross_attention_dim=width1 + width2,
+            attention_head_dim=(1, 1, 1),  # number of heads (diffusers' misnomer); SDXL: 5/10/20
+            norm_num_groups=16,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=pooled + 6 * time_dim,  # SDXL: 1280 + 6·256
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 5,
+            up_block_types=("UpDecoderBlock2D",) * 5,
+            block_out_channels=(4, 8, 16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        common = dict(
+            vocab_size=514, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+        )  # fmt: skip
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(hidden_size=width1, hidden_act="quick_gelu", projection_dim=width1, pad_token_id=513, **common)
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(hidden_size=width2, hidden_act="gelu", projection_dim=pooled, pad_token_id=0, **common)
+        )
+    finally:
+        torch.random.set_rng_state(state)
+    return unet, vae, text_encoder, text_encoder_2
+
+
+def _write_sd15(tmp: Path, seed: int) -> None:
+    from diffusers import DDPMScheduler
+
+    unet, vae, text_encoder = build_tiny_components(seed)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    _write_tokenizer(tmp / "tokenizer")
+    DDPMScheduler(**SD15_SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+    _write_model_index(tmp, "StableDiffusionPipeline", {
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    })  # fmt: skip
+
+
+def _write_sdxl(tmp: Path, seed: int) -> None:
+    from diffusers import DDPMScheduler
+
+    unet, vae, text_encoder, text_encoder_2 = build_tiny_sdxl_components(seed)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    text_encoder_2.save_pretrained(tmp / "text_encoder_2", safe_serialization=True)
+    _write_tokenizer(tmp / "tokenizer")
+    _write_tokenizer(tmp / "tokenizer_2", pad_token="!")
+    DDPMScheduler(**SD15_SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+    _write_model_index(tmp, "StableDiffusionXLPipeline", {
+        "force_zeros_for_empty_prompt": True,
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    })  # fmt: skip
+
+
+def _write_model_index(folder: Path, class_name: str, parts: dict) -> None:
+    model_index = {
+        "_class_name": class_name,
+        "_diffusers_version": __import__("diffusers").__version__,
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        **parts,
+    }
+    text = json.dumps(dict(sorted(model_index.items())), indent=2) + "\n"
+    (folder / "model_index.json").write_text(text, encoding="utf-8")
+
+
 def ensure_tiny_model(root: str | Path, seed: int = 0) -> Path:
     """Return the diffusers folder of the tiny model for ``seed``, generating it once.
 
@@ -168,43 +299,29 @@ def ensure_tiny_model(root: str | Path, seed: int = 0) -> Path:
     Generation is deterministic, so a missing cache is simply rebuilt. Concurrent callers are
     safe: each builds in a private temporary folder and the first rename wins.
     """
-    target = tiny_model_dir(root, seed)
-    marker = target / _DONE_MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text(encoding="utf-8")).get("version") == TINY_MODEL_VERSION:
-                return target
-        except (OSError, ValueError):
-            pass
-    from diffusers import DDPMScheduler
+    return _ensure(tiny_model_dir(root, seed), seed, TINY_MODEL_VERSION, _write_sd15)
 
+
+def ensure_tiny_sdxl_model(root: str | Path, seed: int = 0) -> Path:
+    """Return the diffusers folder of the tiny SDXL model for ``seed``, generating it once.
+
+    It lives in ``<root>/build/models/tiny-sdxl-<seed>/``; otherwise as :func:`ensure_tiny_model`.
+    """
+    return _ensure(tiny_sdxl_model_dir(root, seed), seed, TINY_SDXL_MODEL_VERSION, _write_sdxl)
+
+
+def _ensure(target: Path, seed: int, version: int, write) -> Path:
+    """Build ``target`` with ``write(tmp_folder, seed)`` unless a finished one of ``version`` is there."""
+    marker = target / _DONE_MARKER
+    if marker.is_file() and not _stale(target, version):
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        unet, vae, text_encoder = build_tiny_components(seed)
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-        _write_tokenizer(tmp / "tokenizer")
-        DDPMScheduler(**SD15_SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
-        model_index = {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": __import__("diffusers").__version__,
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n", encoding="utf-8")
-        (tmp / _DONE_MARKER).write_text(
-            json.dumps({"version": TINY_MODEL_VERSION, "seed": int(seed)}) + "\n", encoding="utf-8"
-        )
+        write(tmp, int(seed))
+        (tmp / _DONE_MARKER).write_text(json.dumps({"version": version, "seed": int(seed)}) + "\n", encoding="utf-8")
         if target.exists():
-            if (target / _DONE_MARKER).is_file() and not _stale(target):
+            if (target / _DONE_MARKER).is_file() and not _stale(target, version):
                 shutil.rmtree(tmp, ignore_errors=True)  # someone else finished first
                 return target
             stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
@@ -223,8 +340,8 @@ def ensure_tiny_model(root: str | Path, seed: int = 0) -> Path:
     return target
 
 
-def _stale(folder: Path) -> bool:
+def _stale(folder: Path, version: int) -> bool:
     try:
-        return json.loads((folder / _DONE_MARKER).read_text(encoding="utf-8")).get("version") != TINY_MODEL_VERSION
+        return json.loads((folder / _DONE_MARKER).read_text(encoding="utf-8")).get("version") != version
     except (OSError, ValueError):
         return True
