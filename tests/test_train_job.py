@@ -412,3 +412,18 @@ def test_a_registered_launcher_runs_the_training_somewhere_else(tmp_path):
             runner.run_training(job.with_trainer(executor="nowhere"), echo=False)
     finally:
         runner._LAUNCHERS.pop("remote-test", None)
+
+
+def test_later_keys_at_their_default_and_observing_keys_stay_out_of_the_signature():
+    """A setting added after a LoRA was trained leaves it fresh at its default; samples and
+    validation settings never make a LoRA stale."""
+    from charbuild.train.job import signature_params
+    from charbuild.train.variants import LATER_KEYS, OBSERVING_KEYS, resolve_variant
+
+    plain = signature_params(resolve_variant("Lora3x3A1-AdamW8", steps=10))
+    assert not set(plain) & (set(LATER_KEYS) | set(OBSERVING_KEYS))
+    watched = signature_params(resolve_variant({"preset": "Lora3x3A1-AdamW8", "sample_every": 5,
+                                                "sample_prompts": ["x"], "validation_every": 5}, steps=10))
+    assert watched == plain
+    offset = signature_params(resolve_variant({"preset": "Lora3x3A1-AdamW8", "noise_offset": 0.05}, steps=10))
+    assert offset["noise_offset"] == 0.05 and {k: v for k, v in offset.items() if k != "noise_offset"} == plain

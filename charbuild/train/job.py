@@ -17,13 +17,13 @@ Pure: no torch, no I/O except :meth:`TrainJob.from_json` reading its file.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import TrainingError
 from ..layout import deliverable_stem
-from .variants import DEFAULT_DATA_LOADER_WORKERS, TrainParams
+from .variants import LATER_KEYS, OBSERVING_KEYS, TrainParams
 
 #: The backend a project trains with when ``[trainer] backend`` is not set.
 DEFAULT_BACKEND = "builtin"
@@ -222,13 +222,21 @@ def _known(d: Mapping[str, Any], cls, what: str) -> dict[str, Any]:
 def signature_params(params: TrainParams) -> dict[str, Any]:
     """The params as a training's signature holds them.
 
-    ``data_loader_workers`` appears only when it differs from sd-scripts' default: it can change
-    sd-scripts' result (its workers draw the flip augmentation), but a setting that did not exist
-    when a LoRA was trained must not make that LoRA stale.
+    A key added after the first release (``variants.LATER_KEYS``: ``data_loader_workers``, the
+    loss options) appears only when it differs from its default: it can change the result (for
+    ``data_loader_workers``, sd-scripts' workers draw the flip augmentation), but a setting that
+    did not exist when a LoRA was trained must not make that LoRA stale. The keys that only
+    observe a training (``variants.OBSERVING_KEYS``: samples, validation loss) never appear:
+    they change what a user sees, not what is trained.
     """
     d = params.to_dict()
-    if d.get("data_loader_workers") == DEFAULT_DATA_LOADER_WORKERS:
-        del d["data_loader_workers"]
+    defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory())
+                for f in fields(TrainParams) if f.name in LATER_KEYS}
+    for key in LATER_KEYS:
+        if d.get(key) == defaults[key] or (isinstance(defaults[key], tuple) and not d.get(key)):
+            d.pop(key, None)
+    for key in OBSERVING_KEYS:
+        d.pop(key, None)
     return d
 
 

@@ -85,7 +85,24 @@ TRAINING_KEYS = (
     "max_bucket_reso",
     "extra_args",
     "data_loader_workers",
+    # how the loss is formed (SDXL users rely on these; sd-scripts flags of the same names)
+    "noise_offset",
+    "min_snr_gamma",
+    "v_prediction",
+    "zero_terminal_snr",
+    "cache_text_encoder_outputs",
+    "no_half_vae",
+    # what a training shows while it runs (never part of what is trained)
+    "sample_every",
+    "sample_prompts",
+    "validation_every",
 )
+#: Training keys added after the first release: a field at its default is left out of a
+#: training's signature, so a LoRA trained before the key existed does not become stale.
+LATER_KEYS = ("data_loader_workers", "noise_offset", "min_snr_gamma", "v_prediction", "zero_terminal_snr",
+              "cache_text_encoder_outputs", "no_half_vae")
+#: Training keys that only observe a training (samples, validation loss): never in its signature.
+OBSERVING_KEYS = ("sample_every", "sample_prompts", "validation_every")
 #: Keys of a variant dict beside the training keys.
 VARIANT_KEYS = ("name", "preset")
 
@@ -167,6 +184,15 @@ class TrainParams:
     max_bucket_reso: int | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     data_loader_workers: int = DEFAULT_DATA_LOADER_WORKERS
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    v_prediction: bool = False
+    zero_terminal_snr: bool = False
+    cache_text_encoder_outputs: bool = False
+    no_half_vae: bool = False
+    sample_every: int | None = None
+    sample_prompts: tuple[str, ...] = field(default_factory=tuple)
+    validation_every: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with exactly the documented keys (the job's ``params``).
@@ -182,11 +208,18 @@ class TrainParams:
         ``save_precision``; ``gradient_checkpointing``; ``network_train_unet_only``;
         ``resolution`` (None, int or [w, h]); ``min_bucket_reso``; ``max_bucket_reso``;
         ``extra_args`` list of extra trainer arguments; ``data_loader_workers`` the data
-        loader's worker processes (0: none, load in the training process).
+        loader's worker processes (0: none, load in the training process); ``noise_offset``
+        (0: off); ``min_snr_gamma`` (None: off); ``v_prediction`` (the model predicts v, as
+        NoobAI-XL v-pred); ``zero_terminal_snr`` (rescale the noise schedule to zero terminal
+        SNR); ``cache_text_encoder_outputs`` (UNet-only: encode every caption once);
+        ``no_half_vae`` (keep the VAE in fp32 under fp16/bf16); ``sample_every`` (steps between
+        sample images; None: off); ``sample_prompts`` (extra sample prompts);
+        ``validation_every`` (steps between validation-loss evaluations; None: off).
         """
         d = asdict(self)
         d["optimizer_args"] = list(self.optimizer_args)
         d["extra_args"] = list(self.extra_args)
+        d["sample_prompts"] = list(self.sample_prompts)
         if isinstance(self.resolution, tuple):
             d["resolution"] = list(self.resolution)
         return d
@@ -197,6 +230,7 @@ class TrainParams:
         d = dict(d)
         d["optimizer_args"] = tuple(d.get("optimizer_args") or ())
         d["extra_args"] = tuple(d.get("extra_args") or ())
+        d["sample_prompts"] = tuple(d.get("sample_prompts") or ())
         if isinstance(d.get("resolution"), list):
             d["resolution"] = tuple(d["resolution"])
         return cls(**d)
@@ -292,6 +326,15 @@ TRAINING_CHECKS: dict[str, Checker] = {
     "max_bucket_reso": is_int(1),
     "extra_args": is_string_list,
     "data_loader_workers": is_int(0),
+    "noise_offset": is_number(False),
+    "min_snr_gamma": is_number(),
+    "v_prediction": is_bool,
+    "zero_terminal_snr": is_bool,
+    "cache_text_encoder_outputs": is_bool,
+    "no_half_vae": is_bool,
+    "sample_every": is_int(1),
+    "sample_prompts": is_string_list,
+    "validation_every": is_int(1),
 }
 
 
@@ -435,6 +478,12 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
     max_b = _get(s, "max_bucket_reso", None)
     extra = tuple(_get(s, "extra_args", ()))
     workers = _get(s, "data_loader_workers", DEFAULT_DATA_LOADER_WORKERS)
+    loss = {key: _get(s, key, default) for key, default in (
+        ("noise_offset", 0.0), ("min_snr_gamma", None), ("v_prediction", False), ("zero_terminal_snr", False),
+        ("cache_text_encoder_outputs", False), ("no_half_vae", False))}
+    observing = {"sample_every": _get(s, "sample_every", None),
+                 "sample_prompts": tuple(_get(s, "sample_prompts", ())),
+                 "validation_every": _get(s, "validation_every", None)}
 
     return TrainParams(
         name=name,
@@ -464,6 +513,8 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
         max_bucket_reso=max_b,
         extra_args=extra,
         data_loader_workers=workers,
+        **loss,
+        **observing,
     )
 
 
