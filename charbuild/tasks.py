@@ -64,11 +64,12 @@ def train_action(job):
 
 
 @doit_action
-def merge_action(src: str, dst: str, weights: dict, keywords: list[str], note: str):
-    """Block-weight merge of a raw LoRA into ``dst``."""
+def merge_action(src: str, dst: str, weights: dict, keywords: list[str], note: str, output_name: str | None = None):
+    """Block-weight merge of a raw LoRA into ``dst``, named ``output_name`` inside (the
+    deliverable's stem: a raw file trained before names were unique gets its name here)."""
     from .lora.merge import merge_file
 
-    merge_file(src, dst, weights, keywords=keywords, note=note)
+    merge_file(src, dst, weights, keywords=keywords, note=note, output_name=output_name)
     return True
 
 
@@ -449,13 +450,15 @@ class Graph:
             for params in self.variants(lora):
                 raw, merged = layout.raw_lora(lora.name, params.name), layout.merged_lora(lora.name, params.name)
                 note = spec if isinstance(spec, str) else "custom block weights"
+                name = layout.deliverable_stem(lora.name, params.name)
                 yield {
                     "basename": "merge",
                     "name": f"{lora.name}/{params.name}",
-                    "actions": [(merge_action, [raw, merged, weights, lora.keywords, note])],
+                    "actions": [(merge_action, [raw, merged, weights, lora.keywords, note, name])],
                     "file_dep": [raw],
                     "targets": [merged],
-                    "uptodate": [config_changed({"weights": weights, "keywords": lora.keywords, "note": note})],
+                    "uptodate": [config_changed({"weights": weights, "keywords": lora.keywords, "note": note,
+                                                 "name": name})],
                     "clean": True,
                 }
 

@@ -260,6 +260,28 @@ def test_every_deliverable_carries_its_own_stem_as_its_name(tmp_path):
     assert len(set(names)) == len(names)
 
 
+def test_a_raw_file_named_before_names_were_unique_is_renamed_by_the_merge(tmp_path):
+    """A LoRA trained by an older charbuild carries the variant name inside; the merge (cheap,
+    no retraining) stamps the deliverable's stem, which compress keeps."""
+    from safetensors import safe_open
+
+    from charbuild.lora.io import load_lora, save_lora
+    from graphtools import build
+
+    root = make_project(tmp_path / "p")
+    build(root)
+    raw = next((root / "build" / "loras").glob("*/*/raw.safetensors"))
+    old = load_lora(raw)
+    save_lora(raw, old.tensors, {**old.metadata, "ss_output_name": raw.parent.name, "modelspec.title": raw.parent.name})
+    ran = build(root)
+    assert not any(n.startswith("train:") for n in ran)
+    final = raw.parent / f"{raw.parent.parent.name}-{raw.parent.name}.safetensors"
+    for stage in (raw.parent / "merged.safetensors", final):
+        with safe_open(str(stage), "np") as fh:
+            md = fh.metadata()
+        assert md["ss_output_name"] == md["modelspec.title"] == final.stem, stage
+
+
 # --------------------------------------------------------------------------- continue a training
 
 V = "Lora1x1A1-AdamW8"
