@@ -21,9 +21,10 @@ Modules that belong to no block (``conv_out``, the time embedding: :func:`block_
 
 from __future__ import annotations
 
-import difflib
 import re
 from typing import Mapping, Sequence
+
+from charbuild.checks import closest
 
 SD15_26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
 SD15_17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)]
@@ -154,8 +155,8 @@ def resolve_block_weights(
                 if text.upper() in upper:
                     text = upper[text.upper()]
                 else:
-                    close = difflib.get_close_matches(text.upper(), list(upper), n=1)
-                    hint = f" Did you mean {upper[close[0]]}?" if close else ""
+                    close = closest(text, table)
+                    hint = f" Did you mean {close[0]}?" if close else ""
                     raise ValueError(
                         f"unknown block-weight preset {spec!r}.{hint} Presets: {', '.join(sorted(table))}; "
                         f"or give {'/'.join(map(str, lengths))} comma-separated numbers"

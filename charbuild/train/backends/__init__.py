@@ -18,13 +18,13 @@ graph never changes. Importing this package stays cheap: no torch.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, runtime_checkable
 
+from ...checks import did_you_mean
 from ...errors import TrainingError
 from ..job import TrainJob
 
@@ -108,10 +108,8 @@ def get_backend(name: str) -> Backend:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise TrainingError(
-            f"unknown trainer backend {name!r}{hint}: expected one of {', '.join(_REGISTRY)}"
+            f"unknown trainer backend {name!r}{did_you_mean(name, _REGISTRY)}: expected one of {', '.join(_REGISTRY)}"
         ) from None
 
 
