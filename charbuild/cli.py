@@ -248,10 +248,8 @@ def tensorboard(root, port):
 
 
 def _register_lora_commands() -> None:
-    try:
-        from .lora.cli import COMMANDS
-    except ImportError:  # the LoRA toolkit is optional at import time only while developing
-        return
+    from .lora.cli import COMMANDS
+
     for command in COMMANDS:
         cli.add_command(command)
 

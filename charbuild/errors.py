@@ -67,6 +67,12 @@ class LoraFileError(CharbuildError):
     """A LoRA file cannot be read, is not a LoRA, or is not supported."""
 
 
+class OptionError(CharbuildError, ValueError):
+    """A value given on the command line or to a LoRA tool is not valid (it says what is)."""
+
+    exit_code = 2
+
+
 class OutputError(CharbuildError):
     """An artifact cannot be put in place (the file is held open elsewhere, or not writable)."""
 

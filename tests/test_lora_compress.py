@@ -9,7 +9,7 @@ import pytest
 import torch
 from lora_fixtures import make_lora, reference_delta, rel_err, write_lora
 
-from charbuild.errors import LoraFileError
+from charbuild.errors import LoraFileError, OptionError
 from charbuild.lora.compress import choose_rank, compress_file, compress_lora, report_json
 from charbuild.lora.io import build_lora, load_lora, sd_scripts_hashes
 
@@ -179,7 +179,7 @@ def test_bad_options_write_nothing(tmp_path):
         ({"param": -1.0}, "positive parameter"),
         ({"new_rank": 0}, "at least 1"),
     ):
-        with pytest.raises(LoraFileError, match=message):
+        with pytest.raises(OptionError, match=message):  # the options are wrong, not the input file
             compress_file(src, tmp_path / "c.safetensors", **kwargs)
     assert not (tmp_path / "c.safetensors").exists()
 

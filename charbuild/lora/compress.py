@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from charbuild.errors import LoraFileError
+from charbuild.errors import LoraFileError, OptionError
 from charbuild.lora.io import (
     LoraFile,
     LoraModule,
@@ -604,8 +604,8 @@ def compress_file(src: str | Path, dst: str | Path, *, progress: bool = False, v
         opts = _options(**{"method": "sv_ratio", "param": 16.0, "new_rank": 128, "new_conv_rank": None,
                            "save_precision": "fp16", "rank_rule": "legacy", **options})  # fmt: skip
         with_output_name({}, output_name)
-    except (TypeError, ValueError) as exc:
-        raise LoraFileError(str(exc), src) from None
+    except ValueError as exc:  # a bad option value; a TypeError (unknown option) is a bug and propagates
+        raise OptionError(str(exc)) from None
     with stream_lora(dst, _header_bound(lora, opts, output_name)) as out:
         entries = _resize_all(lora, opts, out.add, workers=workers, progress=progress, verbose=verbose)
         out.finish(_result_metadata(lora, opts, _last_alpha(entries), output_name))
