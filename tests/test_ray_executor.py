@@ -26,14 +26,32 @@ from ray_cluster import LocalCluster  # noqa: E402
 
 VARIANT = "Lora1x1A1-AdamW8"
 LORAS = ("alc", "alcdr", "bbo")
+#: Seconds this whole module may take, cluster start included (~3 min on 2 busy cores): every
+#: wait below is cut to what is left, so a hang fails the module instead of stalling CI.
+BUDGET = float(os.environ.get("CHARBUILD_RAY_TEST_BUDGET", "480"))
+_deadline = [time.monotonic() + BUDGET]
+_drivers: list[subprocess.Popen] = []  # the charbuild processes started in the background
+
+
+def left(wanted: float) -> float:
+    """``wanted`` seconds, or what is left of the module's budget if less; fails once it is spent."""
+    remaining = _deadline[0] - time.monotonic()
+    if remaining <= 1:
+        pytest.fail(f"the Ray tests ran past their budget of {BUDGET:.0f} s (CHARBUILD_RAY_TEST_BUDGET)")
+    return min(wanted, remaining)
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    _deadline[0] = time.monotonic() + BUDGET
     c = LocalCluster(head_gpus=1, head_cpus=2, workers=((1, 1),))
     try:
         yield c
     finally:
+        for proc in _drivers:  # one left running by a failed test must not outlive the module
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
         c.stop()
 
 
@@ -46,12 +64,14 @@ def ray_project(root: Path, cluster: LocalCluster, trainer: str = "", fake: str 
 def charbuild(cluster: LocalCluster, root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(cluster.env, **{k: v for k, v in os.environ.items() if k == "SOURCE_DATE_EPOCH"})
     return subprocess.run([sys.executable, "-m", "charbuild.cli", *args, "--root", str(root)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=left(timeout))
 
 
 def start_charbuild(cluster: LocalCluster, root: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "charbuild.cli", *args, "--root", str(root)], env=cluster.env,
+    proc = subprocess.Popen([sys.executable, "-m", "charbuild.cli", *args, "--root", str(root)], env=cluster.env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _drivers.append(proc)
+    return proc
 
 
 def vdir(root: Path, lora: str) -> Path:
@@ -60,7 +80,7 @@ def vdir(root: Path, lora: str) -> Path:
 
 def wait_for_trainer(log: Path, timeout: float = 120) -> tuple[int, int]:
     """(worker pid, trainer pid) once the remote trainer has started and said so in train.log."""
-    deadline = time.time() + timeout
+    deadline = time.time() + left(timeout)
     while time.time() < deadline:
         text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
         worker, trainer = re.search(r"worker pid (\d+)", text), re.search(r"fake trainer pid=(\d+)", text)
@@ -158,7 +178,7 @@ def test_killed_worker_fails_the_target_and_the_next_build_retrains(cluster, tmp
     proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
     worker, trainer = wait_for_trainer(vdir(root, "bbo") / "train.log")
     os.kill(worker, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=left(120))
     assert proc.returncode != 0
     assert "was lost mid-training" in out and re.search(r"worker on node \S+ \(.*worker pid \d+\)", out), out
     assert "fake trainer pid=" in out  # the log's last lines are in the message
@@ -178,7 +198,7 @@ def test_a_lost_worker_is_retried_when_retries_allow(cluster, tmp_path):
     proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
     worker, _ = wait_for_trainer(vdir(root, "bbo") / "train.log")
     os.kill(worker, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=left(120))
     assert proc.returncode == 0, out
     assert "was lost mid-training" in out and "attempt 2/2" in out
     assert (vdir(root, "bbo") / "raw.safetensors").is_file()
@@ -189,11 +209,11 @@ def test_driver_sigterm_cancels_the_remote_training(cluster, tmp_path):
     proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
     _, trainer = wait_for_trainer(vdir(root, "bbo") / "train.log")
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=left(60))
     assert proc.returncode != 0, out
     assert gone(trainer), "the remote trainer still runs after the driver stopped"
     assert not (vdir(root, "bbo") / "raw.safetensors").exists()
-    deadline = time.time() + 60
+    deadline = time.time() + left(60)
     while cluster.free_gpus() < 2 and time.time() < deadline:
         time.sleep(1)
     assert cluster.free_gpus() == 2  # the task let go of its GPU
