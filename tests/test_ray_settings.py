@@ -16,7 +16,7 @@ from conftest import make_project
 from charbuild.config import load_project
 from charbuild.errors import ConfigError
 from charbuild.train.executors import RAY
-from charbuild.train.executors.payload import job_for_worker, project_relative
+from charbuild.train.executors.payload import job_for_worker, project_relative, travels
 from charbuild.train.executors.settings import EXECUTOR_CHECKS, normal_resources, parse_memory, ray_task_options
 from charbuild.train.job import ModelSpec, TrainerSpec, TrainJob, job_specs
 from charbuild.train.variants import resolve_variant
@@ -115,6 +115,14 @@ def test_job_for_worker_reroots_every_project_path(tmp_path):
     assert wjob.params == _job(root).params
     with pytest.raises(ValueError, match="outside the project"):
         project_relative(tmp_path / "elsewhere.png", root)
+
+
+def test_only_model_files_that_exist_here_travel(tmp_path):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"weights")
+    assert travels(str(model)) and travels(str(tmp_path))  # a file, a diffusers folder
+    assert not travels("tiny") and not travels("tiny-sdxl:3") and not travels(None)  # generated on the worker
+    assert not travels(str(tmp_path / "missing.safetensors"))
 
 
 def test_the_ray_launcher_takes_no_local_gpu_and_its_dry_run_says_where(tmp_path):

@@ -71,6 +71,16 @@ def model_files(path: Path) -> dict[str, Path]:
     return {"": path}
 
 
+def travels(model_value: str | None) -> bool:
+    """Whether a ``model.base``/``vae`` value is a model file or folder that must go to the worker.
+
+    Job specs make every model path absolute; a name such as ``"tiny"`` or ``"tiny-sdxl"`` is a
+    model the backend generates in the worker's project copy, and a path that does not exist
+    here fails on the worker as it would locally.
+    """
+    return bool(model_value) and Path(model_value).is_absolute() and Path(model_value).exists()
+
+
 def _model_entry(value: str, layout: Layout) -> dict[str, Any]:
     import ray
 
@@ -100,7 +110,7 @@ def build_payload(job: TrainJob) -> dict[str, Any]:
     if not job.trainer.shared_model:
         for key in ("base", "vae"):
             value = getattr(job.model, key)
-            if value and value != "tiny":
+            if travels(value):
                 models[key] = _model_entry(value, Layout(root))
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     return {"job": job.to_dict(), "files": files, "inline": inline, "models": models,
