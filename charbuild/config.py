@@ -28,6 +28,8 @@ from .errors import CharbuildError, ConfigError, Problem
 from .model import Character, Lora, LoraTable, Part, Project, SourceImage
 from .prepared import image_dir, prepared_sizes, subset_for
 from .train import BACKENDS
+from .train.executors.settings import (EXECUTOR_CHECKS, EXECUTOR_KEYS, missing_ray_message, normal_resources,
+                                       ray_installed)
 from .train.variants import KIND_STEPS, TRAINING_CHECKS, TRAINING_KEYS, training_defaults, variant_entries
 
 __all__ = [
@@ -62,7 +64,7 @@ MODEL_KEYS = {"base", "vae", "clip_skip", "arch"}
 DATASET_KEYS = {"sizes", "batch_sizes"}
 # "extra": an opaque, backend-specific table (test knobs of the fake backend), passed through unchecked
 TRAINER_KEYS = {"backend", "gpus", "sd_scripts", "python", "accelerate", "xformers", "extra_args",
-                "run_cache", "extra"}
+                "run_cache", "extra"} | EXECUTOR_KEYS
 MERGE_KEYS = {"presets", "face", "body", "group"}
 COMPRESS_KEYS = {"method", "sv_ratio", "sv_fro", "sv_cumulative", "new_rank", "new_conv_rank", "save_precision"}
 COMPRESS_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative", "rank")
@@ -190,6 +192,7 @@ def _load_trainer(c: Collector, root: Path, tn: dict, model: dict, settings: _Se
     t["extra_args"] = c.get(tn, "extra_args", is_str_list, [], kp)
     t["run_cache"] = c.get(tn, "run_cache", is_bool, True, kp)
     t["extra"] = dict(c.get(tn, "extra", is_table, {}, kp))
+    _load_executor(c, tn, t)
     if t["backend"] == "sd-scripts":
         if not t["sd_scripts"]:
             c.error("backend 'sd-scripts' needs 'sd_scripts = \"<path to your kohya-ss/sd-scripts folder>\"'", kp + ("backend",))
@@ -197,6 +200,16 @@ def _load_trainer(c: Collector, root: Path, tn: dict, model: dict, settings: _Se
             c.error(f"'trainer.sd_scripts' = {t['sd_scripts']!r} has no train_network.py; point it at a kohya-ss/sd-scripts checkout", kp + ("sd_scripts",))
         if m["base"] == "tiny":
             c.error("sd-scripts cannot train the built-in \"tiny\" model; set [model] base to a real checkpoint or use backend = \"builtin\"", ("model", "base") if "base" in model else kp + ("backend",))
+
+
+def _load_executor(c: Collector, tn: dict, t: dict) -> None:
+    """The executor keys of ``[trainer]`` (only those set: their defaults are TrainerSpec's)."""
+    kp = ("trainer",)
+    t.update(c.checked({k: v for k, v in tn.items() if k in EXECUTOR_CHECKS}, EXECUTOR_CHECKS, kp))
+    if "resources" in t:
+        t["resources"] = normal_resources(t["resources"])
+    if t.get("executor") == "ray" and not ray_installed():
+        c.error(missing_ray_message(), kp + ("executor",))
 
 
 def _load_merge(c: Collector, mg: dict, settings: _Settings) -> None:

@@ -35,6 +35,8 @@ DEFAULT_CLIP_SKIP = 2
 DEFAULT_KILL_GRACE = 5.0
 #: Seconds between tries of a busy GPU lock.
 DEFAULT_LOCK_POLL = 1.0
+#: What one training asks a cluster executor for when ``[trainer] resources`` does not say.
+DEFAULT_RESOURCES = {"GPU": 1}
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,15 @@ class TrainerSpec:
     trainings; ``lock_dir`` the GPU lock folder; ``kill_grace``/``lock_poll`` seconds;
     ``extra`` an opaque table for a backend's own knobs (the fake backend's test knobs);
     ``executor`` the launcher that runs the training (:func:`charbuild.train.runner.register_launcher`).
+
+    The cluster executor's settings (``executor = "ray"``, :mod:`charbuild.train.executors`):
+    ``ray_address`` where the cluster is (None: start or join a local instance; ``"auto"``;
+    ``"host:6379"``; ``"ray://host:10001"``); ``resources`` what one training asks for
+    (``GPU``, ``CPU``, ``memory`` in bytes, custom resources); ``retries`` restarts of a
+    training whose worker was lost; ``shared_model`` the workers read ``model.base``/``vae``
+    at their paths (nothing travels); ``worker_cache`` the folder where a worker keeps the
+    models it received (None: ``<temp>/charbuild-models``). None of them is in a training's
+    signature: where a LoRA is trained does not change it.
     """
 
     backend: str = DEFAULT_BACKEND
@@ -83,12 +94,18 @@ class TrainerSpec:
     lock_poll: float = DEFAULT_LOCK_POLL
     extra: Mapping[str, Any] = field(default_factory=dict)
     executor: str = DEFAULT_EXECUTOR
+    ray_address: str | None = None
+    resources: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    retries: int = 0
+    shared_model: bool = False
+    worker_cache: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gpus"] = list(self.gpus)
         d["extra_args"] = list(self.extra_args)
         d["extra"] = dict(self.extra)
+        d["resources"] = dict(self.resources)
         return d
 
     @classmethod
@@ -100,6 +117,8 @@ class TrainerSpec:
         if "gpus" in d and not d["gpus"]:
             d.pop("gpus")
         d["extra"] = dict(d.get("extra") or {})
+        if "resources" in d:
+            d["resources"] = dict(d["resources"] or DEFAULT_RESOURCES)
         return cls(**d)
 
 
@@ -278,6 +297,11 @@ def job_specs(project, layout) -> tuple[ModelSpec, TrainerSpec]:
         lock_dir=str(layout.locks_dir),
         extra=dict(t.get("extra") or {}),
         executor=t.get("executor") or DEFAULT_EXECUTOR,
+        ray_address=t.get("ray_address"),
+        resources=dict(t.get("resources") or defaults.resources),
+        retries=int(t.get("retries", defaults.retries)),
+        shared_model=bool(t.get("shared_model", defaults.shared_model)),
+        worker_cache=t.get("worker_cache"),
     )
     return model, trainer
 

@@ -43,6 +43,7 @@ def say(message: str, log_fh=None, echo: bool = True) -> None:
 
 
 def console_writer(echo: bool) -> Callable[[bytes], None] | None:
+    """A function writing trainer bytes to stdout as they come (None when ``echo`` is off)."""
     if not echo:
         return None
     stream = sys.stdout
@@ -63,7 +64,7 @@ def console_writer(echo: bool) -> Callable[[bytes], None] | None:
     return write
 
 
-def _relay(pipe, log_fh, console) -> None:
+def relay_output(pipe, log_fh, console) -> None:
     """Copy the trainer's output to the log and the console as it comes, until EOF."""
     read = getattr(pipe, "read1", pipe.read)
     while True:
@@ -82,7 +83,8 @@ def _relay(pipe, log_fh, console) -> None:
             console(chunk)
 
 
-def _popen(cmd: list[str], cwd: str, env: dict, pass_fds: tuple[int, ...]) -> subprocess.Popen:
+def start_in_own_group(cmd: list[str], cwd: str, env: dict, pass_fds: tuple[int, ...]) -> subprocess.Popen:
+    """Start ``cmd`` in a new session (POSIX) or process group (Windows), output on one pipe."""
     kwargs: dict[str, Any] = dict(
         cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -97,7 +99,8 @@ def _popen(cmd: list[str], cwd: str, env: dict, pass_fds: tuple[int, ...]) -> su
         raise TrainingError(f"cannot start the trainer {cmd[0]!r}: {e.strerror or e}") from None
 
 
-def _group_alive(proc: subprocess.Popen) -> bool:
+def group_alive(proc: subprocess.Popen) -> bool:
+    """Whether ``proc`` or any live member of its process group still runs."""
     proc.poll()
     if os.name == "nt":
         return proc.returncode is None
@@ -150,15 +153,15 @@ def stop_process_group(proc: subprocess.Popen, grace: float = KILL_GRACE) -> Non
     A second Ctrl-C while waiting goes straight to SIGKILL. Reaps ``proc``.
     """
     try:
-        if _group_alive(proc):
+        if group_alive(proc):
             _signal_group(proc, signal.SIGTERM)
             deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and _group_alive(proc):
+            while time.monotonic() < deadline and group_alive(proc):
                 time.sleep(0.05)
     except KeyboardInterrupt:
         pass
     finally:
-        if _group_alive(proc):
+        if group_alive(proc):
             _signal_group(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
@@ -166,8 +169,8 @@ def stop_process_group(proc: subprocess.Popen, grace: float = KILL_GRACE) -> Non
 
 def run_process(cmd, *, cwd, env, pass_fds=(), log_fh, console=None, grace: float = KILL_GRACE) -> int:
     """Run ``cmd`` in its own process group, relaying output; stop the group on any exception."""
-    proc = _popen(cmd, cwd, env, pass_fds)
-    relay = threading.Thread(target=_relay, args=(proc.stdout, log_fh, console), daemon=True)
+    proc = start_in_own_group(cmd, cwd, env, pass_fds)
+    relay = threading.Thread(target=relay_output, args=(proc.stdout, log_fh, console), daemon=True)
     relay.start()
     try:
         while True:
@@ -180,7 +183,7 @@ def run_process(cmd, *, cwd, env, pass_fds=(), log_fh, console=None, grace: floa
         if relay.is_alive():  # something the trainer started still holds the pipe open
             stop_process_group(proc, grace)
             relay.join(timeout=5)
-        elif _group_alive(proc):  # leftovers (e.g. data loader workers): they must not outlive it
+        elif group_alive(proc):  # leftovers (e.g. data loader workers): they must not outlive it
             stop_process_group(proc, grace)
         return rc
     except BaseException:

@@ -7,7 +7,8 @@ One training, start to finish (:func:`run_training`):
    old signature sidecar ``raw.json`` (the old ``raw.safetensors``, if any, stays
    but is stale without it); restore an identical earlier training from the run
    cache (:mod:`charbuild.train.run_cache`) when there is one;
-2. take a GPU lock (:mod:`charbuild.train.gpulock`), waiting while all are busy;
+2. take a GPU lock (:mod:`charbuild.train.gpulock`), waiting while all are busy, unless
+   the launcher says it needs none (``local_gpu = False``: a cluster schedules GPUs);
 3. compute the input signature (files and ``signature_extra``) *now*, before the
    trainer reads anything: an input edited while the training runs makes the
    result stale, never wrongly fresh;
@@ -53,6 +54,7 @@ from ..layout import Layout
 from ..signature import compute_signature, write_sidecar
 from . import run_cache
 from .backends import check_capabilities, get_backend
+from .executors import RAY
 from .freshness import Freshness, is_up_to_date, sidecar_path
 from .gpulock import gpu_lease, lock_fd
 from .job import TrainJob, as_job
@@ -60,7 +62,7 @@ from .process import command_line, console_writer, log_tail, run_process, say, s
 
 __all__ = ["Freshness", "Launch", "Launcher", "dry_run_commands", "get_launcher", "is_up_to_date", "launch_local",
            "log_path", "log_tail", "register_launcher", "run_training", "sidecar_path", "stop_process_group",
-           "train_action"]
+           "takes_local_gpu", "train_action"]
 
 TEMP_PREFIX = ".train-"
 LOG_NAME = "train.log"
@@ -89,19 +91,29 @@ class Launch:
     write everything the trainer prints to ``log`` (bytes), echo it to ``console`` when that
     is not None, and return the trainer's exit status (0: success). On any exception
     (KeyboardInterrupt included) it must stop what it started before re-raising.
-    ``pass_fds`` are lock descriptors a local process should inherit (POSIX).
+    ``pass_fds`` are lock descriptors a local process should inherit (POSIX). ``gpu`` is the
+    GPU of this machine the runner leased, None for a launcher with ``local_gpu = False``.
     """
 
     job: TrainJob
     job_file: Path
-    gpu: int | str
+    gpu: int | str | None
     log: BinaryIO
     console: Callable[[bytes], None] | None
     pass_fds: tuple[int, ...] = ()
 
 
 #: What runs a training: the one seam for running it elsewhere (a cluster executor).
+#: A launcher may also have the attributes ``local_gpu`` (False: the runner takes no GPU
+#: lock of this machine, see :func:`takes_local_gpu`) and ``dry_run_lines(job) -> list[str]``
+#: (what :func:`dry_run_commands` adds about where the training would run).
 Launcher = Callable[[Launch], int]
+
+
+def takes_local_gpu(launcher: Launcher) -> bool:
+    """Whether the runner leases a GPU of this machine for ``launcher`` (True unless it has
+    ``local_gpu = False``: a cluster executor whose scheduler assigns the GPUs)."""
+    return bool(getattr(launcher, "local_gpu", True))
 
 
 def child_env(gpu: int | str) -> dict[str, str]:
@@ -148,22 +160,28 @@ def get_launcher(name: str) -> Launcher:
 
 
 register_launcher("local", launch_local)
+register_launcher(RAY.name, RAY)
 
 
 def dry_run_commands(job: TrainJob | Mapping[str, Any]) -> list[str]:
     """Human-readable lines saying what :func:`run_training` would run for ``job``.
 
     A comment line (backend, working directory, GPUs) and the command line; the
-    temp folder is shown as ``<variant_dir>/.train-XXXXXXXX``.
+    temp folder is shown as ``<variant_dir>/.train-XXXXXXXX``. A launcher other than the
+    local one adds its ``dry_run_lines`` (where it would run the command).
     """
     job = as_job(job)
+    launcher = get_launcher(job.trainer.executor)
     temp = Path(job.variant_dir) / f"{TEMP_PREFIX}XXXXXXXX"
     cmd = get_backend(job.backend).command(_backend_job(job, temp), temp / "job.json")
-    gpus = ", ".join(str(g) for g in job.trainer.gpus)
-    return [
-        f"# {job.label}: backend {job.backend}, cwd {job.project_root}, CUDA_VISIBLE_DEVICES = first free of [{gpus}]",
-        command_line(cmd),
-    ]
+    if takes_local_gpu(launcher):
+        gpus = ", ".join(str(g) for g in job.trainer.gpus)
+        where = f"cwd {job.project_root}, CUDA_VISIBLE_DEVICES = first free of [{gpus}]"
+    else:
+        where = f"executor {job.trainer.executor}, in a copy of the project on the node it picks"
+    lines = [f"# {job.label}: backend {job.backend}, {where}", command_line(cmd)]
+    describe = getattr(launcher, "dry_run_lines", None)
+    return lines + (list(describe(job)) if describe is not None else [])
 
 
 # ---------------------------------------------------------------------------- the action
@@ -213,6 +231,21 @@ def _restore_from_run_cache(job: TrainJob, cache_dir: Path, echo: bool):
     return True, signature
 
 
+def _launcher_name(launcher: Launcher, job: TrainJob) -> str:
+    return getattr(launcher, "name", None) or job.trainer.executor
+
+
+@contextlib.contextmanager
+def _gpu_lease_for(launcher: Launcher, job: TrainJob, lock_dir: Path, echo: bool):
+    """A GPU lease of this machine for a launcher that needs one, else None (nothing held)."""
+    if not takes_local_gpu(launcher):
+        yield None
+        return
+    on_wait = lambda m: say(m.removeprefix("charbuild: "), echo=echo)  # noqa: E731
+    with gpu_lease(lock_dir, list(job.trainer.gpus), poll=job.trainer.lock_poll, on_wait=on_wait) as lease:
+        yield lease
+
+
 def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launcher: Launcher | None = None) -> None:
     """Train ``job`` (a TrainJob or its dict form) into its ``output``.
 
@@ -240,10 +273,9 @@ def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launch
         restored, first_signature = _restore_from_run_cache(job, layout.run_cache_dir, echo)
         if restored:
             return
-        on_wait = lambda m: say(m.removeprefix("charbuild: "), echo=echo)  # noqa: E731
-        with gpu_lease(lock_dir, list(job.trainer.gpus), poll=job.trainer.lock_poll, on_wait=on_wait) as lease:
+        with _gpu_lease_for(launcher, job, lock_dir, echo) as lease:
             try:
-                # again now that the GPU is ours: edits made while waiting count (unchanged files keep their MD5)
+                # again now that any wait for a GPU is over: edits made meanwhile count (unchanged files keep their MD5)
                 signature = _signature(job, known=first_signature)
             except OSError as e:
                 raise TrainingError(f"cannot read a training input: {e.strerror or e}", path=e.filename) from None
@@ -252,11 +284,13 @@ def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launch
                 bjob = _backend_job(job, temp)
                 job_file = temp / "job.json"
                 write_text_atomic(job_file, bjob.to_json())
-                fds = tuple(fd for fd in (lease.lock_fd, variant_fd) if fd is not None)
+                gpu = lease.gpu if lease is not None else None
+                fds = tuple(fd for fd in (lease.lock_fd if lease else None, variant_fd) if fd is not None)
                 log = log_path(job)
                 with open(log, "wb") as log_fh:
-                    say(f"training {job.label} on GPU {lease.gpu} ({job.backend})", log_fh, echo)
-                    rc = launcher(Launch(bjob, job_file, lease.gpu, log_fh, console_writer(echo), fds))
+                    where = f"on GPU {gpu}" if lease is not None else f"with executor {_launcher_name(launcher, job)}"
+                    say(f"training {job.label} {where} ({job.backend})", log_fh, echo)
+                    rc = launcher(Launch(bjob, job_file, gpu, log_fh, console_writer(echo), fds))
                 raw = Path(bjob.output)
                 if rc != 0:
                     tail = "\n".join("    " + line for line in log_tail(log))

@@ -1,0 +1,122 @@
+"""What travels to a worker for one training, and how the job is re-rooted there.
+
+The inputs (prepared pictures and captions) go one object per distinct content (MD5),
+put once per driver process and reused by every training that lists the same file;
+the dataset TOML travels inline; the base model (and VAE) go one object per file,
+keyed by the model's hash, unless ``trainer.shared_model`` says the workers read the
+same path. A worker fetches an object only when it needs it (see ``worker.py``) and
+trains a copy of the job whose project paths point into its copy of the project
+(:func:`job_for_worker`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+from ...fsutil import rel_posix
+from ...layout import Layout
+from ...signature import model_signature
+from ..job import TrainJob
+
+#: Variables of the driver's environment that the trainer on the worker gets too: they
+#: belong to the build, not to the machine (reproducible timestamps in the LoRA's metadata).
+FORWARDED_ENV = ("SOURCE_DATE_EPOCH",)
+
+# driver-process caches: content -> object reference (kept alive while the driver runs)
+_input_refs: dict[str, Any] = {}
+_model_refs: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def project_relative(path: str | Path, root: str | Path) -> str:
+    """``path`` as a project-relative POSIX string; ValueError for a path outside the project."""
+    rel = rel_posix(path, root)
+    if rel == ".." or rel.startswith("../") or PurePosixPath(rel).is_absolute():
+        raise ValueError(f"{path} is outside the project {root}")
+    return rel
+
+
+def job_for_worker(job: TrainJob, worker_root: Path, model_paths: Mapping[str, str]) -> TrainJob:
+    """``job`` for a worker whose project copy is ``worker_root``.
+
+    Every project path is re-rooted there (same relative layout), the GPU lock folder is
+    the copy's; ``model_paths`` gives the worker-side path of ``base``/``vae`` (a key
+    absent: unchanged).
+    """
+    root = job.project_root
+
+    def move(p: str) -> str:
+        return str(worker_root / project_relative(p, root))
+
+    return replace(
+        job,
+        project_root=str(worker_root),
+        output=move(job.output),
+        variant_dir=move(job.variant_dir),
+        dataset_toml=move(job.dataset_toml),
+        inputs=tuple(move(p) for p in job.inputs),
+        continue_from=move(job.continue_from) if job.continue_from else None,
+        model=replace(job.model, **dict(model_paths)),
+        trainer=replace(job.trainer, lock_dir=str(Layout(worker_root).locks_dir)),
+    )
+
+
+def model_files(path: Path) -> dict[str, Path]:
+    """The files of a model: ``{rel: path}`` of a diffusers folder, or ``{"": path}`` of one file."""
+    if path.is_dir():
+        return {f.relative_to(path).as_posix(): f for f in sorted(path.rglob("*")) if f.is_file()}
+    return {"": path}
+
+
+def travels(model_value: str | None) -> bool:
+    """Whether a ``model.base``/``vae`` value is a model file or folder that must go to the worker.
+
+    Job specs make every model path absolute; a name such as ``"tiny"`` or ``"tiny-sdxl"`` is a
+    model the backend generates in the worker's project copy, and a path that does not exist
+    here fails on the worker as it would locally.
+    """
+    return bool(model_value) and Path(model_value).is_absolute() and Path(model_value).exists()
+
+
+def _model_entry(value: str, layout: Layout) -> dict[str, Any]:
+    import ray
+
+    path = Path(value)
+    digest = model_signature(str(path), layout.root, layout.cache_dir)["md5"]
+    key = (str(path.resolve()), digest)
+    if key not in _model_refs:
+        _model_refs[key] = {rel: ray.put(f.read_bytes()) for rel, f in model_files(path).items()}
+    return {"hash": digest, "name": path.name, "is_dir": path.is_dir(), "files": _model_refs[key]}
+
+
+def build_payload(job: TrainJob) -> dict[str, Any]:
+    """The task argument for ``job`` (its ``output`` in the runner's temp folder): the job, its
+    inputs by content, the dataset TOML, the models that must travel, the forwarded environment."""
+    import ray
+
+    root = Path(job.project_root)
+    files: dict[str, tuple[str, Any]] = {}
+    for p in job.inputs:
+        data = Path(p).read_bytes()
+        digest = hashlib.md5(data).hexdigest()
+        if digest not in _input_refs:
+            _input_refs[digest] = ray.put(data)
+        files[project_relative(p, root)] = (digest, _input_refs[digest])
+    inline = {project_relative(job.dataset_toml, root): Path(job.dataset_toml).read_bytes()}
+    models: dict[str, Any] = {}
+    if not job.trainer.shared_model:
+        for key in ("base", "vae"):
+            value = getattr(job.model, key)
+            if travels(value):
+                models[key] = _model_entry(value, Layout(root))
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return {"job": job.to_dict(), "files": files, "inline": inline, "models": models,
+            "worker_cache": job.trainer.worker_cache, "env": env}
+
+
+def input_bytes(payload: Mapping[str, Any], job: TrainJob) -> int:
+    """The size of a training's own inputs (pictures, captions, dataset TOML), as they travel."""
+    return sum(Path(p).stat().st_size for p in job.inputs) + sum(len(b) for b in payload["inline"].values())

@@ -1,0 +1,239 @@
+"""The Ray executor on a real local cluster: a head and a second worker node, one logical GPU each.
+
+No part of Ray is replaced. Drivers are separate ``charbuild`` processes (as a user runs
+them), so this test process never becomes a Ray driver; the cluster is shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the test cluster and signals are POSIX here")
+
+from conftest import make_project  # noqa: E402
+from graphtools import build  # noqa: E402
+from ray_cluster import LocalCluster  # noqa: E402
+
+VARIANT = "Lora1x1A1-AdamW8"
+LORAS = ("alc", "alcdr", "bbo")
+#: Seconds this whole module may take, cluster start included (~3 min on 2 busy cores): every
+#: wait below is cut to what is left, so a hang fails the module instead of stalling CI.
+BUDGET = float(os.environ.get("CHARBUILD_RAY_TEST_BUDGET", "480"))
+_deadline = [time.monotonic() + BUDGET]
+_drivers: list[subprocess.Popen] = []  # the charbuild processes started in the background
+
+
+def left(wanted: float) -> float:
+    """``wanted`` seconds, or what is left of the module's budget if less; fails once it is spent."""
+    remaining = _deadline[0] - time.monotonic()
+    if remaining <= 1:
+        pytest.fail(f"the Ray tests ran past their budget of {BUDGET:.0f} s (CHARBUILD_RAY_TEST_BUDGET)")
+    return min(wanted, remaining)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    _deadline[0] = time.monotonic() + BUDGET
+    c = LocalCluster(head_gpus=1, head_cpus=2, workers=((1, 1),))
+    try:
+        yield c
+    finally:
+        for proc in _drivers:  # one left running by a failed test must not outlive the module
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        c.stop()
+
+
+def ray_project(root: Path, cluster: LocalCluster, trainer: str = "", fake: str = "", **kwargs) -> Path:
+    """A project training on ``cluster``: ``trainer`` more [trainer] lines, ``fake`` the fake backend's knobs."""
+    return make_project(root, project_extra=f'executor = "ray"\nray_address = "{cluster.address}"\n{trainer}'
+                        f"[trainer.extra]\n{fake}", **kwargs)
+
+
+def charbuild(cluster: LocalCluster, root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(cluster.env, **{k: v for k, v in os.environ.items() if k == "SOURCE_DATE_EPOCH"})
+    return subprocess.run([sys.executable, "-m", "charbuild.cli", *args, "--root", str(root)], env=env,
+                          capture_output=True, text=True, timeout=left(timeout))
+
+
+def start_charbuild(cluster: LocalCluster, root: Path, *args: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "charbuild.cli", *args, "--root", str(root)], env=cluster.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _drivers.append(proc)
+    return proc
+
+
+def vdir(root: Path, lora: str) -> Path:
+    return root / "build" / "loras" / lora / VARIANT
+
+
+def wait_for_trainer(log: Path, timeout: float = 120) -> tuple[int, int]:
+    """(worker pid, trainer pid) once the remote trainer has started and said so in train.log."""
+    deadline = time.time() + left(timeout)
+    while time.time() < deadline:
+        text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+        worker, trainer = re.search(r"worker pid (\d+)", text), re.search(r"fake trainer pid=(\d+)", text)
+        if worker and trainer:
+            return int(worker.group(1)), int(trainer.group(1))
+        time.sleep(0.2)
+    raise AssertionError(f"the remote training never started; {log}: {text[-2000:]}")
+
+
+def gone(pid: int, timeout: float = 20) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def overlap(records: list[dict]) -> int:
+    """The most trainings that ran at the same moment."""
+    events = sorted([(r["start"], 1) for r in records] + [(r["end"], -1) for r in records])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_fake_trainings_on_two_nodes_match_the_local_executor(cluster, tmp_path):
+    local = make_project(tmp_path / "local")
+    build(local, "train")
+    record = tmp_path / "record.jsonl"
+    remote = ray_project(tmp_path / "remote", cluster, fake=f'fake_seconds = 2\nfake_record = "{record.as_posix()}"\n')
+    out = charbuild(cluster, remote, "build", "-n", "3", "train")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for lora in LORAS:
+        a, b = vdir(local, lora), vdir(remote, lora)
+        assert (b / "raw.safetensors").read_bytes() == (a / "raw.safetensors").read_bytes(), lora
+        saved = json.loads((b / "raw.json").read_text(encoding="utf-8"))
+        assert saved["extra"] == json.loads((a / "raw.json").read_text(encoding="utf-8"))["extra"]
+        log = (b / "train.log").read_text(encoding="utf-8")
+        assert "running on node" in log and "fake trainer: wrote" in log  # streamed from the worker
+    records = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 3 and all(r["ok"] for r in records)
+    assert overlap(records) <= 2  # two logical GPUs in the cluster, doit ran three at once
+    assert {r["gpu"] for r in records} == {"0"}  # Ray's CUDA_VISIBLE_DEVICES: each node has GPU 0
+    # the incremental contract: the sidecars make everything fresh, nothing trains again
+    again = charbuild(cluster, remote, "build", "train")
+    assert again.returncode == 0 and "training " not in again.stdout, again.stdout
+    assert len(record.read_text(encoding="utf-8").splitlines()) == 3
+
+
+def test_builtin_tiny_training_is_byte_identical_to_local(cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # the metadata's timestamps; the driver forwards it
+    chars = {"bob": {"keyword": "bbo", "face": ["f00", "f03"], "outfits": {}}}
+    local = make_project(tmp_path / "local", sizes=(64,), characters=chars)
+    remote = ray_project(tmp_path / "remote", cluster, sizes=(64,), characters=chars)
+    for root in (local, remote):
+        toml = root / "characters" / "project.toml"
+        toml.write_text(toml.read_text(encoding="utf-8").replace('backend = "fake"', 'backend = "builtin"'),
+                        encoding="utf-8")
+    build(local, "train")
+    out = charbuild(cluster, remote, "build", "train")
+    assert out.returncode == 0, out.stdout + out.stderr
+    a, b = vdir(local, "bbo") / "raw.safetensors", vdir(remote, "bbo") / "raw.safetensors"
+    assert b.read_bytes() == a.read_bytes()
+
+
+def test_model_travels_once_and_then_only_the_inputs(cluster, tmp_path):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(os.urandom(300_000))
+    cache = tmp_path / "worker-cache"
+    root = ray_project(tmp_path / "p", cluster, trainer=f'worker_cache = "{cache.as_posix()}"\n')
+    toml = root / "characters" / "project.toml"
+    toml.write_text(f'[model]\nbase = "{model.as_posix()}"\n' + toml.read_text(encoding="utf-8"), encoding="utf-8")
+    out = charbuild(cluster, root, "build", "train")  # one at a time: the later ones find the cache
+    assert out.returncode == 0, out.stdout + out.stderr
+    moved = []
+    for lora in LORAS:
+        log = (vdir(root, lora) / "train.log").read_text(encoding="utf-8")
+        m = re.search(r"(\d+) bytes of inputs \(own inputs: (\d+)\), (\d+) bytes of model", log)
+        assert m, log
+        inputs, own, model_bytes = map(int, m.groups())
+        assert inputs == own
+        moved.append(model_bytes)
+    # both nodes of this test cluster share one machine and so one cache folder: the model moves once
+    assert sorted(moved) == [0, 0, 300_000]
+    assert len(list(cache.glob("*/model.safetensors"))) == 1
+
+
+def test_killed_worker_fails_the_target_and_the_next_build_retrains(cluster, tmp_path):
+    root = ray_project(tmp_path / "p", cluster, fake="fake_seconds = 60\n")
+    proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
+    worker, trainer = wait_for_trainer(vdir(root, "bbo") / "train.log")
+    os.kill(worker, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=left(120))
+    assert proc.returncode != 0
+    assert "was lost mid-training" in out and re.search(r"worker on node \S+ \(.*worker pid \d+\)", out), out
+    assert "fake trainer pid=" in out  # the log's last lines are in the message
+    assert gone(trainer), "the orphaned trainer still runs"
+    assert not (vdir(root, "bbo") / "raw.safetensors").exists()
+    assert not (vdir(root, "bbo") / "raw.json").exists()
+    toml = root / "characters" / "project.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("fake_seconds = 60", "fake_seconds = 0"),
+                    encoding="utf-8")
+    out = charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (vdir(root, "bbo") / "raw.safetensors").is_file()
+
+
+def test_a_lost_worker_is_retried_when_retries_allow(cluster, tmp_path):
+    root = ray_project(tmp_path / "p", cluster, trainer="retries = 1\n", fake="fake_seconds = 3\n")
+    proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
+    worker, _ = wait_for_trainer(vdir(root, "bbo") / "train.log")
+    os.kill(worker, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=left(120))
+    assert proc.returncode == 0, out
+    assert "was lost mid-training" in out and "attempt 2/2" in out
+    assert (vdir(root, "bbo") / "raw.safetensors").is_file()
+
+
+def test_driver_sigterm_cancels_the_remote_training(cluster, tmp_path):
+    root = ray_project(tmp_path / "p", cluster, fake="fake_seconds = 60\n")
+    proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
+    _, trainer = wait_for_trainer(vdir(root, "bbo") / "train.log")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=left(60))
+    assert proc.returncode != 0, out
+    assert gone(trainer), "the remote trainer still runs after the driver stopped"
+    assert not (vdir(root, "bbo") / "raw.safetensors").exists()
+    deadline = time.time() + left(60)
+    while cluster.free_gpus() < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert cluster.free_gpus() == 2  # the task let go of its GPU
+
+
+def test_dry_run_says_where_each_training_would_run(cluster, tmp_path):
+    root = ray_project(tmp_path / "p", cluster)
+    out = charbuild(cluster, root, "train", "--dry-run", "bbo")
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("# executor ray"))
+    assert "GPU = 1" in line and cluster.address in line and "Ray picks one of:" in line
+    assert line.count("(GPU 1)") == 2  # both nodes fit
+
+
+def test_a_failing_trainer_fails_the_target_with_node_and_log_and_is_not_retried(cluster, tmp_path):
+    root = ray_project(tmp_path / "p", cluster, trainer="retries = 2\n", fake="fake_fail = true\n")
+    out = charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "failed (exit status 1)" in text, text
+    assert re.search(r"the trainer on node \S+ \(.*worker pid \d+\) exited with status 1", text), text
+    assert "failing as asked" in text and "attempt 2/3" not in text
+    assert not (vdir(root, "bbo") / "raw.safetensors").exists()
