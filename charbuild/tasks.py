@@ -422,7 +422,16 @@ class Graph:
                 "keywords": lora.keywords,
             },
             continue_from=continue_from,
+            sample_set=self.sample_set(lora, params),
         )
+
+    def sample_set(self, lora: Lora, params) -> tuple[tuple[str, str], ...]:
+        """``(name, prompt)`` of the samples a training of ``lora`` renders (none when sampling is off)."""
+        if not params.sample_every:
+            return ()
+        from .sample_prompts import sample_set
+
+        return tuple((s.name, s.prompt) for s in sample_set(lora.kind, lora.keywords, self.rules, params.sample_prompts))
 
     def train_tasks(self):
         yield {"basename": "train", "name": None, "doc": GROUP_DOCS["train"]}
