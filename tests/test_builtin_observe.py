@@ -112,3 +112,46 @@ def test_fixed_timesteps_spread_over_the_schedule():
 
     assert fixed_timesteps(1000) == [125, 375, 625, 875]
     assert fixed_timesteps(10, 2) == [2, 7]
+
+
+def test_sdxl_samples_and_validation_on_tiny_sdxl(tmp_path):
+    """The SDXL path (StableDiffusionXLPipeline; both encoders and size ids for validation) on the
+    real tiny-sdxl modules. The namespaces stand in for the Setup/Prepared of an SDXL training,
+    whose loop is wired elsewhere; the renderer and the validation read only these fields."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trainer on a busy machine (choose_cpu_threads)
+    try:
+        _sdxl_checks(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sdxl_checks(tmp_path):
+    from types import SimpleNamespace
+
+    from charbuild.sample_prompts import sample_set
+    from charbuild.train.builtin.models import load_base_model
+    from charbuild.train.builtin.samples import SampleRenderer
+    from charbuild.train.builtin.validation import ValidationSet, sdxl_predict
+    from charbuild.train.variants import resolve_variant
+
+    base = load_base_model({"base": "tiny-sdxl"}, tmp_path, supported_archs=("sd15", "sdxl"))
+    params = resolve_variant("Lora1x1A1-AdamW8", steps=3).with_values(sample_every=1, sample_steps=2)
+    setup = SimpleNamespace(job=SimpleNamespace(params=params), seed=5, clip_skip=None)
+    prep = SimpleNamespace(device=torch.device("cpu"), weight_dtype=torch.float32, vae=base.vae, unet=base.unet,
+                           text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                           tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2,
+                           noise_scheduler=base.noise_scheduler, dataset=None)
+    samples = sample_set("face", ["k"])[:2]
+    a = SampleRenderer(setup, prep, samples, tmp_path / "a").render(1)
+    b = SampleRenderer(setup, prep, samples, tmp_path / "b").render(1)
+    assert [p.name for p in a] == ["f00.png", "f01.png"]
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+    latents = {(0, False): torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    predict = sdxl_predict(base.unet, base.tokenizer, base.tokenizer_2, base.text_encoder, base.text_encoder_2,
+                           prep.device, torch.float32, vae_scale)
+    values = [ValidationSet.build(latents, ["k, smile"], 1000, 1).evaluate(predict, base.noise_scheduler, prep.device)
+              for _ in range(2)]
+    assert values[0] == values[1] and values[0] > 0
