@@ -214,17 +214,19 @@ class Graph:
         from .images import prepare_image_action
 
         yield {"basename": "image", "name": None, "doc": GROUP_DOCS["image"]}
-        for part in self.parts():
-            for img, size, png, _ in self.part_files(part):
-                yield {
-                    "basename": "image",
-                    "name": image_task_name(part, img, size),
-                    "actions": [(prepare_image_action, [img.rel, png, size, part.background])],
-                    "file_dep": [img.rel],
-                    "targets": [png],
-                    "uptodate": [config_changed({"size": size, "background": part.background, "v": 1})],
-                    "clean": True,
-                }
+        pictures = [(part, f) for part in self.parts() for f in self.part_files(part)]
+        for k, (part, (img, size, png, _)) in enumerate(pictures, 1):
+            # the position is for the progress line only: doit does not compare action arguments
+            position = (k, len(pictures))
+            yield {
+                "basename": "image",
+                "name": image_task_name(part, img, size),
+                "actions": [(prepare_image_action, [img.rel, png, size, part.background, position])],
+                "file_dep": [img.rel],
+                "targets": [png],
+                "uptodate": [config_changed({"size": size, "background": part.background, "v": 1})],
+                "clean": True,
+            }
 
     def caption_tasks(self):
         yield {"basename": "caption", "name": None, "doc": GROUP_DOCS["caption"]}
