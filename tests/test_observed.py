@@ -170,3 +170,32 @@ def test_collect_samples_ignores_other_files(tmp_path):
     (out / "sample" / f"{job.title}_000004_00_20260101000000_1.png").write_bytes(b"png")
     (out / "sample" / "notes.txt").write_text("x", encoding="utf-8")
     assert collect_samples(job) == [out / "samples" / "4" / "f00.png"]
+
+
+# ------------------------------------------------------------------ the graph
+
+
+def test_a_project_samples_with_its_caption_rules_and_samples_never_retrain(tmp_path):
+    from conftest import make_project
+    from graphtools import build
+
+    from charbuild.config import load_project
+    from charbuild.tasks import Graph
+
+    root = make_project(tmp_path / "proj", project_extra='[captions]\nexpression = ["smile"]\n')
+    first = build(root)
+    assert any(name.startswith("train:") for name in first)
+    toml = root / "characters" / "project.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("dim = 4\n", "dim = 4\nsample_every = 2\n"
+                                                               "sample_prompts = [\"alc, sitting\"]\n"), encoding="utf-8")
+    graph = Graph(load_project(root))
+    job = next(graph.train_job(lora, p) for lora in graph.project.loras.values() if lora.name == "alc"
+               for p in graph.variants(lora))
+    names = [n for n, _ in job.sample_set]
+    assert names == [*TEMPLATE_CODES["f"], "p1"]
+    assert dict(job.sample_set)["f00"].endswith("looking at viewer, smile")  # the project's rule
+    assert dict(job.sample_set)["p1"] == "alc, sitting"
+
+    ran = build(root)
+    assert not any(name.startswith("train:") for name in ran)  # samples never make a LoRA stale
+    assert build(root) == set()
