@@ -149,9 +149,8 @@ def _sdxl_checks(tmp_path):
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
 
     latents = {(0, False): torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))}
-    vae_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
     predict = sdxl_predict(base.unet, base.tokenizer, base.tokenizer_2, base.text_encoder, base.text_encoder_2,
-                           prep.device, torch.float32, vae_scale)
-    values = [ValidationSet.build(latents, ["k, smile"], 1000, 1).evaluate(predict, base.noise_scheduler, prep.device)
-              for _ in range(2)]
+                           prep.device, torch.float32)
+    values = [ValidationSet.build(latents, ["k, smile"], 1000, 1, sizes_hw=[(128, 128)])
+              .evaluate(predict, base.noise_scheduler, prep.device) for _ in range(2)]
     assert values[0] == values[1] and values[0] > 0

@@ -493,9 +493,10 @@ class Observers:
         if self.validation_every:
             from .validation import ValidationSet
 
-            captions = [it.caption for it in prep.dataset.items]
-            self.validation = ValidationSet.build(prep.latents, captions, int(prep.noise_scheduler.config.num_train_timesteps),
-                                                  setup.seed)
+            items = prep.dataset.items
+            self.validation = ValidationSet.build(prep.latents, [it.caption for it in items],
+                                                  int(prep.noise_scheduler.config.num_train_timesteps), setup.seed,
+                                                  sizes_hw=[(it.bucket[1], it.bucket[0]) for it in items])
             note(f"validation: {len(self.validation)} fixed cases (every picture at fixed timesteps and noise), "
                  f"every {self.validation_every} steps")
         if self.sample_every:
@@ -527,9 +528,8 @@ class Observers:
 
         p = self.prep
         if getattr(p, "text_encoder_2", None) is not None:
-            vae_scale = 8 if p.vae is None else 2 ** (len(p.vae.config.block_out_channels) - 1)
             predict = sdxl_predict(p.unet, p.tokenizer, p.tokenizer_2, p.text_encoder, p.text_encoder_2, p.device,
-                                   p.weight_dtype, vae_scale)
+                                   p.weight_dtype)
         else:
             predict = sd15_predict(p.unet, p.tokenizer, p.text_encoder, self.setup.clip_skip, p.device, p.weight_dtype)
         autocast = torch.autocast("cuda", dtype=p.weight_dtype) if p.weight_dtype != torch.float32 else None

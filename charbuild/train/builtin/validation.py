@@ -29,8 +29,9 @@ VALIDATION_SEED_OFFSET = 7919
 #: Pictures × timesteps evaluated per UNet call.
 VALIDATION_BATCH = 4
 
-#: ``predict(noisy_latents, timesteps, captions) -> UNet output``: the model call of the architecture.
-Predict = Callable[[Any, Any, list], Any]
+#: ``predict(noisy_latents, timesteps, captions, sizes_hw) -> UNet output``: the model call of the
+#: architecture (``sizes_hw``: each picture's (height, width) in pixels, for SDXL's size ids).
+Predict = Callable[[Any, Any, list, list], Any]
 
 
 def fixed_timesteps(num_train_timesteps: int, k: int = VALIDATION_TIMESTEPS) -> list[int]:
@@ -44,6 +45,7 @@ class ValidationCase:
     noise: Any  # same shape, fixed
     timestep: int
     caption: str
+    size_hw: tuple[int, int] | None = None  # the picture's bucket (height, width) in pixels
 
 
 class ValidationSet:
@@ -54,8 +56,9 @@ class ValidationSet:
 
     @classmethod
     def build(cls, latents: dict, captions: list[str], num_train_timesteps: int, seed: int,
-              k: int = VALIDATION_TIMESTEPS) -> "ValidationSet":
-        """Cases for every picture ``i`` of ``latents[(i, False)]`` with caption ``captions[i]``."""
+              k: int = VALIDATION_TIMESTEPS, sizes_hw: list[tuple[int, int]] | None = None) -> "ValidationSet":
+        """Cases for every picture ``i`` of ``latents[(i, False)]`` with caption ``captions[i]``
+        (and pixel size ``sizes_hw[i]``)."""
         import torch
 
         gen = torch.Generator("cpu").manual_seed(int(seed) + VALIDATION_SEED_OFFSET)
@@ -65,7 +68,7 @@ class ValidationSet:
             lat = latents[(i, False)]
             for t in steps:
                 noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32)
-                cases.append(ValidationCase(lat, noise, t, captions[i]))
+                cases.append(ValidationCase(lat, noise, t, captions[i], sizes_hw[i] if sizes_hw else None))
         return cls(cases)
 
     def __len__(self) -> int:
@@ -97,7 +100,7 @@ class ValidationSet:
                         t = torch.tensor([c.timestep for c in chunk], device=device, dtype=torch.long)
                         noisy = noise_scheduler.add_noise(lat, eps, t)
                         with autocast if autocast is not None else _null():
-                            pred = predict(noisy, t, [c.caption for c in chunk])
+                            pred = predict(noisy, t, [c.caption for c in chunk], [c.size_hw for c in chunk])
                         target = training_target(prediction_type, lat, eps, t, alphas)
                         per = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
                         total += float(per.mean(dim=list(range(1, per.ndim))).sum())
@@ -112,26 +115,27 @@ def sd15_predict(unet, tokenizer, text_encoder, clip_skip, device, weight_dtype)
     """The SD1.x model call: the trainer's own prompt encoding (its clip skip), then the UNet."""
     from .trainer import encode_text
 
-    def predict(noisy, t, captions):
+    def predict(noisy, t, captions, sizes_hw):
         cond = encode_text(tokenizer, text_encoder, captions, clip_skip, device)
         return unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample
 
     return predict
 
 
-def sdxl_predict(unet, tokenizer, tokenizer_2, text_encoder, text_encoder_2, device, weight_dtype,
-                 pixel_scale: int = 8) -> Predict:
+def sdxl_predict(unet, tokenizer, tokenizer_2, text_encoder, text_encoder_2, device, weight_dtype) -> Predict:
     """The SDXL model call: both encoders, pooled prompt and size ids (original = target = the
-    latent's picture size, ``pixel_scale`` pixels per latent, no crop)."""
+    picture's bucket size, no crop)."""
     from .sdxl import encode_sdxl_prompts, sdxl_added_cond_kwargs, sdxl_time_ids, tokenize_sdxl
 
     eos = tokenizer_2.eos_token_id
 
-    def predict(noisy, t, captions):
+    def predict(noisy, t, captions, sizes_hw):
+        if any(hw is None for hw in sizes_hw):
+            raise ValueError("SDXL validation needs each picture's size (ValidationSet.build(sizes_hw=...))")
         ids1, ids2 = tokenize_sdxl(captions, tokenizer, tokenizer_2)
         emb = encode_sdxl_prompts(ids1, ids2, text_encoder, text_encoder_2, eos)
-        hw = (noisy.shape[2] * pixel_scale, noisy.shape[3] * pixel_scale)
-        time_ids = sdxl_time_ids([hw] * len(captions), [(0, 0)] * len(captions), [hw] * len(captions), device)
+        n = len(captions)
+        time_ids = sdxl_time_ids(list(sizes_hw), [(0, 0)] * n, list(sizes_hw), device)
         return unet(noisy.to(weight_dtype), t, emb.hidden_states.to(device, weight_dtype),
                     added_cond_kwargs=sdxl_added_cond_kwargs(emb, time_ids)).sample
 
