@@ -199,3 +199,36 @@ def test_a_project_samples_with_its_caption_rules_and_samples_never_retrain(tmp_
     ran = build(root)
     assert not any(name.startswith("train:") for name in ran)  # samples never make a LoRA stale
     assert build(root) == set()
+
+
+# ------------------------------------------------------------------ metrics writer, landing
+
+
+def test_metrics_writer_lines_are_what_the_report_reads_and_skip_non_finite_values(tmp_path):
+    from charbuild.train.metrics import MetricsWriter
+
+    with MetricsWriter(tmp_path) as m:
+        m.validation(0, 0.5)
+        m.step(1, 0.25, 1e-4)
+        m.step(2, float("nan"), 1e-4)  # a NaN would make the whole log unreadable: left out
+        m.step(3, 0.125, float("inf"))
+    log = read_metrics(tmp_path / "metrics.jsonl")
+    assert log.loss == [(1, 0.25), (3, 0.125)] and log.val_loss == [(0, 0.5)] and log.lr == [(1, 1e-4)]
+    with MetricsWriter(tmp_path) as m:  # a new training starts a new log
+        m.step(1, 0.3)
+    assert read_metrics(tmp_path / "metrics.jsonl").loss == [(1, 0.3)]
+
+
+def test_land_swaps_the_samples_folder_and_leaves_nothing_behind(tmp_path):
+    from charbuild.train.observed import land
+
+    vdir, temp = tmp_path / "v", tmp_path / "v" / ".train-x"
+    (vdir / "samples" / "5").mkdir(parents=True)
+    (vdir / "samples" / "5" / "f00.png").write_bytes(b"old")
+    (temp / "samples" / "10").mkdir(parents=True)
+    (temp / "samples" / "10" / "f00.png").write_bytes(b"new")
+    (temp / "metrics.jsonl").write_text('{"step": 1, "loss": 0.1}\n', encoding="utf-8")
+    assert land(temp, vdir) == ["metrics.jsonl", "samples"]
+    assert _files(vdir / "samples") == {"10/f00.png": b"new"}
+    assert sorted(p.name for p in vdir.iterdir()) == [".train-x", "metrics.jsonl", "samples"]
+    assert not (temp / "samples").exists()
