@@ -9,6 +9,7 @@ same bytes (and doit/the signature layer see no spurious change).
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -140,8 +141,23 @@ def prepare_image(src: str | Path, dst: str | Path, size: int, background: str) 
     return img.size
 
 
+def progress_line(position: tuple[int, int], dst: str | Path, written: tuple[int, int]) -> str:
+    """The terminal line of one prepared picture: ``picture 3/40: <dst> (512x768)``.
+
+    ``position`` is the picture's place among all the project's prepared pictures (the graph's
+    order), so a long image stage shows how far it has come, also under ``doit -n N``.
+    """
+    k, n = position
+    return f"charbuild: picture {k}/{n}: {Path(dst).as_posix()} ({written[0]}x{written[1]})"
+
+
 @doit_action
-def prepare_image_action(src: str, dst: str, size: int, background: str):
-    """doit python-action around :func:`prepare_image`: True, or ``TaskFailed`` with the message."""
-    prepare_image(src, dst, size, background)
+def prepare_image_action(src: str, dst: str, size: int, background: str, position: tuple[int, int] | None = None):
+    """doit python-action around :func:`prepare_image`: True, or ``TaskFailed`` with the message.
+
+    With ``position`` (k, n) it prints :func:`progress_line` to stderr (doit shows it as it runs).
+    """
+    written = prepare_image(src, dst, size, background)
+    if position is not None:
+        print(progress_line(position, dst, written), file=sys.stderr, flush=True)
     return True

@@ -9,7 +9,10 @@ path (relative to the project root)           what
 ``build/loras/<lora>/<variant>/``             one training variant: ``raw.safetensors``
                                               (+ ``raw.json`` signature), ``merged``,
                                               ``<lora>-<variant>.safetensors`` (the
-                                              deliverable), ``train.log``, ``logs/``
+                                              deliverable), ``train.log``, ``logs/``,
+                                              ``metrics.jsonl`` (loss log) and
+                                              ``samples/<step>/<name>.png``: what the
+                                              training showed (never an input)
 ``build/locks/``                              build lock, GPU locks
 ``build/cache/``                              model hashes; ``trained/``: the run cache
 ``build/models/``                             generated models (the ``tiny`` demo model)
@@ -40,6 +43,8 @@ REPORT = f"{BUILD}/report"
 RAW_NAME = "raw.safetensors"
 MERGED_NAME = "merged.safetensors"
 LOG_NAME = "train.log"
+METRICS_NAME = "metrics.jsonl"  # the format: charbuild/report/metrics.py
+SAMPLES_DIR = "samples"
 
 
 # ---------------------------------------------------------------- relative POSIX strings (the graph's)
@@ -85,6 +90,21 @@ def deliverable_stem(lora: str, variant: str) -> str:
 def deliverable_lora(lora: str, variant: str) -> str:
     """``build/loras/<lora>/<variant>/<lora>-<variant>.safetensors``: the file to use."""
     return f"{variant_dir(lora, variant)}/{deliverable_stem(lora, variant)}.safetensors"
+
+
+def metrics_jsonl(lora: str, variant: str) -> str:
+    """``<variant>/metrics.jsonl``: training and validation loss per step (written by the trainer)."""
+    return f"{variant_dir(lora, variant)}/{METRICS_NAME}"
+
+
+def samples_dir(lora: str, variant: str) -> str:
+    """``<variant>/samples``: ``<step>/<name>.png`` rendered during the training."""
+    return f"{variant_dir(lora, variant)}/{SAMPLES_DIR}"
+
+
+def sample_png(lora: str, variant: str, step: int, name: str) -> str:
+    """``<variant>/samples/<step>/<name>.png`` (``name``: an angle code, or ``p1``… for a user prompt)."""
+    return f"{samples_dir(lora, variant)}/{int(step)}/{name}.png"
 
 
 # ---------------------------------------------------------------- absolute paths

@@ -215,17 +215,19 @@ class Graph:
         from .images import prepare_image_action
 
         yield {"basename": "image", "name": None, "doc": GROUP_DOCS["image"]}
-        for part in self.parts():
-            for img, size, png, _ in self.part_files(part):
-                yield {
-                    "basename": "image",
-                    "name": image_task_name(part, img, size),
-                    "actions": [(prepare_image_action, [img.rel, png, size, part.background])],
-                    "file_dep": [img.rel],
-                    "targets": [png],
-                    "uptodate": [config_changed({"size": size, "background": part.background, "v": 1})],
-                    "clean": True,
-                }
+        pictures = [(part, f) for part in self.parts() for f in self.part_files(part)]
+        for k, (part, (img, size, png, _)) in enumerate(pictures, 1):
+            # the position is for the progress line only: doit does not compare action arguments
+            position = (k, len(pictures))
+            yield {
+                "basename": "image",
+                "name": image_task_name(part, img, size),
+                "actions": [(prepare_image_action, [img.rel, png, size, part.background, position])],
+                "file_dep": [img.rel],
+                "targets": [png],
+                "uptodate": [config_changed({"size": size, "background": part.background, "v": 1})],
+                "clean": True,
+            }
 
     def caption_tasks(self):
         yield {"basename": "caption", "name": None, "doc": GROUP_DOCS["caption"]}
@@ -423,7 +425,16 @@ class Graph:
                 "keywords": lora.keywords,
             },
             continue_from=continue_from,
+            sample_set=self.sample_set(lora, params),
         )
+
+    def sample_set(self, lora: Lora, params) -> tuple[tuple[str, str], ...]:
+        """``(name, prompt)`` of the samples a training of ``lora`` renders (none when sampling is off)."""
+        if not params.sample_every:
+            return ()
+        from .sample_prompts import sample_set
+
+        return tuple((s.name, s.prompt) for s in sample_set(lora.kind, lora.keywords, self.rules, params.sample_prompts))
 
     def train_tasks(self):
         yield {"basename": "train", "name": None, "doc": GROUP_DOCS["train"]}

@@ -219,3 +219,9 @@ def test_prepare_image_action(tmp_path):
     result = prepare_image_action(str(bad), str(tmp_path / "p.png"), 32, "white")
     assert isinstance(result, TaskFailed)
     assert "f03.png" in str(result)
+
+
+def test_prepare_image_action_prints_its_place_in_the_image_stage(tmp_path, capsys):
+    good = _save(Image.new("RGB", (64, 48)), tmp_path / "f00.png")
+    assert prepare_image_action(str(good), str(tmp_path / "o.png"), 32, "white", (3, 40)) is True
+    assert capsys.readouterr().err == f"charbuild: picture 3/40: {(tmp_path / 'o.png').as_posix()} (32x24)\n"

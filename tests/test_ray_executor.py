@@ -121,6 +121,7 @@ def test_fake_trainings_on_two_nodes_match_the_local_executor(cluster, tmp_path)
     for lora in LORAS:
         a, b = vdir(local, lora), vdir(remote, lora)
         assert (b / "raw.safetensors").read_bytes() == (a / "raw.safetensors").read_bytes(), lora
+        assert (b / "metrics.jsonl").read_bytes() == (a / "metrics.jsonl").read_bytes(), lora  # came back too
         saved = json.loads((b / "raw.json").read_text(encoding="utf-8"))
         assert saved["extra"] == json.loads((a / "raw.json").read_text(encoding="utf-8"))["extra"]
         log = (b / "train.log").read_text(encoding="utf-8")
@@ -149,6 +150,10 @@ def test_builtin_tiny_training_is_byte_identical_to_local(cluster, tmp_path, mon
     assert out.returncode == 0, out.stdout + out.stderr
     a, b = vdir(local, "bbo") / "raw.safetensors", vdir(remote, "bbo") / "raw.safetensors"
     assert b.read_bytes() == a.read_bytes()
+    # the loss log lands beside the LoRA as locally (the report reads it); its lines carry no times
+    local_metrics = [json.loads(x) for x in (a.parent / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    remote_metrics = [json.loads(x) for x in (b.parent / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [m.get("loss") for m in remote_metrics] == [m.get("loss") for m in local_metrics] and local_metrics
 
 
 def test_model_travels_once_and_then_only_the_inputs(cluster, tmp_path):

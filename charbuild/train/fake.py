@@ -10,7 +10,10 @@ opaque ``trainer.extra`` table, ``[trainer.extra]`` in a project):
 - appends one JSON line ``{"lora", "variant", "gpu", "start", "end", "pid", "ok"}``
   to ``fake_record`` if set (relative to the project root; one ``O_APPEND`` write: safe
   for concurrent runs),
-- writes a small but valid LoRA to the job's ``output`` atomically.
+- writes a small but valid LoRA to the job's ``output`` atomically,
+- and beside it what a real trainer shows (:func:`write_fake_observations`): ``metrics.jsonl``
+  (a made-up falling loss per step, ``val_loss`` every ``validation_every`` steps) and, with
+  ``sample_every``, an 8x8 PNG per sample at each sample step (``samples/<step>/<name>.png``).
 
 The LoRA holds a handful of real module stems (SD1.5 or SDXL names and shapes) in
 the format the params ask for (kohya LoRA / LoCon keys, or LoHa ``hada_*`` keys),
@@ -220,6 +223,55 @@ def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -
     return len(head).to_bytes(8, "little") + head + b"".join(blobs)
 
 
+def fake_loss(step: int, seed: int) -> float:
+    """A made-up training loss that falls with ``step`` (deterministic)."""
+    wobble = (hashlib.sha256(f"{seed}:{step}".encode()).digest()[0] / 255.0 - 0.5) * 0.02
+    return round(0.05 + 0.1 / (1.0 + 0.05 * step) + wobble, 6)
+
+
+def _png(rgb: tuple[int, int, int], size: int = 8) -> bytes:
+    """A ``size`` x ``size`` PNG of one colour (zlib + struct only: no imaging library needed)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\0" + bytes(rgb) * size
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(row * size, 9)) + chunk(b"IEND", b""))
+
+
+def write_fake_observations(job: "TrainJob") -> list[Path]:
+    """``metrics.jsonl`` and the samples of ``job`` beside its output; the files written."""
+    from ..fsutil import write_bytes_atomic
+    from ..sample_prompts import sample_steps_due
+    from .metrics import MetricsWriter
+    from .observed import output_folder, samples_of
+
+    params, folder = job.params, output_folder(job)
+    written = []
+    with MetricsWriter(folder) as metrics:
+        if params.validation_every:
+            metrics.validation(0, fake_loss(0, params.seed) + 0.01)
+        for step in range(1, params.steps + 1):
+            metrics.step(step, fake_loss(step, params.seed), params.lr)
+            if params.validation_every and (step % params.validation_every == 0 or step == params.steps):
+                metrics.validation(step, fake_loss(step, params.seed) + 0.01)
+        written.append(metrics.path)
+    if params.sample_every:
+        samples = samples_of(job)
+        for step in range(1, params.steps + 1):
+            if not sample_steps_due(step, params.sample_every, params.steps):
+                continue
+            for s in samples:
+                digest = hashlib.sha256(f"{s.seed(params.seed)}:{s.prompt}:{step}".encode("utf-8")).digest()
+                path = folder / "samples" / str(step) / f"{s.name}.png"
+                write_bytes_atomic(path, _png((digest[0], digest[1], digest[2])))
+                written.append(path)
+    return written
+
+
 def append_record(path: str | Path, record: Mapping[str, Any]) -> None:
     """Append one JSON line to ``path`` with a single ``O_APPEND`` write."""
     line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
@@ -268,6 +320,8 @@ def run_fake(job: "TrainJob | Mapping[str, Any]") -> int:
             tag_freq=tag_frequency(job.inputs, root),
         )
         print(f"fake trainer: wrote {job.output}", flush=True)
+        observed = write_fake_observations(job)
+        print(f"fake trainer: wrote metrics.jsonl and {len(observed) - 1} sample(s)", flush=True)
     else:
         print("fake trainer: failing as asked (trainer.extra.fake_fail)", file=sys.stderr, flush=True)
     if grandchild is not None:

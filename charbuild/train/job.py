@@ -143,6 +143,9 @@ class TrainJob:
     inputs: tuple[str, ...] = ()
     signature_extra: Mapping[str, Any] = field(default_factory=dict)
     continue_from: str | None = None
+    #: the samples to render, ``(name, prompt)`` in seed order (the graph's, with the project's
+    #: caption rules; empty: the trainer derives them with the default rules); never in a signature
+    sample_set: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.params.clip_skip is None:
@@ -189,6 +192,7 @@ class TrainJob:
             "inputs": list(self.inputs),
             "signature_extra": json.loads(json.dumps(self.signature_extra)),
             "continue_from": self.continue_from,
+            "sample_set": [list(p) for p in self.sample_set],
         }
 
     def to_json(self) -> str:
@@ -210,6 +214,7 @@ class TrainJob:
         d["keywords"] = tuple(d.get("keywords") or ())
         d["inputs"] = tuple(d.get("inputs") or ())
         d["signature_extra"] = dict(d.get("signature_extra") or {})
+        d["sample_set"] = tuple((str(n), str(p)) for n, p in d.get("sample_set") or ())
         try:
             return cls(**d)
         except TypeError as e:

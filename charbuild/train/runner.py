@@ -52,7 +52,7 @@ from ..errors import TrainingError, doit_action
 from ..fsutil import replace_file, write_text_atomic
 from ..layout import Layout
 from ..signature import compute_signature, write_sidecar
-from . import run_cache
+from . import observed, run_cache
 from .backends import check_capabilities, get_backend
 from .executors import RAY
 from .freshness import Freshness, is_up_to_date, sidecar_path
@@ -226,8 +226,10 @@ def _restore_from_run_cache(job: TrainJob, cache_dir: Path, echo: bool):
     if cached is None:
         return False, signature
     write_sidecar(sidecar_path(job), signature)
+    with_observed = observed.restore(cached, job.variant_dir)
     say(f"restored {job.label} from the run cache (same inputs and settings as an earlier training): "
-        f"{cached.name}", echo=echo)
+        f"{cached.name}" + ("" if with_observed else "; its samples and loss log were not kept (trained before "
+                            "the cache kept them): delete the cached file to train again for them"), echo=echo)
     return True, signature
 
 
@@ -284,6 +286,9 @@ def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launch
                 bjob = _backend_job(job, temp)
                 job_file = temp / "job.json"
                 write_text_atomic(job_file, bjob.to_json())
+                prepare_files = getattr(backend, "prepare_files", None)  # optional: files its command names
+                if prepare_files is not None:
+                    prepare_files(bjob)
                 gpu = lease.gpu if lease is not None else None
                 fds = tuple(fd for fd in (lease.lock_fd if lease else None, variant_fd) if fd is not None)
                 log = log_path(job)
@@ -299,10 +304,15 @@ def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launch
                     )
                 if not raw.is_file():
                     raise TrainingError(f"training {job.label} finished but wrote no {raw.name}; see {log}", path=log)
+                collect_outputs = getattr(backend, "collect_outputs", None)  # optional: its samples to ours
+                if collect_outputs is not None:
+                    collect_outputs(bjob)
                 replace_file(raw, output)
+                observed.land(temp, variant_dir)  # the samples and loss log of this LoRA, never of another
                 write_sidecar(sidecar_path(job), signature)
                 if job.trainer.run_cache:
                     run_cache.store(layout.run_cache_dir, signature, output)
+                    observed.store(run_cache.cached_file(layout.run_cache_dir, signature), variant_dir)
             finally:
                 shutil.rmtree(temp, ignore_errors=True)
     say(f"trained {job.label} -> {output}", echo=echo)

@@ -159,6 +159,80 @@ def build_command(job: TrainJob | Mapping[str, Any]) -> list[str]:
         cmd.append(f"--min_bucket_reso={params.min_bucket_reso}")
     if params.max_bucket_reso is not None:
         cmd.append(f"--max_bucket_reso={params.max_bucket_reso}")
+    cmd += sample_args(job)
     cmd += [str(a) for a in trainer.extra_args]
     cmd += [str(a) for a in params.extra_args]
     return cmd
+
+
+# ---------------------------------------------------------------------------- samples
+
+#: The prompt file beside the job's output (the runner's temp folder), one line per sample.
+SAMPLE_PROMPTS_NAME = "sample_prompts.txt"
+#: sd-scripts writes its samples into ``<output_dir>/sample``.
+SD_SCRIPTS_SAMPLE_DIR = "sample"
+
+
+def sample_prompts_path(job: TrainJob) -> Path:
+    """``<dir of job.output>/sample_prompts.txt``: what ``--sample_prompts`` names."""
+    return Path(job.output).parent / SAMPLE_PROMPTS_NAME
+
+
+def sample_args(job: TrainJob | Mapping[str, Any]) -> list[str]:
+    """sd-scripts' sampling flags for ``job`` (none when ``sample_every`` is off).
+
+    ``--sample_every_n_steps`` samples at every multiple of it (sd-scripts samples at the end of
+    a step-counted training only when the steps are such a multiple); DDIM, as the builtin.
+    """
+    job = as_job(job)
+    if not job.params.sample_every:
+        return []
+    return [f"--sample_prompts={sample_prompts_path(job)}", f"--sample_every_n_steps={job.params.sample_every}",
+            "--sample_sampler=ddim"]
+
+
+def sample_prompt_text(job: TrainJob) -> str:
+    """The ``--sample_prompts`` file's text: the job's samples with their seeds, size and steps."""
+    from ..sample_prompts import DEFAULT_SAMPLE_STEPS, NATIVE_SIZE, sd_scripts_prompt_file
+    from .observed import samples_of
+
+    size = job.params.sample_size or NATIVE_SIZE.get(job.model.arch, 512)
+    return sd_scripts_prompt_file(samples_of(job), seed=job.params.seed, width=size, height=size,
+                                  steps=job.params.sample_steps or DEFAULT_SAMPLE_STEPS)
+
+
+def write_sample_prompts(job: TrainJob) -> Path | None:
+    """Write the prompt file of ``job`` (atomically) when it samples; its path, or None."""
+    from ..fsutil import write_text_atomic
+
+    if not job.params.sample_every:
+        return None
+    path = sample_prompts_path(job)
+    write_text_atomic(path, sample_prompt_text(job))
+    return path
+
+
+def collect_samples(job: TrainJob) -> list[Path]:
+    """Move sd-scripts' ``sample/<output_name>_<step>_<line>_<time>_<seed>.png`` files to
+    ``samples/<step>/<name>.png`` beside the job's output; the files moved. Of two files for one
+    step and line (a resumed run) the later name wins."""
+    from ..fsutil import replace_file
+    from ..layout import SAMPLES_DIR
+    from ..sample_prompts import sd_scripts_sample_name
+    from .observed import samples_of
+
+    source = Path(job.output).parent / SD_SCRIPTS_SAMPLE_DIR
+    if not source.is_dir():
+        return []
+    samples = samples_of(job)
+    moved = []
+    for f in sorted(source.iterdir()):
+        found = sd_scripts_sample_name(f.name, job.title, samples)
+        if found is None or not f.is_file():
+            continue
+        step, name = found
+        target = Path(job.output).parent / SAMPLES_DIR / str(step) / f"{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(f, target)
+        moved.append(target)
+    return moved

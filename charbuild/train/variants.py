@@ -95,6 +95,8 @@ TRAINING_KEYS = (
     # what a training shows while it runs (never part of what is trained)
     "sample_every",
     "sample_prompts",
+    "sample_size",
+    "sample_steps",
     "validation_every",
 )
 #: Training keys added after the first release: a field at its default is left out of a
@@ -102,7 +104,7 @@ TRAINING_KEYS = (
 LATER_KEYS = ("data_loader_workers", "noise_offset", "min_snr_gamma", "v_prediction", "zero_terminal_snr",
               "cache_text_encoder_outputs", "no_half_vae")
 #: Training keys that only observe a training (samples, validation loss): never in its signature.
-OBSERVING_KEYS = ("sample_every", "sample_prompts", "validation_every")
+OBSERVING_KEYS = ("sample_every", "sample_prompts", "sample_size", "sample_steps", "validation_every")
 #: Keys of a variant dict beside the training keys.
 VARIANT_KEYS = ("name", "preset")
 
@@ -192,6 +194,8 @@ class TrainParams:
     no_half_vae: bool = False
     sample_every: int | None = None
     sample_prompts: tuple[str, ...] = field(default_factory=tuple)
+    sample_size: int | None = None
+    sample_steps: int | None = None
     validation_every: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,7 +217,9 @@ class TrainParams:
         NoobAI-XL v-pred); ``zero_terminal_snr`` (rescale the noise schedule to zero terminal
         SNR); ``cache_text_encoder_outputs`` (UNet-only: encode every caption once);
         ``no_half_vae`` (keep the VAE in fp32 under fp16/bf16); ``sample_every`` (steps between
-        sample images; None: off); ``sample_prompts`` (extra sample prompts);
+        sample images; None: off); ``sample_prompts`` (extra sample prompts); ``sample_size``
+        (px, square; None: the training resolution on a GPU, 128 on a CPU, sd-scripts 512/1024);
+        ``sample_steps`` (denoising steps; None: 20, 4 on a CPU);
         ``validation_every`` (steps between validation-loss evaluations; None: off).
         """
         d = asdict(self)
@@ -334,6 +340,8 @@ TRAINING_CHECKS: dict[str, Checker] = {
     "no_half_vae": is_bool,
     "sample_every": is_int(1),
     "sample_prompts": is_string_list,
+    "sample_size": is_int(64),
+    "sample_steps": is_int(1),
     "validation_every": is_int(1),
 }
 
@@ -483,6 +491,8 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
         ("cache_text_encoder_outputs", False), ("no_half_vae", False))}
     observing = {"sample_every": _get(s, "sample_every", None),
                  "sample_prompts": tuple(_get(s, "sample_prompts", ())),
+                 "sample_size": _get(s, "sample_size", None),
+                 "sample_steps": _get(s, "sample_steps", None),
                  "validation_every": _get(s, "validation_every", None)}
 
     return TrainParams(

@@ -52,7 +52,37 @@ def parser(sdxl: bool) -> argparse.ArgumentParser:
     p.add_argument("--min_bucket_reso", type=int)
     p.add_argument("--max_bucket_reso", type=int)
     p.add_argument("--max_data_loader_n_workers", type=int)
+    p.add_argument("--sample_prompts")
+    p.add_argument("--sample_every_n_steps", type=int)
+    p.add_argument("--sample_sampler", choices=["ddim", "euler_a", "k_euler_a", "dpmsolver++"])
     return p
+
+
+def write_samples(args) -> int:
+    """Sample files as sd-scripts names them: ``<output_dir>/sample/<name>_<step:06d>_<line:02d>_<time>_<seed>.png``
+    at every multiple of --sample_every_n_steps, one per prompt line (``#`` lines and blank ones skipped)."""
+    import re
+    import time as _time
+
+    from charbuild.train.fake import _png
+
+    if not args.sample_prompts:
+        return 0
+    if not Path(args.sample_prompts).is_file():
+        fail(f"--sample_prompts: {args.sample_prompts} does not exist")
+    lines = [ln for ln in Path(args.sample_prompts).read_text(encoding="utf-8").splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    folder = Path(args.output_dir) / "sample"
+    folder.mkdir(exist_ok=True)
+    stamp = _time.strftime("%Y%m%d%H%M%S", _time.localtime())
+    n = 0
+    for step in range(args.sample_every_n_steps, args.max_train_steps + 1, args.sample_every_n_steps):
+        for i, line in enumerate(lines):
+            seed = re.search(r" --d (\d+)", line)
+            suffix = f"_{seed.group(1)}" if seed else ""
+            (folder / f"{args.output_name}_{step:06d}_{i:02d}_{stamp}{suffix}.png").write_bytes(_png((i, step % 256, 0)))
+            n += 1
+    return n
 
 
 def fail(msg: str) -> None:
@@ -124,4 +154,6 @@ def main(sdxl: bool) -> int:
     write_fake_lora(out, params, arch="sdxl" if sdxl else "sd15", name=args.output_name,
                     seed_material=Path(args.dataset_config).read_text(encoding="utf-8"))
     print(f"fake sd-scripts: saved {out}", flush=True)
+    if args.sample_prompts:
+        print(f"fake sd-scripts: wrote {write_samples(args)} samples", flush=True)
     return 0

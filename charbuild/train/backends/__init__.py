@@ -64,6 +64,11 @@ class Backend(Protocol):
 
     def env(self, job: TrainJob, base: Mapping[str, str]) -> dict[str, str]: ...
 
+    # Optional (the runner calls them when present): ``prepare_files(job)`` writes files the
+    # command names into the temp folder (sd-scripts' sample prompt file) before the start;
+    # ``collect_outputs(job)`` turns the trainer's own sample files into ``samples/<step>/<name>.png``
+    # beside ``job.output`` after a successful run (charbuild.train.observed lands them).
+
 
 class PythonModuleBackend:
     """A backend that is a module of this package run with this interpreter: ``python -m MODULE JOB``."""

@@ -29,5 +29,17 @@ class SdScriptsBackend:
     def env(self, job: TrainJob, base: Mapping[str, str]) -> dict[str, str]:
         return dict(base)
 
+    def prepare_files(self, job: TrainJob) -> None:
+        """The ``--sample_prompts`` file (when the job samples)."""
+        from ..sdscripts import write_sample_prompts
+
+        write_sample_prompts(job)
+
+    def collect_outputs(self, job: TrainJob) -> None:
+        """sd-scripts' ``sample/`` files as ``samples/<step>/<name>.png``."""
+        from ..sdscripts import collect_samples
+
+        collect_samples(job)
+
 
 BACKEND = register(SdScriptsBackend())

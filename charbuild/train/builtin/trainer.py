@@ -282,6 +282,7 @@ class Prepared:
     lr_scheduler: Any
     optimizer_desc: str
     prior_steps: int | None = None  # steps already in the file it continues from
+    vae: Any = None  # kept (on the CPU) only when the training renders samples
 
 
     @property
@@ -325,8 +326,10 @@ def prepare(setup: Setup) -> Prepared:
     # latents once; the VAE is not needed afterwards
     t0 = time.time()
     base.vae.to(device, torch.float32)
-    latents = cache_latents(dataset, base.vae, device, setup.seed)
+    with _bar(sum(2 if it.flip_aug else 1 for it in dataset.items), "caching latents", "img") as bar:
+        latents = cache_latents(dataset, base.vae, device, setup.seed, progress=bar.update)
     base.vae.to("cpu")
+    vae = base.vae if setup.job.params.sample_every else None  # else not needed afterwards
     base.vae = None
     note(f"cached {len(latents)} latents in {time.time() - t0:.1f}s")
 
@@ -350,7 +353,7 @@ def prepare(setup: Setup) -> Prepared:
     optimizer, lr_scheduler, opt_desc = make_optimizer(setup, network, is_cuda)
     note(f"optimizer {opt_desc}; scheduler {setup.job.params.scheduler}; seed {setup.seed}")
     return Prepared(device, weight_dtype, base.name, dataset, latents, unet, text_encoder, base.tokenizer,
-                    base.noise_scheduler, network, optimizer, lr_scheduler, opt_desc, prior_steps)
+                    base.noise_scheduler, network, optimizer, lr_scheduler, opt_desc, prior_steps, vae=vae)
 
 
 def _enable_gradient_checkpointing(unet, text_encoder) -> None:
@@ -423,25 +426,31 @@ def train_loop(setup: Setup, prep: Prepared, on_step: StepCallback | None = None
     return losses
 
 
+def _bar(total: int, desc: str, unit: str):
+    """A tqdm progress bar on stderr (the runner relays its ``\\r`` updates byte for byte)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
+
 class Progress:
-    """The step callback of a run: tqdm bar, TensorBoard scalars, step end times."""
+    """The step callback of a run: tqdm bar (loss, ETA), TensorBoard scalars, step end times."""
 
     def __init__(self, setup: Setup):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=setup.steps, desc="steps", unit="step", file=sys.stderr, dynamic_ncols=True,
-                        mininterval=1.0)
+        self.bar = _bar(setup.steps, "steps", "step")
         self.writer = _summary_writer(setup.job)
         self.loss_sum = 0.0
         self.started = time.time()
         self.step_ends: list[float] = []
+        self.val_loss: float | None = None
 
     def __call__(self, step: int, loss: float, lrs: list) -> None:
         self.step_ends.append(time.time())
         self.loss_sum += loss
         avg = self.loss_sum / step
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", avg=f"{avg:.4f}", refresh=False)
+        extra = {} if self.val_loss is None else {"val": f"{self.val_loss:.4f}"}
+        self.bar.set_postfix(loss=f"{loss:.4f}", avg=f"{avg:.4f}", **extra, refresh=False)
         if self.writer is not None:
             self.writer.add_scalar("loss/current", loss, step)
             self.writer.add_scalar("loss/average", avg, step)
@@ -450,10 +459,87 @@ class Progress:
             if len(lrs) > 1:
                 self.writer.add_scalar("lr/textencoder", lrs[1], step)
 
+    def validation(self, step: int, val_loss: float) -> None:
+        """Log a validation loss beside the training loss."""
+        if self.writer is not None:
+            self.writer.add_scalar("loss/validation", val_loss, step)
+        self.val_loss = val_loss
+
     def close(self) -> None:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class Observers:
+    """What watches a training without changing it: ``metrics.jsonl``, validation loss, samples.
+
+    All of it is written beside ``setup.output`` (the runner's temp folder), see
+    :mod:`charbuild.train.observed`. Validation runs before the first step (step 0), every
+    ``validation_every`` steps and after the last; samples every ``sample_every`` steps and
+    after the last.
+    """
+
+    def __init__(self, setup: Setup, prep: Prepared, progress: Progress):
+        from charbuild.train.metrics import MetricsWriter
+        from charbuild.train.observed import output_folder, samples_of
+
+        self.setup, self.prep, self.progress = setup, prep, progress
+        params = setup.job.params
+        folder = output_folder(setup.job)
+        self.metrics = MetricsWriter(folder)
+        self.validation = self.samples = None
+        self.sample_every, self.validation_every = params.sample_every, params.validation_every
+        if self.validation_every:
+            from .validation import ValidationSet
+
+            items = prep.dataset.items
+            self.validation = ValidationSet.build(prep.latents, [it.caption for it in items],
+                                                  int(prep.noise_scheduler.config.num_train_timesteps), setup.seed,
+                                                  sizes_hw=[(it.bucket[1], it.bucket[0]) for it in items])
+            note(f"validation: {len(self.validation)} fixed cases (every picture at fixed timesteps and noise), "
+                 f"every {self.validation_every} steps")
+        if self.sample_every:
+            from .samples import SampleRenderer
+
+            self.samples = SampleRenderer(setup, prep, samples_of(setup.job), folder)
+            note(f"samples: {self.samples.describe()}, every {self.sample_every} steps and at the end")
+
+    def start(self) -> None:
+        if self.validation is not None:
+            self._validate(0)
+
+    def __call__(self, step: int, loss: float, lrs: list) -> None:
+        from charbuild.sample_prompts import sample_steps_due
+
+        self.metrics.step(step, loss, lrs[0] if lrs else None)
+        last = step == self.setup.steps
+        if self.validation is not None and (step % self.validation_every == 0 or last):
+            self._validate(step)
+        if self.samples is not None and sample_steps_due(step, self.sample_every, self.setup.steps):
+            t0 = time.time()
+            written = self.samples.render(step)
+            note(f"step {step}: {len(written)} samples in {time.time() - t0:.1f}s")
+
+    def _validate(self, step: int) -> None:
+        import torch
+
+        from .validation import sd15_predict, sdxl_predict
+
+        p = self.prep
+        if getattr(p, "text_encoder_2", None) is not None:
+            predict = sdxl_predict(p.unet, p.tokenizer, p.tokenizer_2, p.text_encoder, p.text_encoder_2, p.device,
+                                   p.weight_dtype)
+        else:
+            predict = sd15_predict(p.unet, p.tokenizer, p.text_encoder, self.setup.clip_skip, p.device, p.weight_dtype)
+        autocast = torch.autocast("cuda", dtype=p.weight_dtype) if p.weight_dtype != torch.float32 else None
+        modules = [m for m in (p.unet, p.text_encoder, getattr(p, "text_encoder_2", None)) if m is not None]
+        value = self.validation.evaluate(predict, p.noise_scheduler, p.device, modules, autocast)
+        self.metrics.validation(step, value)
+        self.progress.validation(step, value)
+
+    def close(self) -> None:
+        self.metrics.close()
 
 
 # --------------------------------------------------------------------------- 4. the result
@@ -483,16 +569,21 @@ def run_job(job: TrainJob | dict, on_step: StepCallback | None = None) -> dict:
     setup = resolve_setup(job)
     prep = prepare(setup)
     progress = Progress(setup)
+    observers = Observers(setup, prep, progress)
 
     def step_done(step: int, loss: float, lrs: list) -> None:
         progress(step, loss, lrs)
+        observers(step, loss, lrs)
         if on_step is not None:
             on_step(step, loss, lrs)
 
     try:
+        observers.start()
+        progress.started = time.time()  # the step-0 validation is not a training step
         losses = train_loop(setup, prep, step_done)
     finally:
         progress.close()
+        observers.close()
     steps = setup.steps
     train_s = time.time() - progress.started
     average = sum(losses) / len(losses)

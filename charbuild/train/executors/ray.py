@@ -195,6 +195,14 @@ def launch_on_ray(launch: "Launch") -> int:
         return 0  # the runner reports the missing raw file
     with atomic_path(Path(job.output)) as tmp:
         tmp.write_bytes(result["lora"])
+    out_dir = Path(job.output).parent  # the runner's temp folder: it lands these with the LoRA
+    for rel, data in result.get("observed", {}).items():
+        target = out_dir.joinpath(*rel.split("/"))
+        if out_dir.resolve() not in target.resolve().parents:
+            raise TrainingError(f"training {job.label}: the worker sent back a file outside its folder: {rel!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
     moved = result["moved"]
     say(f"trained on {node}; moved there: {moved['inputs']} bytes of inputs (own inputs: {own_bytes}), "
         f"{moved['model']} bytes of model; {len(result['lora'])} bytes back", log_fh, echo=False)

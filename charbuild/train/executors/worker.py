@@ -8,7 +8,8 @@ group, ``CUDA_VISIBLE_DEVICES`` from Ray), and yields messages as it goes:
 
 ``{"kind": "start", ...}``  where it runs (node ip, node id, host, worker pid, GPUs);
 ``{"kind": "log", "data": bytes}``  the trainer's output, in order, as it comes;
-``{"kind": "done", "rc": int, "lora": bytes | None, "moved": {...}}``  the end.
+``{"kind": "done", "rc": int, "lora": bytes | None, "observed": {relpath: bytes}, "moved": {...}}``  the end
+(``observed``: ``metrics.jsonl`` and ``samples/…`` beside the LoRA).
 
 A base model received once is kept in the node's cache folder under its hash, so
 later trainings on that node move only their own inputs. Runs only inside a Ray
@@ -228,7 +229,8 @@ def _run_streaming(cmd, root: str, env: dict, log: Path, grace: float, raw: Path
             stop_process_group(proc, grace)
         rc = proc.returncode
         data = raw.read_bytes() if rc == 0 and raw.is_file() else None
-        return {"kind": "done", "rc": rc, "lora": data, "moved": moved}
+        return {"kind": "done", "rc": rc, "lora": data, "observed": _observed_files(raw.parent) if data else {},
+                "moved": moved}
     except BaseException:  # cancelled (KeyboardInterrupt / TaskCancelledError / GeneratorExit) or failed
         stop_process_group(proc, grace)
         raise
@@ -239,6 +241,20 @@ def _run_streaming(cmd, root: str, env: dict, log: Path, grace: float, raw: Path
             with contextlib.suppress(Exception):
                 watchdog.kill()
                 watchdog.wait(timeout=5)
+
+
+def _observed_files(folder: Path) -> dict[str, bytes]:
+    """What the training showed beside its LoRA (``metrics.jsonl``, ``samples/…``), by POSIX path
+    relative to ``folder``: it travels back with the LoRA, as a local training leaves it."""
+    from ..observed import OBSERVED_NAMES
+
+    out = {}
+    for name in OBSERVED_NAMES:
+        path = folder / name
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        for f in files:
+            out[f.relative_to(folder).as_posix()] = f.read_bytes()
+    return out
 
 
 def _drain(chunks: queue.Queue, wait: float) -> bytes:
