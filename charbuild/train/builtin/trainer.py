@@ -349,7 +349,6 @@ class Prepared:
     tokenizer_2: Any = None
     loss: LossSetup = LossSetup("epsilon", False, None, 0.0)
     text_cache: dict = field(default_factory=dict)  # caption -> frozen encoders' output (UNet-only)
-    text_encoder_runs: int = 0  # captions encoded without gradients (the cache's misses)
 
     @property
     def train_text_encoder(self) -> bool:
@@ -812,7 +811,6 @@ def _cached_cond(prep: Prepared, captions, clip_skip):
     if todo:
         with torch.no_grad():
             enc = encode_text(prep.tokenizer, prep.text_encoder, todo, clip_skip, prep.device)
-        prep.text_encoder_runs += len(todo)
         for c, e in zip(todo, enc):
             cache[c] = e
     return torch.stack([cache[c] for c in captions])
@@ -833,7 +831,6 @@ def _frozen_conditioning(setup: Setup, prep: Prepared, captions):
         ids1, ids2 = tokenize_sdxl(todo, prep.tokenizer, prep.tokenizer_2)
         with torch.no_grad():
             emb = encode_sdxl_prompts(ids1, ids2, prep.text_encoder, prep.text_encoder_2, prep.tokenizer_2.eos_token_id)
-        prep.text_encoder_runs += len(todo)
         for c, h, p in zip(todo, emb.hidden_states, emb.pooled):
             cache[c] = (h.to(prep.device), p.to(prep.device))
     return SDXLPromptEmbeds(torch.stack([cache[c][0] for c in captions]), torch.stack([cache[c][1] for c in captions]))
