@@ -349,7 +349,7 @@ def test_continue_from_starts_at_the_given_weights(project, lora1x1):
 
 def test_main_errors_are_one_line(project, tmp_path, capsys):
     job = _job(project, "Lora1x1", "bad")
-    job["model"]["arch"] = "sdxl"
+    job["model"]["arch"] = "sd3"  # an architecture the builtin does not train (exit 2, "use sd-scripts")
     f = tmp_path / "job.json"
     f.write_text(json.dumps(job), encoding="utf-8")
     assert main([str(f)]) == 2

@@ -167,8 +167,10 @@ def test_capabilities_refuse_what_a_backend_cannot_train(tmp_path):
     job = make_job(tmp_path)
     sdxl = TrainJob.from_dict({**job.to_dict(), "model": {**job.model.to_dict(), "arch": "sdxl"}})
     check_capabilities(get_backend("sd-scripts"), sdxl)
-    with pytest.raises(TrainingError, match="backend 'builtin' cannot train krnk/V: architecture 'sdxl'"):
-        check_capabilities(get_backend("builtin"), sdxl)
+    check_capabilities(get_backend("builtin"), sdxl)  # the builtin trains SDXL too
+    sd3 = TrainJob.from_dict({**job.to_dict(), "model": {**job.model.to_dict(), "arch": "sd3"}})
+    with pytest.raises(TrainingError, match="backend 'builtin' cannot train krnk/V: architecture 'sd3'"):
+        check_capabilities(get_backend("builtin"), sd3)
 
 
 def test_a_new_backend_trains_through_the_runner_without_touching_the_graph(tmp_path):

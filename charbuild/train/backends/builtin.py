@@ -1,4 +1,4 @@
-"""The builtin backend: ``python -m charbuild.train.builtin JOB.json`` (diffusers + torch, SD1.x)."""
+"""The builtin backend: ``python -m charbuild.train.builtin JOB.json`` (diffusers + torch, SD1.x and SDXL)."""
 
 from __future__ import annotations
 
@@ -8,5 +8,5 @@ BACKEND = register(PythonModuleBackend(
     "builtin",
     "charbuild.train.builtin",
     "charbuild's own trainer (diffusers + torch; GPU when there is one, else CPU)",
-    Capabilities(architectures=("sd15",), networks=ALL_NETWORKS, mixed_precisions=("no", "fp16", "bf16")),
+    Capabilities(architectures=("sd15", "sdxl"), networks=ALL_NETWORKS, mixed_precisions=("no", "fp16", "bf16")),
 ))

@@ -1,8 +1,9 @@
 """The builtin LoRA trainer: ``python -m charbuild.train.builtin JOB.json``.
 
-It trains kohya-format LoRA / LoCon / LoHa files for SD1.x with diffusers and transformers,
-on a GPU when there is one, else on the CPU, and ships a tiny deterministic SD1.5-shaped
-model (``model.base = "tiny"``) for tests and quick builds.
+It trains kohya-format LoRA / LoCon / LoHa files for SD1.x and SDXL with diffusers and
+transformers, on a GPU when there is one, else on the CPU, and ships tiny deterministic
+SD1.5- and SDXL-shaped models (``model.base = "tiny"`` / ``"tiny-sdxl"``) for tests and quick
+builds.
 
 Importing this package is cheap: torch, diffusers and transformers are imported only when
 :func:`main` runs (doit loads tasks without them).

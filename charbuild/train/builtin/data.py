@@ -61,6 +61,7 @@ class ImageItem:
     num_repeats: int
     flip_aug: bool
     dataset_index: int
+    original: tuple[int, int] = (0, 0)  # (width, height) of the file, before any resize (SDXL's size ids)
 
 
 @dataclass
@@ -179,6 +180,34 @@ def choose_bucket(size: tuple[int, int], ds: dict, resolution: tuple[int, int]) 
     return cover(min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - math.log(ar)), -b[0] * b[1])))
 
 
+def crop_ltrb(bucket: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """sd-scripts' ``BucketManager.get_crop_ltrb``: (left, top, right, bottom) of the picture
+    fitted inside ``bucket`` (both (width, height)), the "crop" SDXL's size conditioning is told.
+
+    This is Stability AI's preprocessing as sd-scripts reproduces it (the offsets of the fitted,
+    not the covering, picture); right is kept for the flipped picture.
+    """
+    bucket_ar = bucket[0] / bucket[1]
+    image_ar = image_size[0] / image_size[1]
+    if bucket_ar > image_ar:
+        resized_w, resized_h = bucket[1] * image_ar, bucket[1]
+    else:
+        resized_w, resized_h = bucket[0], bucket[0] / image_ar
+    left = (bucket[0] - resized_w) // 2
+    top = (bucket[1] - resized_h) // 2
+    return left, top, left + resized_w, top + resized_h
+
+
+def sdxl_size_conditioning(item: ImageItem, flipped: bool) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(original (h, w), crop (top, left), target (h, w)) of one training picture, as sd-scripts'
+    dataset gives SDXL's ``time_ids``: the file's size, :func:`crop_ltrb` (mirrored for a
+    flipped picture) and the bucket."""
+    left, top, right, _ = crop_ltrb(item.bucket, item.original)
+    if flipped:
+        left = item.bucket[0] - right
+    return (int(item.original[1]), int(item.original[0])), (int(top), int(left)), (int(item.bucket[1]), int(item.bucket[0]))
+
+
 def read_dataset_toml(toml_path: str | Path, project_root: str | Path, overrides: dict | None = None) -> Dataset:
     """Read a dataset TOML into datasets of captioned, bucketed images.
 
@@ -232,7 +261,7 @@ def read_dataset_toml(toml_path: str | Path, project_root: str | Path, overrides
                 with Image.open(img) as im:
                     size = im.size
                 bucket, resized = choose_bucket(size, ds, resolution)
-                info.items.append(ImageItem(img, caption, bucket, resized, repeats, bool(sub["flip_aug"]), di))
+                info.items.append(ImageItem(img, caption, bucket, resized, repeats, bool(sub["flip_aug"]), di, size))
             d = info.dirs.setdefault(dir_name, {"n_repeats": repeats, "img_count": 0})
             d["img_count"] += len(images)
             if sub.get("color_aug"):

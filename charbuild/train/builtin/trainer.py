@@ -4,7 +4,10 @@
 ``train_network.py`` does with charbuild's flags (latents cached once, DDPM noise at a uniform
 random timestep, MSE between predicted and true noise, or velocity for v-prediction models,
 gradient clipping at 1.0, LoRA on UNet and text encoder with separate learning rates, the chosen
-optimizer and scheduler, a fixed seed):
+optimizer and scheduler, a fixed seed), and for SDXL as ``sdxl_train_network.py`` does (both
+text encoders, the pooled prompt, per-picture size/crop conditioning; see :mod:`.sdxl`). The
+loss options of :mod:`.loss` (noise offset, min-SNR-γ, v-prediction, zero-terminal-SNR) apply
+to both architectures:
 
 1. :func:`resolve_setup` -- every decision that needs no torch, as a :class:`Setup` (pure data);
 2. :func:`prepare` -- seed, base model, dataset, cached latents, network, optimizer
@@ -87,6 +90,12 @@ class Setup:
     scheduler: str  # the schedule in effect: "adafactor" when Adafactor's relative step drives it
     dataset_overrides: dict[str, int] = field(default_factory=dict)
     continue_from: Path | None = None
+    noise_offset: float = 0.0  # 0: off
+    min_snr_gamma: float | None = None  # None: off
+    v_prediction: bool = False  # the model predicts v (also when the model's scheduler says so)
+    zero_terminal_snr: bool = False  # rescale the betas (also when the checkpoint says "ztsnr")
+    cache_text_encoder_outputs: bool = False  # UNet-only: encode every caption before the loop
+    no_half_vae: bool = False  # keep a given VAE in fp32 under fp16/bf16 (see vae_dtype_for)
 
 
 def resolve_setup(job: TrainJob | dict) -> Setup:
@@ -114,6 +123,14 @@ def resolve_setup(job: TrainJob | dict) -> Setup:
     for key in ("min_bucket_reso", "max_bucket_reso"):
         if getattr(params, key):
             overrides[key] = int(getattr(params, key))
+    if params.cache_text_encoder_outputs and not params.network_train_unet_only:
+        # sd-scripts refuses it too: cached outputs cannot train the text encoders' adapters
+        raise TrainingError("cache_text_encoder_outputs needs network_train_unet_only = true "
+                            "(the text encoders cannot train on cached outputs)")
+    if params.noise_offset and params.noise_offset < 0:
+        raise TrainingError(f"noise_offset must be 0 (off) or more, not {params.noise_offset}")
+    if params.min_snr_gamma is not None and params.min_snr_gamma <= 0:
+        raise TrainingError(f"min_snr_gamma must be more than 0 (or left out), not {params.min_snr_gamma}")
     return Setup(
         job=job,
         root=Path(job.project_root).resolve(),
@@ -135,7 +152,52 @@ def resolve_setup(job: TrainJob | dict) -> Setup:
         scheduler=scheduler_in_effect(params.optimizer, params.optimizer_args, params.scheduler),
         dataset_overrides=overrides,
         continue_from=Path(job.continue_from) if job.continue_from else None,
+        noise_offset=float(params.noise_offset or 0.0),
+        min_snr_gamma=float(params.min_snr_gamma) if params.min_snr_gamma is not None else None,
+        v_prediction=bool(params.v_prediction),
+        zero_terminal_snr=bool(params.zero_terminal_snr),
+        cache_text_encoder_outputs=bool(params.cache_text_encoder_outputs),
+        no_half_vae=bool(params.no_half_vae),
     )
+
+
+@dataclass(frozen=True)
+class LossSetup:
+    """How the loss is formed, decided once the model is loaded (its scheduler and markers count)."""
+
+    prediction_type: str  # epsilon | v_prediction
+    zero_terminal_snr: bool
+    min_snr_gamma: float | None
+    noise_offset: float
+
+    @property
+    def v_prediction(self) -> bool:
+        return self.prediction_type == "v_prediction"
+
+
+def resolve_loss(setup: Setup, model_prediction_type: str, model_zero_terminal_snr: bool) -> LossSetup:
+    """The :class:`LossSetup` of a training: the job's options, or what the model says it is
+    (a v-prediction scheduler, NoobAI's ``ztsnr`` marker); TrainingError for a mix that cannot
+    train (min-SNR-γ on epsilon with zero terminal SNR divides 0 by 0 at the last timestep)."""
+    prediction = "v_prediction" if setup.v_prediction or model_prediction_type == "v_prediction" else "epsilon"
+    ztsnr = setup.zero_terminal_snr or model_zero_terminal_snr
+    if ztsnr and setup.min_snr_gamma is not None and prediction == "epsilon":
+        raise TrainingError("min_snr_gamma with zero_terminal_snr needs v_prediction: the last timestep's SNR is 0, "
+                            "so its epsilon weight min(SNR, γ)/SNR is 0/0")
+    return LossSetup(prediction, ztsnr, setup.min_snr_gamma, setup.noise_offset)
+
+
+def vae_dtype_for(arch: str, mixed_precision_on_gpu: bool, vae_given: bool, no_half_vae: bool) -> str:
+    """The dtype the VAE encodes the (cached) latents in: "float32" or "half" (the weight dtype).
+
+    Latents are encoded once, so fp32 costs memory only while they are cached. SD1.x: always
+    fp32 (as the builtin has always done). SDXL: its VAE overflows in fp16 (sd-scripts advises
+    ``--no_half_vae``), so fp32 unless a separate VAE is given (``[model] vae``, meant for a
+    fixed fp16 VAE such as sdxl-vae-fp16-fix) and ``no_half_vae`` is off.
+    """
+    if not mixed_precision_on_gpu or no_half_vae or arch != "sdxl" or not vae_given:
+        return "float32"
+    return "half"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -282,6 +344,11 @@ class Prepared:
     lr_scheduler: Any
     optimizer_desc: str
     prior_steps: int | None = None  # steps already in the file it continues from
+    arch: str = "sd15"  # what the loaded model is: "sd15" | "sdxl"
+    text_encoder_2: Any = None  # SDXL's second text encoder (OpenCLIP bigG)
+    tokenizer_2: Any = None
+    loss: LossSetup = LossSetup("epsilon", False, None, 0.0)
+    text_cache: dict = field(default_factory=dict)  # caption -> frozen encoders' output (UNet-only)
     vae: Any = None  # kept (on the CPU) only when the training renders samples
 
 
@@ -314,8 +381,9 @@ def prepare(setup: Setup) -> Prepared:
         note(f"CPU training with {torch.get_num_threads()} thread(s)")
     seed_everything(setup.seed)
     t0 = time.time()
-    base = load_base_model(setup.job.model.to_dict(), setup.root)
-    note(f"model {base.name} loaded in {time.time() - t0:.1f}s; device {device}")
+    base = load_base_model(setup.job.model.to_dict(), setup.root, supported_archs=("sd15", "sdxl"))
+    note(f"model {base.name} ({base.arch}) loaded in {time.time() - t0:.1f}s; device {device}")
+    noise_scheduler, loss = _loss_scheduler(setup, base)
 
     dataset = read_dataset_toml(setup.job.dataset_toml, setup.root, setup.dataset_overrides)
     for n in dataset.notes:
@@ -325,19 +393,29 @@ def prepare(setup: Setup) -> Prepared:
 
     # latents once; the VAE is not needed afterwards
     t0 = time.time()
-    base.vae.to(device, torch.float32)
+    vae_half = vae_dtype_for(base.arch, weight_dtype != torch.float32, bool(setup.job.model.vae), setup.no_half_vae) == "half"
+    base.vae.to(device, weight_dtype if vae_half else torch.float32)
     with _bar(sum(2 if it.flip_aug else 1 for it in dataset.items), "caching latents", "img") as bar:
         latents = cache_latents(dataset, base.vae, device, setup.seed, progress=bar.update)
     base.vae.to("cpu")
     vae = base.vae if setup.job.params.sample_every else None  # else not needed afterwards
     base.vae = None
-    note(f"cached {len(latents)} latents in {time.time() - t0:.1f}s")
+    if vae_half and not all(bool(torch.isfinite(x).all()) for x in latents.values()):
+        raise TrainingError(f"the VAE gave non-finite latents in {setup.mixed_precision}: it is not an fp16-safe VAE; "
+                            "set no_half_vae = true (or give a fixed fp16 VAE)", path=setup.job.model.vae)
+    note(f"cached {len(latents)} latents in {time.time() - t0:.1f}s"
+         + (f" (VAE in {setup.mixed_precision})" if vae_half else ""))
 
-    unet, text_encoder = base.unet, base.text_encoder
+    unet, text_encoder, text_encoder_2 = base.unet, base.text_encoder, base.text_encoder_2
+    encoders = [te for te in (text_encoder, text_encoder_2) if te is not None]
     unet.to(device, weight_dtype)
-    text_encoder.to(device, weight_dtype)
+    for te in encoders:
+        te.to(device, weight_dtype)
     spec = setup.network
-    network = LoRANetwork(unet, None if setup.unet_only else text_encoder, spec)
+    if base.arch == "sdxl":
+        network = LoRANetwork(unet, None if setup.unet_only else (text_encoder, text_encoder_2), spec, arch="sdxl")
+    else:
+        network = LoRANetwork(unet, None if setup.unet_only else text_encoder, spec)
     network.apply_to()
     prior_steps = None
     if setup.continue_from is not None:
@@ -348,23 +426,60 @@ def prepare(setup: Setup) -> Prepared:
     note(f"{spec.algo} network: {n_unet} UNet + {n_te} text-encoder modules; dim {spec.dim} alpha {spec.alpha}"
          + (f"; conv_dim {spec.conv_dim} conv_alpha {spec.conv_alpha}" if spec.conv_dim else ""))
     if setup.gradient_checkpointing:
-        _enable_gradient_checkpointing(unet, text_encoder if n_te else None)
+        _enable_gradient_checkpointing(unet, encoders if n_te else [])
 
     optimizer, lr_scheduler, opt_desc = make_optimizer(setup, network, is_cuda)
     note(f"optimizer {opt_desc}; scheduler {setup.job.params.scheduler}; seed {setup.seed}")
-    return Prepared(device, weight_dtype, base.name, dataset, latents, unet, text_encoder, base.tokenizer,
-                    base.noise_scheduler, network, optimizer, lr_scheduler, opt_desc, prior_steps, vae=vae)
+    if loss != LossSetup("epsilon", False, None, 0.0):
+        note(f"loss: {loss.prediction_type}" + ("; zero terminal SNR" if loss.zero_terminal_snr else "")
+             + (f"; min-SNR gamma {loss.min_snr_gamma}" if loss.min_snr_gamma is not None else "")
+             + (f"; noise offset {loss.noise_offset}" if loss.noise_offset else ""))
+    prep = Prepared(
+        device=device, weight_dtype=weight_dtype, model_name=base.name, dataset=dataset, latents=latents,
+        unet=unet, text_encoder=text_encoder, tokenizer=base.tokenizer, noise_scheduler=noise_scheduler,
+        network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, optimizer_desc=opt_desc,
+        prior_steps=prior_steps, arch=base.arch, text_encoder_2=text_encoder_2, tokenizer_2=base.tokenizer_2, loss=loss,
+        vae=vae,
+    )
+    if setup.cache_text_encoder_outputs:
+        t0 = time.time()
+        captions = list(dict.fromkeys(it.caption for it in dataset.items))
+        with _autocast(weight_dtype):
+            for k in range(0, len(captions), 8):
+                _frozen_conditioning(setup, prep, captions[k : k + 8])
+        for te in encoders:  # as sd-scripts: not needed on the GPU any more (a sampler may move them back)
+            te.to("cpu", torch.float32)
+        note(f"cached the text encoders' outputs of {len(captions)} captions in {time.time() - t0:.1f}s")
+    return prep
 
 
-def _enable_gradient_checkpointing(unet, text_encoder) -> None:
+def _loss_scheduler(setup: Setup, base):
+    """The noise scheduler the loop uses and the :class:`LossSetup`: the model's scheduler,
+    switched to v-prediction and rescaled to zero terminal SNR where the job or model says so."""
+    from .loss import apply_zero_terminal_snr
+
+    sched = base.noise_scheduler
+    loss = resolve_loss(setup, sched.config.prediction_type, base.zero_terminal_snr)
+    if loss.prediction_type != sched.config.prediction_type:
+        sched = type(sched).from_config(sched.config, prediction_type=loss.prediction_type)
+    if loss.zero_terminal_snr:
+        if not setup.zero_terminal_snr:
+            note("the checkpoint is marked zero-terminal-SNR: rescaling the noise schedule")
+        if not loss.v_prediction:
+            note("zero_terminal_snr without v_prediction: the last timestep is pure noise (sd-scripts warns too)")
+        apply_zero_terminal_snr(sched)
+    return sched, loss
+
+
+def _enable_gradient_checkpointing(unet, text_encoders) -> None:
     unet.enable_gradient_checkpointing()
-    if text_encoder is not None:
+    for text_encoder in text_encoders:
         if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5
             text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     unet.train()  # checkpointing is active in training mode only
-    if text_encoder is not None:
+    for text_encoder in text_encoders:
         text_encoder.train()
 
 
@@ -378,32 +493,17 @@ def train_loop(setup: Setup, prep: Prepared, on_step: StepCallback | None = None
     from .data import make_batches
 
     device, weight_dtype, dataset = prep.device, prep.weight_dtype, prep.dataset
-    unet, text_encoder, tokenizer, noise = prep.unet, prep.text_encoder, prep.tokenizer, prep.noise_scheduler
     optimizer, lr_scheduler = prep.optimizer, prep.lr_scheduler
     scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and weight_dtype == torch.float16) else None
-    n_timesteps = int(noise.config.num_train_timesteps)
-    v_prediction = noise.config.prediction_type == "v_prediction"
-    autocast = torch.autocast("cuda", dtype=weight_dtype) if weight_dtype != torch.float32 else None
     trainable = [p for p in prep.network.parameters() if p.requires_grad]
-    te_cache: dict[str, Any] = {}
     rng = random.Random(setup.seed)
     losses: list[float] = []
     while len(losses) < setup.steps:
         for batch in make_batches(dataset, rng):
             if len(losses) >= setup.steps:
                 break
-            lat = torch.stack([prep.latents[key] for key in batch]).to(device)
-            captions = [dataset.items[i].caption for i, _ in batch]
-            with autocast if autocast is not None else _nullcontext():
-                if prep.train_text_encoder:
-                    cond = encode_text(tokenizer, text_encoder, captions, setup.clip_skip, device)
-                else:
-                    cond = _cached_cond(te_cache, captions, tokenizer, text_encoder, setup.clip_skip, device)
-                eps = torch.randn_like(lat)
-                t = torch.randint(0, n_timesteps, (lat.shape[0],), device=device).long()
-                pred = unet(noise.add_noise(lat, eps, t).to(weight_dtype), t, cond.to(weight_dtype)).sample
-                target = noise.get_velocity(lat, eps, t) if v_prediction else eps
-                loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+            with _autocast(weight_dtype):
+                loss = batch_loss(setup, prep, batch)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {len(losses) + 1}; "
                                     "try mixed_precision = 'no' or a lower lr")
@@ -431,6 +531,63 @@ def _bar(total: int, desc: str, unit: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
+
+def batch_loss(setup: Setup, prep: Prepared, batch: list[tuple[int, bool]]):
+    """The loss of one batch of (item index, flipped) as sd-scripts forms it (call it under the
+    loop's autocast): conditioning, then ``noise = N(0, 1)`` (+ the noise offset), a uniform
+    timestep, the UNet's prediction against the target of ``prep.loss`` (noise or velocity),
+    MSE per picture weighted by min-SNR-γ when set. The random draws are in this order, from
+    torch's global generator."""
+    import torch
+
+    from .loss import apply_noise_offset, min_snr_weights, snr_table, training_target
+
+    device, weight_dtype, dataset, sched = prep.device, prep.weight_dtype, prep.dataset, prep.noise_scheduler
+    lat = torch.stack([prep.latents[key] for key in batch]).to(device)
+    captions = [dataset.items[i].caption for i, _ in batch]
+    cond, added = conditioning(setup, prep, batch, captions)
+    eps = torch.randn_like(lat)
+    if prep.loss.noise_offset:
+        eps = apply_noise_offset(lat, eps, prep.loss.noise_offset)
+    t = torch.randint(0, int(sched.config.num_train_timesteps), (lat.shape[0],), device=device).long()
+    noisy = sched.add_noise(lat, eps, t).to(weight_dtype)
+    if added is None:
+        pred = prep.unet(noisy, t, cond.to(weight_dtype)).sample
+    else:
+        pred = prep.unet(noisy, t, cond.to(weight_dtype), added_cond_kwargs=added).sample
+    target = training_target(prep.loss.prediction_type, lat, eps, t, sched.alphas_cumprod)
+    if prep.loss.min_snr_gamma is None:
+        return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+    per_image = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    weights = min_snr_weights(t, snr_table(sched.alphas_cumprod), prep.loss.min_snr_gamma, prep.loss.v_prediction)
+    return (per_image * weights).mean()
+
+
+def conditioning(setup: Setup, prep: Prepared, batch: list[tuple[int, bool]], captions: list[str]):
+    """(encoder hidden states, SDXL's ``added_cond_kwargs`` or None) of a batch.
+
+    The text encoders run with gradients when their adapters train; else each caption is
+    encoded once and kept (:func:`_frozen_conditioning`). SDXL adds the pooled prompt and each
+    picture's size/crop ids (:func:`.data.sdxl_size_conditioning`).
+    """
+    if prep.arch != "sdxl":
+        if prep.train_text_encoder:
+            return encode_text(prep.tokenizer, prep.text_encoder, captions, setup.clip_skip, prep.device), None
+        return _cached_cond(prep, captions, setup.clip_skip), None
+    from .data import sdxl_size_conditioning
+    from .sdxl import encode_sdxl_prompts, sdxl_added_cond_kwargs, sdxl_time_ids, tokenize_sdxl
+
+    if prep.train_text_encoder:
+        ids1, ids2 = tokenize_sdxl(captions, prep.tokenizer, prep.tokenizer_2)
+        emb = encode_sdxl_prompts(ids1, ids2, prep.text_encoder, prep.text_encoder_2, prep.tokenizer_2.eos_token_id)
+    else:
+        emb = _frozen_conditioning(setup, prep, captions)
+    sizes = [sdxl_size_conditioning(prep.dataset.items[i], flipped) for i, flipped in batch]
+    time_ids = sdxl_time_ids(*zip(*sizes), device=prep.device)
+    added = sdxl_added_cond_kwargs(emb, time_ids)
+    added = {k: v.to(prep.device, prep.weight_dtype) for k, v in added.items()}
+    return emb.hidden_states.to(prep.device), added
 
 
 class Progress:
@@ -552,7 +709,8 @@ def write_result(setup: Setup, prep: Prepared) -> int:
     from charbuild.lora.io import save_lora
 
     tensors = prep.network.kohya_state_dict(getattr(torch, setup.save_dtype))
-    metadata = build_metadata(setup, prep.model_name, prep.dataset, prep.optimizer_desc, prep.prior_steps)
+    metadata = build_metadata(setup, prep.model_name, prep.dataset, prep.optimizer_desc, prep.prior_steps,
+                              arch=prep.arch, loss=prep.loss)
     save_lora(setup.output, tensors, metadata)
     return len(tensors)
 
@@ -605,8 +763,32 @@ def run_job(job: TrainJob | dict, on_step: StepCallback | None = None) -> dict:
     }
 
 
-def build_metadata(setup: Setup, model_name: str, dataset, opt_desc: str, prior_steps: int | None = None) -> dict[str, str]:
+#: What sd-scripts writes for an SDXL LoRA (``sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0``,
+#: ``sai_model_spec``: ``ARCH_SD_XL_V1_BASE + "/lora"``, ``IMPL_STABILITY_AI`` for an SDXL LoRA).
+SDXL_METADATA = {
+    "ss_base_model_version": "sdxl_base_v1-0",
+    "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+    "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+}
+
+
+def build_metadata(
+    setup: Setup,
+    model_name: str,
+    dataset,
+    opt_desc: str,
+    prior_steps: int | None = None,
+    arch: str = "sd15",
+    loss: LossSetup | None = None,
+) -> dict[str, str]:
     """The safetensors header metadata (all strings), sd-scripts' ``ss_*`` and modelspec keys.
+
+    ``arch`` is the trained model's ("sdxl": ``sdxl_train_network.py``'s version and modelspec
+    keys, no clip skip); ``loss`` the :class:`LossSetup` in effect (None: the job's options).
+    SDXL files always carry ``ss_min_snr_gamma`` and ``ss_zero_terminal_snr`` as sd-scripts
+    writes them (``str(value)``); an SD1.x file only when they are set, so that files trained
+    before these options existed keep their bytes. ``modelspec.prediction_type`` is "v" for
+    v-prediction.
 
     A continued training (``prior_steps`` not None) counts like sd-scripts with
     ``--network_weights``: ``ss_steps``/``ss_max_train_steps`` are the steps of this run; it adds
@@ -614,6 +796,10 @@ def build_metadata(setup: Setup, model_name: str, dataset, opt_desc: str, prior_
     that file plus this run's).
     """
     job, params, spec = setup.job, setup.job.params, setup.network
+    if loss is None:
+        loss = resolve_loss(setup, "epsilon", False)
+    sdxl = arch == "sdxl"
+    clip_skip = None if sdxl else setup.clip_skip  # SDXL has no clip skip (sd-scripts leaves it None)
     ts = _timestamp()
     name = job.title  # <lora>-<variant>: unique, and the deliverable's stem (the web UIs' alias)
     res = dataset.datasets[0].resolution
@@ -639,7 +825,7 @@ def build_metadata(setup: Setup, model_name: str, dataset, opt_desc: str, prior_
         "ss_full_fp16": "False",
         "ss_v2": "False",
         "ss_base_model_version": "sd_v1",
-        "ss_clip_skip": str(setup.clip_skip),
+        "ss_clip_skip": str(clip_skip),
         "ss_seed": str(setup.seed),
         "ss_sd_model_name": model_name,
         "ss_vae_name": Path(job.model.vae).name if job.model.vae else "None",
@@ -649,7 +835,7 @@ def build_metadata(setup: Setup, model_name: str, dataset, opt_desc: str, prior_
         "ss_cache_latents": "True",
         "ss_max_grad_norm": str(MAX_GRAD_NORM),
         "ss_caption_dropout_rate": "0.0",
-        "ss_noise_offset": "None",
+        "ss_noise_offset": str(loss.noise_offset) if loss.noise_offset else "None",
         "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
         "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
         "ss_training_comment": f"charbuild builtin trainer; lora {job.lora}; variant {job.variant}",
@@ -660,15 +846,21 @@ def build_metadata(setup: Setup, model_name: str, dataset, opt_desc: str, prior_
         "modelspec.trigger_phrase": ", ".join(job.keywords),
         "modelspec.date": datetime.fromtimestamp(ts, tz=timezone.utc).replace(tzinfo=None).isoformat(),
         "modelspec.resolution": f"{res[0]}x{res[1]}",
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": "v" if loss.v_prediction else "epsilon",
     }
+    if sdxl:
+        md.update(SDXL_METADATA)
+    if sdxl or loss.min_snr_gamma is not None:
+        md["ss_min_snr_gamma"] = str(loss.min_snr_gamma)
+    if sdxl or loss.zero_terminal_snr:
+        md["ss_zero_terminal_snr"] = str(loss.zero_terminal_snr)
     md["ss_num_batches_per_epoch"] = str(sum(
         math.ceil(sum(it.num_repeats for it in ds.items if it.bucket == b) / ds.batch_size)
         for ds in dataset.datasets for b in {it.bucket for it in ds.items}
     ))
     md["ss_num_epochs"] = str(math.ceil(steps / max(1, int(md["ss_num_batches_per_epoch"]))))
-    if setup.clip_skip:
-        md["modelspec.encoder_layer"] = str(setup.clip_skip)
+    if clip_skip:
+        md["modelspec.encoder_layer"] = str(clip_skip)
     if prior_steps is not None:
         md["charbuild.continue_from"] = setup.continue_from.name
         md["charbuild.total_steps"] = str(prior_steps + steps)
@@ -703,16 +895,38 @@ def _load_continue_from(network, path: Path) -> int:
     return prior
 
 
-def _cached_cond(cache, captions, tokenizer, text_encoder, clip_skip, device):
+def _cached_cond(prep: Prepared, captions, clip_skip):
+    """SD1.x: the frozen text encoder's states of ``captions``, each caption encoded once."""
     import torch
 
+    cache = prep.text_cache
     todo = [c for c in dict.fromkeys(captions) if c not in cache]
     if todo:
         with torch.no_grad():
-            enc = encode_text(tokenizer, text_encoder, todo, clip_skip, device)
+            enc = encode_text(prep.tokenizer, prep.text_encoder, todo, clip_skip, prep.device)
         for c, e in zip(todo, enc):
             cache[c] = e
     return torch.stack([cache[c] for c in captions])
+
+
+def _frozen_conditioning(setup: Setup, prep: Prepared, captions):
+    """The frozen encoders' output of ``captions`` (SD1.x: states; SDXL: :class:`.sdxl.SDXLPromptEmbeds`),
+    each caption encoded once and kept in ``prep.text_cache`` (sd-scripts' cached outputs)."""
+    if prep.arch != "sdxl":
+        return _cached_cond(prep, captions, setup.clip_skip)
+    import torch
+
+    from .sdxl import SDXLPromptEmbeds, encode_sdxl_prompts, tokenize_sdxl
+
+    cache = prep.text_cache
+    todo = [c for c in dict.fromkeys(captions) if c not in cache]
+    if todo:
+        ids1, ids2 = tokenize_sdxl(todo, prep.tokenizer, prep.tokenizer_2)
+        with torch.no_grad():
+            emb = encode_sdxl_prompts(ids1, ids2, prep.text_encoder, prep.text_encoder_2, prep.tokenizer_2.eos_token_id)
+        for c, h, p in zip(todo, emb.hidden_states, emb.pooled):
+            cache[c] = (h.to(prep.device), p.to(prep.device))
+    return SDXLPromptEmbeds(torch.stack([cache[c][0] for c in captions]), torch.stack([cache[c][1] for c in captions]))
 
 
 def _current_lrs(optimizer, lr_scheduler) -> list[float]:
@@ -734,9 +948,12 @@ def _summary_writer(job: TrainJob):
     return SummaryWriter(log_dir=str(Path(job.variant_dir) / "logs" / f"{job.lora}-{job.variant}-{stamp}" / "network_train"))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+def _autocast(weight_dtype):
+    """CUDA autocast to the half weight dtype; a no-op context in float32 (the CPU)."""
+    import contextlib
 
-    def __exit__(self, *a):
-        return False
+    import torch
+
+    if weight_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=weight_dtype)
