@@ -351,3 +351,26 @@ def test_loss_and_vae_rules(project):
     assert vae_dtype_for("sdxl", True, True, True) == "float32"
     assert vae_dtype_for("sdxl", False, True, False) == "float32"
     assert vae_dtype_for("sd15", True, True, False) == "float32"
+
+
+def test_sdxl_training_with_samples_and_validation(project, tmp_path):
+    """The whole SDXL loop with what watches it: samples rendered by the SDXL pipeline on the
+    training's own modules (both encoders), validation with the size ids, metrics.jsonl — and the
+    trained bytes equal those of the same training without them."""
+    from charbuild.report.metrics import read_metrics
+
+    runs = {}
+    for name, over in (("watched", {"sample_every": 2, "sample_steps": 1, "sample_size": 64, "validation_every": 1}),
+                       ("plain", {})):
+        job = _job(project, "Lora1x1", "w", network_train_unet_only=True, **over)
+        job["variant_dir"] = str(tmp_path / name)
+        job["output"] = str(tmp_path / name / "raw.safetensors")
+        runs[name] = run_job(job)
+    watched, plain = tmp_path / "watched", tmp_path / "plain"
+    assert runs["watched"]["losses"] == runs["plain"]["losses"]
+    assert (watched / "raw.safetensors").read_bytes() == (plain / "raw.safetensors").read_bytes()
+    pictures = sorted(p.relative_to(watched).as_posix() for p in (watched / "samples").rglob("*.png"))
+    assert pictures and all(p.startswith(f"samples/{STEPS}/") for p in pictures)
+    metrics = read_metrics(watched / "metrics.jsonl")
+    assert [step for step, _ in metrics.val_loss] == list(range(STEPS + 1))
+    assert all(value > 0 for _, value in metrics.val_loss)
