@@ -170,3 +170,15 @@ def test_the_plan_of_a_real_project(tmp_path):
     assert v["files"]["compressed"] == "build/loras/alc/Lora1x1A1-AdamW8/alc-Lora1x1A1-AdamW8.safetensors"
     assert v["params"]["dim"] == 4 and v["params"]["steps"] == 5
     assert loras["alcdr"]["keywords"] == ["alcdr", "alc"]
+
+
+def test_sample_files_are_the_angle_codes_then_the_users_prompts(tmp_path):
+    """samples/<step>/<name>.png: template codes first, then p1, p2, … (the user's sample_prompts),
+    in number order; other files are not samples."""
+    from charbuild.report.build import sample_files
+
+    step = tmp_path / "v" / "samples" / "10"
+    step.mkdir(parents=True)
+    for name in ("p10.png", "f01.png", "p2.png", "f00.png", "notes.png", "p0.png", "f00.txt"):
+        (step / name).write_bytes(b"x")
+    assert list(sample_files(tmp_path, "v")[10]) == ["f00", "f01", "p2", "p10"]

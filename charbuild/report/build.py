@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -38,8 +39,17 @@ def asset_name(rel: str, suffix: str = ".png") -> str:
     return hashlib.sha1(rel.encode("utf-8")).hexdigest()[:16] + suffix
 
 
+_USER_SAMPLE = re.compile(r"^p[1-9][0-9]*$")
+
+
+def sample_name_key(name: str) -> tuple:
+    """Column order of the samples grid: the angle codes, then the user's prompts ``p1, p2, …``."""
+    return (1, int(name[1:]), "") if _USER_SAMPLE.match(name) else (0, 0, name)
+
+
 def sample_files(root: Path, variant_dir: str) -> dict[int, dict[str, str]]:
-    """``samples/<step>/<code>.png`` of a variant: step -> code -> project-relative path."""
+    """``samples/<step>/<name>.png`` of a variant (``name``: an angle code, or ``p1``, ``p2``, … for
+    the user's ``sample_prompts``): step -> name -> project-relative path."""
     from charbuild.codes import parse_code
 
     out: dict[int, dict[str, str]] = {}
@@ -51,9 +61,10 @@ def sample_files(root: Path, variant_dir: str) -> dict[int, dict[str, str]]:
             continue
         for f in step_dir.iterdir():
             code = parse_code(f.name)
-            if f.suffix.lower() == ".png" and code and f.stem.lower() == code and f.is_file():
-                out.setdefault(int(step_dir.name), {})[code] = f"{variant_dir}/samples/{step_dir.name}/{f.name}"
-    return {s: dict(sorted(out[s].items())) for s in sorted(out)}
+            name = code if code and f.stem.lower() == code else f.stem if _USER_SAMPLE.match(f.stem) else None
+            if f.suffix.lower() == ".png" and name and f.is_file():
+                out.setdefault(int(step_dir.name), {})[name] = f"{variant_dir}/samples/{step_dir.name}/{f.name}"
+    return {s: dict(sorted(out[s].items(), key=lambda kv: sample_name_key(kv[0]))) for s in sorted(out)}
 
 
 def observed_files(plan: dict, root: Path) -> dict[str, list[int]]:

@@ -108,7 +108,9 @@ def _files_table(v: dict, lora: dict) -> str:
 def _samples_grid(samples: dict) -> str:
     if not samples:
         return '<p class="none">no samples yet (samples/&lt;step&gt;/&lt;code&gt;.png in the variant folder)</p>'
-    codes = sorted({c for by_code in samples.values() for c in by_code})
+    from .build import sample_name_key
+
+    codes = sorted({c for by_code in samples.values() for c in by_code}, key=sample_name_key)
     head = "".join(f"<th>{c}</th>" for c in codes)
     rows = []
     for step in sorted(samples, key=int):
