@@ -20,6 +20,7 @@ to both architectures:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -675,10 +676,32 @@ class Observers:
             self._validate(step)
         if self.samples is not None and sample_steps_due(step, self.sample_every, self.setup.steps):
             t0 = time.time()
-            written = self.samples.render(step)
+            with self._encoders_on_device():
+                written = self.samples.render(step)
             note(f"step {step}: {len(written)} samples in {time.time() - t0:.1f}s")
 
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        """The text encoders where the UNet is, for as long as a sample or validation needs them:
+        with ``cache_text_encoder_outputs`` they wait on the CPU in fp32 (as sd-scripts keeps them)."""
+        import torch
+
+        p = self.prep
+        parked = [te for te in (p.text_encoder, p.text_encoder_2)
+                  if te is not None and next(te.parameters()).device != p.device]
+        for te in parked:
+            te.to(p.device, p.weight_dtype)
+        try:
+            yield
+        finally:
+            for te in parked:
+                te.to("cpu", torch.float32)
+
     def _validate(self, step: int) -> None:
+        with self._encoders_on_device():
+            self._validate_here(step)
+
+    def _validate_here(self, step: int) -> None:
         import torch
 
         from .validation import sd15_predict, sdxl_predict
