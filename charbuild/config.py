@@ -236,10 +236,14 @@ def _load_trainer(c: Collector, root: Path, tn: dict, model: dict, settings: _Se
     if t["backend"] == "sd-scripts":
         if not t["sd_scripts"]:
             c.error("backend 'sd-scripts' needs 'sd_scripts = \"<path to your kohya-ss/sd-scripts folder>\"'", kp + ("backend",))
-        elif not (_abs(root, t["sd_scripts"]) / "train_network.py").exists():
-            c.error(f"'trainer.sd_scripts' = {t['sd_scripts']!r} has no train_network.py; point it at a kohya-ss/sd-scripts checkout", kp + ("sd_scripts",))
+        elif not (_abs(root, t["sd_scripts"]) / _sd_script(m["arch"])).exists():
+            c.error(f"'trainer.sd_scripts' = {t['sd_scripts']!r} has no {_sd_script(m['arch'])}; point it at a kohya-ss/sd-scripts checkout", kp + ("sd_scripts",))
         if tiny_base_arch(m["base"]):
             c.error(f"sd-scripts cannot train the built-in {m['base']!r} model; set [model] base to a real checkpoint or use backend = \"builtin\"", ("model", "base") if "base" in model else kp + ("backend",))
+
+
+def _sd_script(arch: str) -> str:
+    return "sdxl_train_network.py" if arch == "sdxl" else "train_network.py"
 
 
 def _load_merge(c: Collector, mg: dict, settings: _Settings) -> None:
