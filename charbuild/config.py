@@ -48,6 +48,8 @@ SDXL_DEFAULT_SIZES = (256, 384, 512, 768, 1024, 1536)
 def default_sizes(arch: str) -> tuple[int, ...]:
     """The picture ladder of an ``arch`` project that sets no ``[dataset] sizes``."""
     return SDXL_DEFAULT_SIZES if arch == "sdxl" else DEFAULT_SIZES
+
+
 KIND_DEFAULTS = {
     "face": {"repeats": 4, "steps": KIND_STEPS["face"], "merge": "FACE"},
     "body": {"repeats": 2, "steps": KIND_STEPS["body"], "merge": "BODY"},
@@ -85,7 +87,7 @@ LORA_KEYS = {"repeats", "steps", "variants", "training", "merge", "compress", "c
 class _Settings:
     """The tables of project.toml, validated and defaulted, and where they were written."""
 
-    model: dict = field(default_factory=lambda: {"base": "tiny", "vae": None, "clip_skip": 2, "arch": "sd15"})  # arch: read from base
+    model: dict = field(default_factory=lambda: {"base": "tiny", "vae": None, "clip_skip": 2, "arch": "sd15"})  # arch: the base model's unless given
     dataset: dict = field(default_factory=dict)
     training: dict = field(default_factory=lambda: {"variants": list(DEFAULT_VARIANTS)})
     trainer: dict = field(default_factory=lambda: {
