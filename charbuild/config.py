@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import codes, layout
+from .base_arch import base_arch, tiny_base_arch
 from .block_weights import merge_spec, preset_values, resolve_merge_weights
 from .checks import (Collector, Origin, closest, is_bool, is_choice, is_fraction, is_int, is_number, is_str,
                      is_str_list, is_table, show_path)
@@ -30,6 +31,7 @@ from .prepared import image_dir, prepared_sizes, subset_for
 from .train import BACKENDS
 from .train.executors.settings import (EXECUTOR_CHECKS, EXECUTOR_KEYS, missing_ray_message, normal_resources,
                                        ray_installed)
+from .train.builtin.checkpoint import CheckpointError
 from .train.variants import KIND_STEPS, TRAINING_CHECKS, TRAINING_KEYS, training_defaults, variant_entries
 
 __all__ = [
@@ -41,6 +43,15 @@ __all__ = [
 ]
 
 DEFAULT_SIZES = (128, 192, 256, 384, 512, 768)
+#: SDXL's ladder: the SD1.5 one scaled by 2 for 1024-class training (docs/sdxl.md)
+SDXL_DEFAULT_SIZES = (256, 384, 512, 768, 1024, 1536)
+
+
+def default_sizes(arch: str) -> tuple[int, ...]:
+    """The picture ladder of an ``arch`` project that sets no ``[dataset] sizes``."""
+    return SDXL_DEFAULT_SIZES if arch == "sdxl" else DEFAULT_SIZES
+
+
 KIND_DEFAULTS = {
     "face": {"repeats": 4, "steps": KIND_STEPS["face"], "merge": "FACE"},
     "body": {"repeats": 2, "steps": KIND_STEPS["body"], "merge": "BODY"},
@@ -78,7 +89,7 @@ LORA_KEYS = {"repeats", "steps", "variants", "training", "merge", "compress", "c
 class _Settings:
     """The tables of project.toml, validated and defaulted, and where they were written."""
 
-    model: dict = field(default_factory=lambda: {"base": "tiny", "vae": None, "clip_skip": 2, "arch": "sd15"})
+    model: dict = field(default_factory=lambda: {"base": "tiny", "vae": None, "clip_skip": 2, "arch": "sd15"})  # arch: the base model's unless given
     dataset: dict = field(default_factory=dict)
     training: dict = field(default_factory=lambda: {"variants": list(DEFAULT_VARIANTS)})
     trainer: dict = field(default_factory=lambda: {
@@ -94,11 +105,15 @@ class _Settings:
     broken_presets: set = field(default_factory=set)  # presets reported bad: not blamed again where used
 
 
-def _load_project_toml(root: Path, chars_dir: Path, problems: list[Problem]) -> _Settings:
-    from .dataset_toml import BATCH_SIZE_TABLES
+def _dataset_defaults(arch: str) -> dict:
+    from .dataset_toml import batch_size_tables
 
+    return {"sizes": list(default_sizes(arch)), "batch_sizes": dict(batch_size_tables(arch)["default"])}
+
+
+def _load_project_toml(root: Path, chars_dir: Path, problems: list[Problem]) -> _Settings:
     settings = _Settings()
-    settings.dataset = {"sizes": list(DEFAULT_SIZES), "batch_sizes": dict(BATCH_SIZE_TABLES["default"])}
+    settings.dataset = _dataset_defaults(settings.model["arch"])
     path = chars_dir / "project.toml"
     settings.origin = Origin(show_path(root, path))
     if not path.exists():
@@ -115,6 +130,7 @@ def _load_project_toml(root: Path, chars_dir: Path, problems: list[Problem]) -> 
             c.error(f"'{name}' must be a table ([{name}])", (name,))
             data[name] = {}
     _load_model(c, root, data.get("model", {}), settings)
+    settings.dataset = _dataset_defaults(settings.model["arch"])
     _load_dataset(c, data.get("dataset", {}), settings)
     _load_training(c, data.get("training", {}), settings)
     _load_trainer(c, root, data.get("trainer", {}), data.get("model", {}), settings)
@@ -131,18 +147,47 @@ def _load_model(c: Collector, root: Path, model: dict, settings: _Settings) -> N
     m["base"] = c.get(model, "base", is_str, m["base"], kp)
     m["vae"] = c.get(model, "vae", is_str, None, kp)
     m["clip_skip"] = c.get(model, "clip_skip", is_int(1, 12), m["clip_skip"], kp)
-    m["arch"] = c.get(model, "arch", is_choice("sd15", "sdxl"), m["arch"], kp)
+    given = c.get(model, "arch", is_choice("sd15", "sdxl"), None, kp)
+    base_ok = True
     for key in ("base", "vae"):
         value = m[key]
-        if value and value != "tiny" and not _abs(root, value).exists():
+        if value and not (key == "base" and tiny_base_arch(value)) and not _abs(root, value).exists():
             c.error(f"'model.{key}' file or folder {value!r} does not exist; give a path relative to "
-                    f"{root.name}/ or an absolute path" + ("" if key == "vae" else ", or \"tiny\" for the built-in demo model"),
+                    f"{root.name}/ or an absolute path" + ("" if key == "vae" else ", or \"tiny\" / \"tiny-sdxl\" for a built-in demo model"),
                     ("model", key))
+            base_ok = base_ok and key != "base"
+    m["arch"] = _model_arch(c, root, m["base"], given, model, base_ok)
+
+
+def _model_arch(c: Collector, root: Path, base: str, given: str | None, model: dict, base_ok: bool) -> str:
+    """``arch`` as given, checked against the base model; when not given, read from the model.
+
+    A contradiction is reported at the ``arch`` line, an unreadable model at the ``base`` line.
+    """
+    fallback = given or "sd15"
+    if not base_ok or not base:
+        return fallback
+    found = tiny_base_arch(base)
+    where = f"model.base {base!r}"
+    if found is None:
+        path = _abs(root, base)
+        try:
+            found = base_arch(path, root / layout.CACHE)
+        except CheckpointError as exc:
+            c.error(f"'model.base' {show_path(root, path)}: {exc.message}", ("model", "base") if "base" in model else ("model",))
+            return fallback
+        where = show_path(root, path)
+    if given is not None and given != found:
+        c.error(f"'model.arch' = {given!r} but {where} is {'an SDXL' if found == 'sdxl' else 'an SD1.x'} model: "
+                f"set arch = {found!r}, or leave arch out to take it from the model", ("model", "arch"))
+        return given
+    return found
 
 
 def _load_dataset(c: Collector, ds: dict, settings: _Settings) -> None:
-    from .dataset_toml import BATCH_KEYS, BATCH_SIZE_TABLES
+    from .dataset_toml import BATCH_KEYS, batch_size_tables
 
+    tables = batch_size_tables(settings.model["arch"])
     kp = ("dataset",)
     c.check_keys(ds, DATASET_KEYS, kp)
     sizes = c.get(ds, "sizes", _sizes_check, settings.dataset["sizes"], kp)
@@ -151,18 +196,18 @@ def _load_dataset(c: Collector, ds: dict, settings: _Settings) -> None:
         return
     bs = ds["batch_sizes"]
     if isinstance(bs, str):
-        if bs in BATCH_SIZE_TABLES:
-            settings.dataset["batch_sizes"] = dict(BATCH_SIZE_TABLES[bs])
+        if bs in tables:
+            settings.dataset["batch_sizes"] = dict(tables[bs])
         else:
-            c.error(f"'dataset.batch_sizes' names no table: {bs!r}; use one of "
-                    f"{', '.join(repr(k) for k in BATCH_SIZE_TABLES)} or a table of {BATCH_KEYS[0]}..", kp + ("batch_sizes",))
+            c.error(f"'dataset.batch_sizes' names no table: {bs!r}; use one of the {settings.model['arch']} tables "
+                    f"{', '.join(repr(k) for k in tables)} or a table of {BATCH_KEYS[0]}..", kp + ("batch_sizes",))
     elif isinstance(bs, dict):
         c.check_keys(bs, set(BATCH_KEYS), kp + ("batch_sizes",))
-        table = dict(BATCH_SIZE_TABLES["default"])
+        table = dict(tables["default"])
         table.update(c.checked(bs, {k: is_int(1) for k in BATCH_KEYS}, kp + ("batch_sizes",)))
         settings.dataset["batch_sizes"] = table
     else:
-        c.error("'dataset.batch_sizes' must be a table name (\"default\", \"12GB\") or a table", kp + ("batch_sizes",))
+        c.error(f"'dataset.batch_sizes' must be a table name ({', '.join(repr(k) for k in tables)}) or a table", kp + ("batch_sizes",))
 
 
 def _load_training(c: Collector, tr: dict, settings: _Settings) -> None:
@@ -196,10 +241,14 @@ def _load_trainer(c: Collector, root: Path, tn: dict, model: dict, settings: _Se
     if t["backend"] == "sd-scripts":
         if not t["sd_scripts"]:
             c.error("backend 'sd-scripts' needs 'sd_scripts = \"<path to your kohya-ss/sd-scripts folder>\"'", kp + ("backend",))
-        elif not (_abs(root, t["sd_scripts"]) / "train_network.py").exists():
-            c.error(f"'trainer.sd_scripts' = {t['sd_scripts']!r} has no train_network.py; point it at a kohya-ss/sd-scripts checkout", kp + ("sd_scripts",))
-        if m["base"] == "tiny":
-            c.error("sd-scripts cannot train the built-in \"tiny\" model; set [model] base to a real checkpoint or use backend = \"builtin\"", ("model", "base") if "base" in model else kp + ("backend",))
+        elif not (_abs(root, t["sd_scripts"]) / _sd_script(m["arch"])).exists():
+            c.error(f"'trainer.sd_scripts' = {t['sd_scripts']!r} has no {_sd_script(m['arch'])}; point it at a kohya-ss/sd-scripts checkout", kp + ("sd_scripts",))
+        if tiny_base_arch(m["base"]):
+            c.error(f"sd-scripts cannot train the built-in {m['base']!r} model; set [model] base to a real checkpoint or use backend = \"builtin\"", ("model", "base") if "base" in model else kp + ("backend",))
+
+
+def _sd_script(arch: str) -> str:
+    return "sdxl_train_network.py" if arch == "sdxl" else "train_network.py"
 
 
 def _load_executor(c: Collector, tn: dict, t: dict) -> None:
@@ -596,7 +645,7 @@ def _check_loras(root: Path, settings: _Settings, characters: dict, loras: dict[
                 if subset is None:
                     continue
                 try:
-                    folder_class(subset)
+                    folder_class(subset, settings.model["arch"])
                 except MixedSizeClassError as exc:
                     problems.append(Problem(show_path(root, ch.dir / ("face" if part.kind == "face" else f"outfits/{part.name}")),
                                             f"{exc}; crop the pictures to similar proportions"))

@@ -123,6 +123,10 @@ def model_signature(value: str | None, root: str | Path, cache_dir: str | Path) 
         return None
     if value == "tiny":
         return {"tiny": True}
+    from .base_arch import tiny_base_arch
+
+    if tiny_base_arch(value):  # tiny:N, tiny-sdxl[:N]: generated from the name, nothing to hash
+        return {"tiny": value}
     root = Path(root)
     path = Path(value).expanduser()
     path = path if path.is_absolute() else root / path

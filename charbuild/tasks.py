@@ -208,7 +208,7 @@ class Graph:
         from .dataset_toml import render_dataset_toml
 
         subsets = [subset for part in lora.parts for size in self.sizes if (subset := subset_for(part, size))]
-        return render_dataset_toml(lora.repeats, subsets, self.project.dataset["batch_sizes"])
+        return render_dataset_toml(lora.repeats, subsets, self.project.dataset["batch_sizes"], arch=self.project.model["arch"])
 
     # -- groups
     def image_tasks(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from charbuild.cli import main
+from checkpoint_files import write_layout_checkpoint
 from conftest import REPO, draw_picture, make_project
 
 
@@ -103,8 +104,7 @@ def test_train_dry_run_sd_scripts_command(tmp_path, capsys):
     root = make_project(tmp_path / "p", project_extra="")
     proj = root / "characters/project.toml"
     fake = REPO / "tests/fake_sd_scripts"
-    model = root / "model.safetensors"
-    model.write_bytes(b"0" * 64)
+    write_layout_checkpoint(root / "model.safetensors", "sd15")  # the config reads its architecture
     text = proj.read_text(encoding="utf-8").replace('backend = "fake"', f'backend = "sd-scripts"\nsd_scripts = "{fake.as_posix()}"')
     proj.write_text('[model]\nbase = "model.safetensors"\n' + text, encoding="utf-8")
     code, out, err = run(capsys, "train", "--dry-run", "--root", str(root), "alc")

@@ -192,3 +192,70 @@ def test_dataset_semantics_ignores_formatting():
     reformatted = GOLDEN.replace("enable_bucket = true", "enable_bucket  =  true").replace("'.txt'", '".txt"')
     assert reformatted != GOLDEN
     assert dataset_semantics(reformatted) == dataset_semantics(GOLDEN) == tomllib.loads(GOLDEN)
+
+
+# --------------------------------------------------------------------------- SDXL
+
+@pytest.mark.parametrize("px, cls", [(256, "LOW"), (1024, "LOW"), (1025, "MID"), (1536, "MID"), (1537, "HIGH")])
+def test_sdxl_size_classes_are_sd15_scaled_by_two(px, cls):
+    from charbuild.dataset_toml import class_resolution
+
+    assert size_class(px, "sdxl") == cls
+    assert class_resolution(cls, "sdxl") == 2 * CLASS_RESOLUTION[cls]
+
+
+GOLDEN_SDXL = """\
+[general]
+color_aug = true
+enable_bucket = true
+bucket_no_upscale = true
+caption_extension = '.txt'
+num_repeats = 2
+min_bucket_reso = 256
+max_bucket_reso = 2048
+bucket_reso_steps = 64
+
+[[datasets]]
+resolution = [1024, 1024]
+batch_size = 2
+
+[[datasets.subsets]]
+image_dir = 'build/images/krnk/face/256'
+class_tokens = 'krnk girl'
+flip_aug = true
+
+[[datasets.subsets]]
+image_dir = 'build/images/krnk/face/1024'
+class_tokens = 'krnk girl'
+flip_aug = true
+
+[[datasets]]
+resolution = [1024, 1536]
+batch_size = 1
+
+[[datasets.subsets]]
+image_dir = 'build/images/krnk/school/1536'
+class_tokens = 'krnksf girl'
+flip_aug = false
+"""
+
+
+def test_sdxl_dataset_toml_golden():
+    from charbuild.dataset_toml import SDXL_BATCH_SIZE_TABLES
+
+    subsets = [
+        _sub("build/images/krnk/face/256", (256, 256)),
+        _sub("build/images/krnk/face/1024", (1024, 1024), (1024, 900)),
+        _sub("build/images/krnk/school/1536", (1024, 1536), class_tokens="krnksf girl", flip=False),
+    ]
+    assert render_dataset_toml(2, subsets, SDXL_BATCH_SIZE_TABLES["24GB"], arch="sdxl") == GOLDEN_SDXL
+    # the same pictures as an SD1.5 project: the original's classes and no bucket lines
+    sd15 = render_dataset_toml(2, subsets, BATCH_SIZE_TABLES["default"])
+    assert "max_bucket_reso" not in sd15 and "resolution = [1024, 1024]" in sd15 and "resolution = [1024, 1024]\nbatch_size = 1" in sd15
+
+
+def test_sdxl_mixed_classes_message_names_sdxl_limits():
+    with pytest.raises(MixedSizeClassError, match="<= 1024 LOW, <= 1536 MID"):
+        folder_class(_sub("x", (1024, 1024), (1025, 1024)), "sdxl")
+    with pytest.raises(ValueError, match="unknown arch 'sd3'"):
+        size_class(64, "sd3")

@@ -194,3 +194,78 @@ def test_the_fake_sd_scripts_parser_accepts_the_worker_flags(workers):
     args = _load_fake_parser()(False).parse_args(cmd[2:])
     assert args.max_data_loader_n_workers == workers
     assert args.persistent_data_loader_workers is (workers > 0)
+
+
+# --------------------------------------------------------------------------- SDXL and the loss options
+
+def test_sdxl_unet_only_caches_the_text_encoder_outputs():
+    cmd = build_command(job({"preset": "Lora3x3A50p-AdamW8", "network_train_unet_only": True}, arch="sdxl"))
+    i = cmd.index("--network_train_unet_only")
+    assert cmd.count("--network_train_unet_only") == 1 and "--cache_text_encoder_outputs" in cmd[i:]
+    assert "--cache_text_encoder_outputs" not in build_command(job(arch="sdxl"))  # both encoders learn: nothing cached
+    # asking for the cache brings UNet-only with it (sd-scripts refuses the cache otherwise)
+    cmd = build_command(job({"preset": "Lora3x3A50p-AdamW8", "cache_text_encoder_outputs": True}, arch="sdxl"))
+    assert cmd.count("--network_train_unet_only") == 1 and "--cache_text_encoder_outputs" in cmd
+    # train_network.py (SD1.x) has no text-encoder cache
+    sd15 = build_command(job({"preset": "Lora3x3A50p-AdamW8", "network_train_unet_only": True,
+                              "cache_text_encoder_outputs": True}))
+    assert "--cache_text_encoder_outputs" not in sd15 and sd15.count("--network_train_unet_only") == 1
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_loss_and_vae_flags(arch):
+    params = {"preset": "Lora3x3A50p-AdamW8", "noise_offset": 0.0357, "min_snr_gamma": 5, "v_prediction": True,
+              "zero_terminal_snr": True, "no_half_vae": True, "extra_args": ["--max_data_loader_n_workers=2"]}
+    cmd = build_command(job(params, arch=arch))
+    i = cmd.index("--noise_offset=0.0357")
+    assert cmd[i:i + 5] == ["--noise_offset=0.0357", "--min_snr_gamma=5", "--v_parameterization",
+                            "--zero_terminal_snr", "--no_half_vae"]
+    assert cmd[-1] == "--max_data_loader_n_workers=2"  # the user's extra arguments stay last
+    plain = build_command(job(arch=arch))
+    assert not [a for a in plain if a.startswith(("--noise_offset", "--min_snr", "--v_param", "--zero_term", "--no_half"))]
+
+
+def test_the_fake_sdxl_script_runs_the_sdxl_command(tmp_path):
+    """The command as the runner starts it (python, no accelerate), through the fake's strict parser
+    and sd-scripts' rules, to a LoRA file with SDXL keys."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    base = tmp_path / "xl.safetensors"
+    base.write_bytes(b"x")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text("[general]\n", encoding="utf-8")
+    params = {"preset": "Lora1x1A1-AdamW8", "dim": 4, "network_train_unet_only": True, "noise_offset": 0.05,
+              "min_snr_gamma": 5, "v_prediction": True, "zero_terminal_snr": True, "no_half_vae": True,
+              "mixed_precision": "bf16", "data_loader_workers": 0}
+    j = job(params, arch="sdxl", accelerate=None, python=sys.executable, sd_scripts=str(FAKE_SD), steps=3)
+    j["model"]["base"], j["dataset_toml"] = str(base), str(toml)
+    j["output"] = str(tmp_path / "out" / "raw.safetensors")
+    (tmp_path / "out").mkdir()
+    argv_log = tmp_path / "argv.jsonl"
+    env = {**__import__("os").environ, "FAKE_SD_ARGV": str(argv_log)}
+    res = subprocess.run(build_command(j), capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    argv = json.loads(argv_log.read_text(encoding="utf-8"))["argv"]
+    assert argv[0].endswith("sdxl_train_network.py") and "--cache_text_encoder_outputs" in argv
+    with safe_open(str(tmp_path / "out" / f"{NAME}.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks",
+                                      "lora_te1_", "lora_te2_")) for k in keys), keys[:5]
+
+
+def test_the_fake_refuses_a_text_encoder_cache_with_text_encoder_training(tmp_path):
+    """As sdxl_train_network.py asserts: charbuild never builds this command, the fake must still refuse it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    (tmp_path / "d.toml").write_text("[general]\n", encoding="utf-8")
+    j = job(arch="sdxl", accelerate=None, python=sys.executable, sd_scripts=str(FAKE_SD))
+    j["model"]["base"], j["dataset_toml"] = str(tmp_path / "m.safetensors"), str(tmp_path / "d.toml")
+    j["output"] = str(tmp_path / "raw.safetensors")
+    res = subprocess.run(build_command(j) + ["--cache_text_encoder_outputs"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 3 and "cannot be trained with caching Text Encoder outputs" in res.stderr

@@ -99,8 +99,9 @@ def test_job_specs_make_model_and_trainer_paths_absolute(tmp_path):
     assert model == ModelSpec(base=str(root / "models/base.safetensors"), vae=None, arch="sd15", clip_skip=2)
     assert trainer.sd_scripts == str(root / "sd") and trainer.gpus == (1, 2) and trainer.extra == {"k": 1}
     assert trainer.lock_dir == str(root / "build" / "locks") and not trainer.run_cache and trainer.xformers
-    P.model = dict(P.model, base="tiny")
-    assert job_specs(P, Layout(tmp_path))[0].base == "tiny"
+    for demo in ("tiny", "tiny:3", "tiny-sdxl", "tiny-sdxl:2"):  # built-in model names stay names
+        P.model = dict(P.model, base=demo)
+        assert job_specs(P, Layout(tmp_path))[0].base == demo
 
 
 # --------------------------------------------------------------------------- backends agree

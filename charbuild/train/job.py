@@ -21,6 +21,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..base_arch import tiny_base_arch
 from ..errors import TrainingError
 from ..layout import deliverable_stem
 from .variants import LATER_KEYS, OBSERVING_KEYS, TrainParams
@@ -41,7 +42,7 @@ DEFAULT_RESOURCES = {"GPU": 1}
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The base model: ``base`` is ``"tiny"`` or an absolute path; ``vae`` an absolute path or None."""
+    """The base model: ``base`` is a built-in demo model name (``"tiny"``, ``"tiny-sdxl:3"``) or an absolute path; ``vae`` an absolute path or None."""
 
     base: str = "tiny"
     vae: str | None = None
@@ -283,7 +284,7 @@ def job_specs(project, layout) -> tuple[ModelSpec, TrainerSpec]:
     root = layout.root
     m = project.model
     model = ModelSpec(
-        base=m["base"] if m["base"] == "tiny" else _absolute(m["base"], root),
+        base=m["base"] if tiny_base_arch(m["base"]) else _absolute(m["base"], root),
         vae=_absolute(m.get("vae"), root),
         arch=m.get("arch") or ModelSpec.arch,
         clip_skip=m.get("clip_skip") or DEFAULT_CLIP_SKIP,

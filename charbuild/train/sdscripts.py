@@ -66,6 +66,34 @@ def _num(value: Any) -> str:
     return str(value)
 
 
+def loss_and_precision_flags(job: TrainJob) -> list[str]:
+    """The flags of the noise schedule, the loss weighting and the VAE precision, for both scripts.
+
+    ``--noise_offset``, ``--min_snr_gamma``, ``--v_parameterization`` (``params.v_prediction``),
+    ``--zero_terminal_snr`` and ``--no_half_vae`` as the params say. SDXL UNet-only training
+    also gets ``--cache_text_encoder_outputs`` (the frozen encoders give every caption the same
+    output, so sd-scripts encodes each once and frees them); ``cache_text_encoder_outputs = true``
+    brings ``--network_train_unet_only`` with it, which sd-scripts requires. train_network.py
+    (SD1.x) has no text-encoder cache: the flag is not passed there.
+    """
+    params, flags = job.params, []
+    if params.noise_offset:
+        flags.append(f"--noise_offset={_num(params.noise_offset)}")
+    if params.min_snr_gamma is not None:
+        flags.append(f"--min_snr_gamma={_num(params.min_snr_gamma)}")
+    if params.v_prediction:
+        flags.append("--v_parameterization")
+    if params.zero_terminal_snr:
+        flags.append("--zero_terminal_snr")
+    if params.no_half_vae:
+        flags.append("--no_half_vae")
+    if job.model.arch == "sdxl" and (params.network_train_unet_only or params.cache_text_encoder_outputs):
+        if not params.network_train_unet_only:
+            flags.append("--network_train_unet_only")
+        flags.append("--cache_text_encoder_outputs")
+    return flags
+
+
 def build_command(job: TrainJob | Mapping[str, Any]) -> list[str]:
     """The sd-scripts training command for ``job``, as an argument list (never a shell string).
 
@@ -73,7 +101,8 @@ def build_command(job: TrainJob | Mapping[str, Any]) -> list[str]:
     temporary folder). With ``trainer.accelerate`` set the command is
     ``[accelerate, "launch", "--num_cpu_threads_per_process", "1", script, ...]``;
     with ``accelerate = None`` it is ``[trainer.python, script, ...]``. SDXL uses
-    ``sdxl_train_network.py`` and has no ``--clip_skip``. For AdaFactor the scheduler is
+    ``sdxl_train_network.py`` and has no ``--clip_skip``; the loss and VAE flags are
+    :func:`loss_and_precision_flags`'s. For AdaFactor the scheduler is
     left to sd-scripts (its adafactor schedule, as the original did) unless the
     params name one other than the default. ``--output_name`` is ``<lora>-<variant>``, the
     deliverable's stem (sd-scripts writes it into the file as ``ss_output_name``). The data
@@ -160,6 +189,7 @@ def build_command(job: TrainJob | Mapping[str, Any]) -> list[str]:
     if params.max_bucket_reso is not None:
         cmd.append(f"--max_bucket_reso={params.max_bucket_reso}")
     cmd += sample_args(job)
+    cmd += loss_and_precision_flags(job)
     cmd += [str(a) for a in trainer.extra_args]
     cmd += [str(a) for a in params.extra_args]
     return cmd

@@ -55,6 +55,12 @@ def parser(sdxl: bool) -> argparse.ArgumentParser:
     p.add_argument("--sample_prompts")
     p.add_argument("--sample_every_n_steps", type=int)
     p.add_argument("--sample_sampler", choices=["ddim", "euler_a", "k_euler_a", "dpmsolver++"])
+    p.add_argument("--noise_offset", type=float)
+    p.add_argument("--min_snr_gamma", type=float)
+    p.add_argument("--v_parameterization", action="store_true")
+    p.add_argument("--zero_terminal_snr", action="store_true")
+    p.add_argument("--no_half_vae", action="store_true")
+    p.add_argument("--cache_text_encoder_outputs", action="store_true")
     return p
 
 
@@ -120,6 +126,10 @@ def main(sdxl: bool) -> int:
             fail(f"adafactor optimizer_args {args.optimizer_args}")
     elif args.learning_rate is None:
         fail("AdamW needs --learning_rate")
+    if sdxl and args.cache_text_encoder_outputs and not args.network_train_unet_only:  # sdxl_train_network.py's assert
+        fail("network for Text Encoder cannot be trained with caching Text Encoder outputs")
+    if not sdxl and args.cache_text_encoder_outputs:  # accepted but ignored by train_network.py: charbuild never passes it
+        fail("train_network.py has no text-encoder cache")
     print(f"fake sd-scripts: {Path(sys.argv[0]).name} steps={args.max_train_steps}", flush=True)
 
     seconds = float(os.environ.get("FAKE_SD_SECONDS", "0") or 0)

@@ -1,0 +1,188 @@
+"""``[model] arch``: read from the base model when left out; a contradiction is an error at its line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from charbuild.base_arch import base_arch, diffusers_folder_arch, tiny_base_arch
+from charbuild.config import SDXL_DEFAULT_SIZES, load_project
+from charbuild.dataset_toml import SDXL_BATCH_SIZE_TABLES
+from charbuild.errors import ConfigError
+from charbuild.train.builtin.checkpoint import CheckpointError
+
+from checkpoint_files import write_layout_checkpoint
+from conftest import make_project
+
+
+def _project(tmp_path: Path, model_lines: str, extra: str = "") -> Path:
+    root = make_project(tmp_path / "p")
+    proj = root / "characters" / "project.toml"
+    text = proj.read_text(encoding="utf-8").replace("[dataset]\nsizes = [64, 96]\n", "")
+    proj.write_text("[model]\n" + model_lines + text + extra, encoding="utf-8")
+    return root
+
+
+def _errors(root: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_project(root)
+    return [str(p) for p in info.value.problems()]
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_arch_is_read_from_a_single_file(tmp_path, kind):
+    root = _project(tmp_path, 'base = "base.safetensors"\n')
+    write_layout_checkpoint(root / "base.safetensors", kind)
+    assert load_project(root).model["arch"] == kind
+
+
+def test_a_contradicting_arch_is_an_error_at_its_line_naming_the_file(tmp_path):
+    root = _project(tmp_path, 'base = "models/xl.safetensors"\narch = "sd15"\n')
+    write_layout_checkpoint(root / "models" / "xl.safetensors", "sdxl")
+    msgs = _errors(root)
+    assert any(m.startswith("characters/project.toml:3: error: 'model.arch' = 'sd15' but models/xl.safetensors is an SDXL model")
+               and "set arch = 'sdxl'" in m for m in msgs), msgs
+
+
+def test_a_matching_arch_passes(tmp_path):
+    root = _project(tmp_path, 'base = "xl.safetensors"\narch = "sdxl"\n')
+    write_layout_checkpoint(root / "xl.safetensors", "sdxl")
+    assert load_project(root).model["arch"] == "sdxl"
+
+
+@pytest.mark.parametrize("kind, words", [("sd2", "SD2.x"), ("lora", "LoRA")])
+def test_an_unsupported_file_is_an_error_at_the_base_line(tmp_path, kind, words):
+    root = _project(tmp_path, 'base = "m.safetensors"\n')
+    write_layout_checkpoint(root / "m.safetensors", kind)
+    msgs = _errors(root)
+    assert any(m.startswith("characters/project.toml:2: error: 'model.base' m.safetensors: this file is") and words in m
+               for m in msgs), msgs
+
+
+def test_a_broken_file_is_an_error_at_the_base_line(tmp_path):
+    root = _project(tmp_path, 'base = "m.safetensors"\n')
+    (root / "m.safetensors").write_bytes(b"0" * 64)
+    msgs = _errors(root)
+    assert any(m.startswith("characters/project.toml:2: error: 'model.base' m.safetensors: not a safetensors file") for m in msgs), msgs
+
+
+def _diffusers(folder: Path, index: dict | None, unet: dict | None) -> Path:
+    folder.mkdir(parents=True)
+    if index is not None:
+        (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    if unet is not None:
+        (folder / "unet").mkdir()
+        (folder / "unet" / "config.json").write_text(json.dumps(unet), encoding="utf-8")
+    return folder
+
+
+def test_diffusers_folders(tmp_path):
+    assert diffusers_folder_arch(_diffusers(tmp_path / "a", {"_class_name": "StableDiffusionXLPipeline"}, None)) == "sdxl"
+    assert diffusers_folder_arch(_diffusers(tmp_path / "b", None, {"addition_embed_type": "text_time"})) == "sdxl"
+    assert diffusers_folder_arch(_diffusers(tmp_path / "c", {"_class_name": "StableDiffusionPipeline"},
+                                            {"cross_attention_dim": 768})) == "sd15"
+    with pytest.raises(CheckpointError, match="SD2"):
+        diffusers_folder_arch(_diffusers(tmp_path / "d", {"_class_name": "StableDiffusionPipeline"}, {"cross_attention_dim": 1024}))
+    with pytest.raises(CheckpointError, match="neither model_index.json nor unet/config.json"):
+        diffusers_folder_arch(_diffusers(tmp_path / "e", None, None))
+
+
+def test_a_diffusers_folder_in_the_config(tmp_path):
+    root = _project(tmp_path, 'base = "xl"\narch = "sd15"\n')
+    _diffusers(root / "xl", {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "X"]}, None)
+    assert any("characters/project.toml:3: error: 'model.arch' = 'sd15' but xl is an SDXL model" in m for m in _errors(root))
+
+
+def test_tiny_names():
+    assert tiny_base_arch("tiny") == "sd15" and tiny_base_arch("tiny:3") == "sd15"
+    assert tiny_base_arch("tiny-sdxl") == "sdxl" and tiny_base_arch("tiny-sdxl:7") == "sdxl"
+    assert tiny_base_arch("tiny:x") is None and tiny_base_arch("tinyxl") is None
+
+
+def test_tiny_sdxl_project_gets_the_sdxl_defaults(tmp_path):
+    root = _project(tmp_path, 'base = "tiny-sdxl"\n')
+    p = load_project(root)
+    assert p.model["arch"] == "sdxl"
+    assert p.dataset["sizes"] == list(SDXL_DEFAULT_SIZES) == [256, 384, 512, 768, 1024, 1536]
+    assert p.dataset["batch_sizes"] == SDXL_BATCH_SIZE_TABLES["default"]
+
+
+def test_tiny_with_arch_sdxl_contradicts(tmp_path):
+    root = _project(tmp_path, 'arch = "sdxl"\n')  # base defaults to "tiny" (SD1.5)
+    assert any("'model.arch' = 'sdxl' but model.base 'tiny' is an SD1.x model" in m for m in _errors(root))
+
+
+def test_user_sizes_and_tables_win_for_sdxl(tmp_path):
+    root = _project(tmp_path, 'base = "tiny-sdxl"\n', '[dataset]\nsizes = [64, 96]\nbatch_sizes = "24GB"\n')
+    p = load_project(root)
+    assert p.dataset["sizes"] == [64, 96] and p.dataset["batch_sizes"]["LOW_LOW"] == 2
+
+
+def test_sd15_table_names_are_not_sdxl_ones(tmp_path):
+    root = _project(tmp_path, 'base = "tiny"\n', '[dataset]\nbatch_sizes = "24GB"\n')
+    assert any("'dataset.batch_sizes' names no table: '24GB'; use one of the sd15 tables 'default', '12GB'" in m
+               for m in _errors(root))
+
+
+def test_ckpt_answer_is_cached_by_file_signature(tmp_path, monkeypatch):
+    import torch
+
+    from charbuild import base_arch as mod
+
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+                               "cond_stage_model.transformer.x": torch.zeros(1)}}, path)
+    cache = tmp_path / "cache"
+    assert base_arch(path, cache) == "sd15"
+    saved = json.loads((cache / "base-arch.json").read_text(encoding="utf-8"))
+    assert list(saved.values())[0][2] == "sd15"
+    mod._MEMO.clear()
+    monkeypatch.setattr(mod, "check_checkpoint_arch", lambda p: pytest.fail("read again"))
+    assert base_arch(path, cache) == "sd15"  # from the cache file, torch not needed
+    path.write_bytes(path.read_bytes() + b"\0")  # a changed file is read again
+    mod._MEMO.clear()
+    with pytest.raises(pytest.fail.Exception):
+        base_arch(path, cache)
+
+
+# --------------------------------------------------------------------------- SDXL merge defaults
+
+XL_FACE = "0,1,1,1,1,1,0,0,0,1,0,1,1,0,1,1,1,0,0,1"  # derived by hand from the SD1.5 FACE (docs/sdxl.md)
+XL_BODY = "0,1,1,1,0,1,0,0,0,1,0,1,1,1,1,1,1,0,0,1"
+
+
+def test_sdxl_forms_of_face_and_body():
+    from charbuild.block_weights import arch_presets
+
+    presets = arch_presets("sdxl")
+    assert presets["FACE"] == [float(x) for x in XL_FACE.split(",")]
+    assert presets["BODY"] == [float(x) for x in XL_BODY.split(",")]
+    assert arch_presets("sd15") == {}
+    assert arch_presets("sdxl", {"FACE": [1.0] * 20})["FACE"] == [1.0] * 20  # the user's preset wins
+
+
+def test_sdxl_project_without_merge_table_uses_the_sdxl_forms(tmp_path):
+    from charbuild.block_weights import resolve_merge_weights
+    from charbuild.lora.blocks import SDXL_20
+
+    root = _project(tmp_path, 'base = "tiny-sdxl"\n')
+    p = load_project(root)  # the SD1.5 26-value FACE/BODY would fail here
+    face = resolve_merge_weights("FACE", p)
+    assert list(face) == SDXL_20 and list(face.values()) == [float(x) for x in XL_FACE.split(",")]
+    body = resolve_merge_weights(p.merge["body"], p)
+    assert list(body.values()) == [float(x) for x in XL_BODY.split(",")]
+
+
+def test_sdxl_user_presets_named_face_win(tmp_path):
+    from charbuild.block_weights import resolve_merge_weights
+
+    root = _project(tmp_path, 'base = "tiny-sdxl"\n', '[merge.presets]\nFACE = "IN04:0.5,OUT00:0"\n')
+    face = resolve_merge_weights("FACE", load_project(root))
+    assert face["IN04"] == 0.5 and face["BASE"] == 1.0
+
+
+def test_an_sd15_face_list_on_sdxl_is_still_an_error(tmp_path):
+    root = _project(tmp_path, 'base = "tiny-sdxl"\n', '[merge]\nface = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1,0,1,1,1,0,1,1,1,0,0,1"\n')
+    assert any("'merge.face': 26 block weights given; sdxl takes 12 or 20" in m for m in _errors(root))
