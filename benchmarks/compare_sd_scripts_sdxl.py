@@ -404,7 +404,7 @@ def check_train(sd: SdEnv, work: Path, steps: int, min_free_gb: float, guard_gb:
     bad = [m for m in modules if not m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))]
     res.check(not bad and modules, f"{len(modules)} modules, all kohya SDXL UNet names (UNet only)" + (f"; other: {bad[:3]}" if bad else ""))
     res.check(meta.get("ss_base_model_version") == "sdxl_base_v1-0",
-              f"ss_base_model_version = {meta.get('ss_base_model_version')!r}, ss_v2 {meta.get('ss_v_parameterization')!r} v-param, "
+              f"ss_base_model_version = {meta.get('ss_base_model_version')!r}, "
               f"ss_zero_terminal_snr {meta.get('ss_zero_terminal_snr')!r}, ss_noise_offset {meta.get('ss_noise_offset')!r}")
     res.data = {"wall_s": wall, "peak_rss_gib": peak, "s_per_step": its[-1] if its else None, "modules": len(modules)}
     return res
