@@ -182,3 +182,17 @@ def test_sample_files_are_the_angle_codes_then_the_users_prompts(tmp_path):
     for name in ("p10.png", "f01.png", "p2.png", "f00.png", "notes.png", "p0.png", "f00.txt"):
         (step / name).write_bytes(b"x")
     assert list(sample_files(tmp_path, "v")[10]) == ["f00", "f01", "p2", "p10"]
+
+
+def test_the_plan_of_an_sdxl_project_uses_sdxl_classes_and_blocks(tmp_path):
+    """An SDXL project's dataset rows have SDXL's bucket resolutions and its merge bar SDXL's blocks."""
+    from charbuild.config import load_project
+    from charbuild.report.source import report_plan
+    from charbuild.tasks import Graph
+    from conftest import make_project
+
+    root = make_project(tmp_path / "p", project_extra='[model]\nbase = "tiny-sdxl"\n')
+    plan = report_plan(Graph(load_project(root)))
+    loras = {lo["name"]: lo for lo in plan["loras"]}
+    assert {tuple(r["resolution"]) for r in loras["alc"]["dataset"]} == {(1024, 1024)}
+    assert loras["alc"]["merge"]["arch"] == "sdxl" and len(loras["alc"]["merge"]["blocks"]) in (12, 20)

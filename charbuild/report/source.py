@@ -44,8 +44,9 @@ def template_grid(kind_letter: str, pictures: dict[str, list[str]], symmetric: b
 
 def _dataset_rows(graph, lora) -> list[dict]:
     from charbuild.config import subset_for
-    from charbuild.dataset_toml import CLASS_RESOLUTION, folder_class
+    from charbuild.dataset_toml import class_resolution, folder_class
 
+    arch = graph.project.model["arch"]
     batch_sizes = graph.project.dataset["batch_sizes"]
     rows = []
     for part in lora.parts:
@@ -54,8 +55,9 @@ def _dataset_rows(graph, lora) -> list[dict]:
             if subset is None:
                 continue
             try:
-                wc, hc = folder_class(subset)
-                resolution, batch = [CLASS_RESOLUTION[wc], CLASS_RESOLUTION[hc]], batch_sizes.get(f"{wc}_{hc}", 1)
+                wc, hc = folder_class(subset, arch)
+                resolution = [class_resolution(wc, arch), class_resolution(hc, arch)]
+                batch = batch_sizes.get(f"{wc}_{hc}", 1)
             except ValueError:  # mixed size classes: `charbuild check` reports it; show the row anyway
                 resolution, batch = None, None
             rows.append({"folder": subset.image_dir, "part": f"{part.character}/{part.name}", "size": size,
