@@ -68,6 +68,20 @@ def test_merge_sdxl_by_block():
     assert not any(k.startswith("lora_te") for k in merged.tensors)
 
 
+def test_merge_file_face_on_an_sdxl_file_is_faces_sdxl_form(tmp_path):
+    """`charbuild merge IN OUT --weights FACE` on an SDXL file: the SDXL form of FACE, as in an
+    SDXL project (not "preset FACE has 26 values")."""
+    from charbuild.block_weights import arch_presets
+
+    tensors, meta = make_lora("sdxl", "lora", rank=2)
+    src = write_lora(tmp_path / "xl.safetensors", tensors, meta)
+    merge_file(src, tmp_path / "m.safetensors", "FACE")
+    expected = merge_lora(build_lora(tensors, meta), resolve_block_weights(arch_presets("sdxl")["FACE"], "sdxl"))
+    out = load_lora(tmp_path / "m.safetensors")
+    assert set(out.tensors) == set(expected.tensors)
+    assert all(torch.equal(out.tensors[k], expected.tensors[k]) for k in expected.tensors)
+
+
 def test_merge_file_records_keywords_and_note(tmp_path):
     tensors, meta = make_lora("sd15", "loha", rank=2, modules=representative_modules("sd15", max_numel=400_000))
     src = write_lora(tmp_path / "raw.safetensors", tensors, meta)

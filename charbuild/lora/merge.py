@@ -85,14 +85,17 @@ def merge_file(
     """Read ``src``, bake in ``weights``, write ``dst`` atomically; return a report.
 
     ``weights`` is a {block: w} dict or any spec :func:`resolve_block_weights` accepts (preset
-    name, list, comma string), resolved for the file's arch. ``output_name`` sets
+    name, list, comma string), resolved for the file's arch (an SDXL file's FACE/BODY are their
+    SDXL forms, :func:`charbuild.block_weights.arch_presets`). ``output_name`` sets
     ``ss_output_name`` and ``modelspec.title`` (kept as ``src`` has them otherwise). Nothing is
     written on error.
     """
     lora = load_lora(src)
     try:
         with_output_name({}, output_name)
-        resolved = resolve_block_weights(weights, lora.arch, presets)
+        from charbuild.block_weights import arch_presets  # FACE/BODY in their SDXL forms for an SDXL file
+
+        resolved = resolve_block_weights(weights, lora.arch, arch_presets(lora.arch, presets))
     except ValueError as exc:
         raise LoraFileError(str(exc), src) from None
     merged = merge_lora(lora, resolved)
