@@ -117,6 +117,19 @@ def _load_source(src: str | Path) -> Image.Image:
         raise _unreadable(src, exc) from None
 
 
+def thumbnail(path: str | Path, px: int, mode: str, purpose: str) -> Image.Image:
+    """``path`` shrunk to fit ``px`` × ``px`` (LANCZOS) in ``mode``; a picture that cannot be read
+    is a CharbuildError naming it and ``purpose`` (``"the preview"``, ``"the report"``)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            thumb = img.convert(mode)
+    except _IMAGE_ERRORS as exc:
+        raise CharbuildError(f"cannot read the picture for {purpose} ({exc})", path=path) from None
+    thumb.thumbnail((px, px), Image.Resampling.LANCZOS)
+    return thumb
+
+
 def png_bytes(img: Image.Image) -> bytes:
     """``img`` encoded as PNG with fixed settings and no metadata (no text, ICC, EXIF, DPI)."""
     clean = img.copy()

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from charbuild.codes import angle_order_key
 from charbuild.errors import CharbuildError, doit_action
 from charbuild.fsutil import write_bytes_atomic
-from charbuild.images import _IMAGE_ERRORS, png_bytes
+from charbuild.images import png_bytes, thumbnail
 
 SHEET_BG = (48, 48, 48)
 CELL_BG = (96, 96, 96)
@@ -94,13 +94,9 @@ def wrap_text(text: str, width: float, length) -> list[str]:
 
 def _thumbnail(path: Path, cell: int) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            img.load()
-            thumb = img.convert("RGB")
-    except _IMAGE_ERRORS as exc:
-        raise CharbuildError(f"cannot read image for the preview ({exc}); rebuild it", path=path) from None
-    thumb.thumbnail((cell, cell), Image.Resampling.LANCZOS)
-    return thumb
+        return thumbnail(path, cell, "RGB", "the preview")
+    except CharbuildError as exc:
+        raise CharbuildError(f"{exc.message}; rebuild it", path=path) from None
 
 
 def render_preview(entries: Iterable[PreviewEntry], out_path: str | Path, *, title: str, cell: int = 192) -> None:

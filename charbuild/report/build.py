@@ -109,16 +109,9 @@ class ReportUpToDate:
 
 
 def _thumbnail(src: Path) -> bytes:
-    from charbuild.images import _IMAGE_ERRORS, png_bytes
+    from charbuild.images import png_bytes, thumbnail
 
-    try:
-        with Image.open(src) as img:
-            img.load()
-            thumb = img.convert("RGBA")
-    except _IMAGE_ERRORS as exc:
-        raise CharbuildError(f"cannot read the picture for the report ({exc})", path=src) from None
-    thumb.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
-    return png_bytes(thumb)
+    return png_bytes(thumbnail(src, THUMB_PX, "RGBA", "the report"))
 
 
 def _inspect(path: Path) -> dict:

@@ -124,6 +124,24 @@ def _write_tokenizer(folder: Path, pad_token: str | None = None) -> None:
     shutil.rmtree(raw)
 
 
+def _tiny_vae(**arch):
+    """The tiny 5-level VAE (8x downscale, 4 latent channels) of both demo models; ``arch``: the
+    sample size and latent scaling of the architecture it stands in for."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 5,
+        up_block_types=("UpDecoderBlock2D",) * 5,
+        block_out_channels=(4, 8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        **arch,
+    )
+
+
 def build_tiny_components(seed: int = 0):
     """Create (unet, vae, text_encoder) of the tiny model with weights drawn from ``seed``.
 
@@ -150,18 +168,7 @@ def build_tiny_components(seed: int = 0):
             norm_num_groups=16,
             use_linear_projection=False,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 5,
-            up_block_types=("UpDecoderBlock2D",) * 5,
-            block_out_channels=(4, 8, 16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
+        vae = _tiny_vae(sample_size=512, scaling_factor=0.18215)
         te_config = CLIPTextConfig(
             vocab_size=514,
             hidden_size=32,
@@ -213,19 +220,7 @@ def build_tiny_sdxl_components(seed: int = 0):
             addition_time_embed_dim=time_dim,
             projection_class_embeddings_input_dim=pooled + 6 * time_dim,  # SDXL: 1280 + 6·256
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 5,
-            up_block_types=("UpDecoderBlock2D",) * 5,
-            block_out_channels=(4, 8, 16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=1024,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
+        vae = _tiny_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
         common = dict(
             vocab_size=514, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
             max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
