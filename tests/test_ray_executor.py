@@ -156,9 +156,24 @@ def test_builtin_tiny_training_is_byte_identical_to_local(cluster, tmp_path, mon
     assert [m.get("loss") for m in remote_metrics] == [m.get("loss") for m in local_metrics] and local_metrics
 
 
+def _sd15_checkpoint_of_size(path, data_bytes: int):
+    """A valid SD1.5-layout .safetensors (the config reads its architecture from the tensor names)
+    carrying ``data_bytes`` random bytes: a base model that must travel."""
+    import struct
+
+    from checkpoint_files import LAYOUT_KEYS
+
+    header = {key: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for key in LAYOUT_KEYS["sd15"]}
+    header["model.diffusion_model.charbuild_test_payload"] = {"dtype": "U8", "shape": [data_bytes],
+                                                             "data_offsets": [0, data_bytes]}
+    raw = json.dumps(header).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + os.urandom(data_bytes))
+    return path
+
+
 def test_model_travels_once_and_then_only_the_inputs(cluster, tmp_path):
-    model = tmp_path / "model.safetensors"
-    model.write_bytes(os.urandom(300_000))
+    model = _sd15_checkpoint_of_size(tmp_path / "model.safetensors", 300_000)
     cache = tmp_path / "worker-cache"
     root = ray_project(tmp_path / "p", cluster, trainer=f'worker_cache = "{cache.as_posix()}"\n')
     toml = root / "characters" / "project.toml"
@@ -174,7 +189,7 @@ def test_model_travels_once_and_then_only_the_inputs(cluster, tmp_path):
         assert inputs == own
         moved.append(model_bytes)
     # both nodes of this test cluster share one machine and so one cache folder: the model moves once
-    assert sorted(moved) == [0, 0, 300_000]
+    assert sorted(moved) == [0, 0, model.stat().st_size]
     assert len(list(cache.glob("*/model.safetensors"))) == 1
 
 
