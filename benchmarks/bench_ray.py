@@ -103,9 +103,9 @@ def make_bench_project(root: Path, cluster: LocalCluster, seconds: float, model_
                   "outfits": {"suit": (f"kw{i}su", ["b00", "b01", "b02"])}}
         for i in range(4)
     }
-    model = root.parent / "model.safetensors"
-    model.parent.mkdir(parents=True, exist_ok=True)
-    model.write_bytes(os.urandom(model_mb * 10**6))
+    from checkpoint_files import write_sized_checkpoint  # a valid header: the config reads the arch from it
+
+    model = write_sized_checkpoint(root.parent / "model.safetensors", "sd15", model_mb * 10**6)
     record = root.parent / "record.jsonl"
     cache = root.parent / "worker-cache"
     make_project(root, sizes=(64, 96), characters=characters, project_extra=(

@@ -29,3 +29,18 @@ def write_layout_checkpoint(path: Path, kind: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
     return path
+
+
+def write_sized_checkpoint(path: Path, kind: str, data_bytes: int) -> Path:
+    """A valid ``kind``-layout ``.safetensors`` carrying ``data_bytes`` random bytes (one U8 tensor
+    beside the empty named ones): a base model of a given size, e.g. one that must travel."""
+    import os
+
+    header = {key: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for key in LAYOUT_KEYS[kind]}
+    header["model.diffusion_model.charbuild_test_payload"] = {"dtype": "U8", "shape": [data_bytes],
+                                                             "data_offsets": [0, data_bytes]}
+    raw = json.dumps(header).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + os.urandom(data_bytes))
+    return path

@@ -156,24 +156,10 @@ def test_builtin_tiny_training_is_byte_identical_to_local(cluster, tmp_path, mon
     assert [m.get("loss") for m in remote_metrics] == [m.get("loss") for m in local_metrics] and local_metrics
 
 
-def _sd15_checkpoint_of_size(path, data_bytes: int):
-    """A valid SD1.5-layout .safetensors (the config reads its architecture from the tensor names)
-    carrying ``data_bytes`` random bytes: a base model that must travel."""
-    import struct
-
-    from checkpoint_files import LAYOUT_KEYS
-
-    header = {key: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for key in LAYOUT_KEYS["sd15"]}
-    header["model.diffusion_model.charbuild_test_payload"] = {"dtype": "U8", "shape": [data_bytes],
-                                                             "data_offsets": [0, data_bytes]}
-    raw = json.dumps(header).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + os.urandom(data_bytes))
-    return path
-
-
 def test_model_travels_once_and_then_only_the_inputs(cluster, tmp_path):
-    model = _sd15_checkpoint_of_size(tmp_path / "model.safetensors", 300_000)
+    from checkpoint_files import write_sized_checkpoint
+
+    model = write_sized_checkpoint(tmp_path / "model.safetensors", "sd15", 300_000)
     cache = tmp_path / "worker-cache"
     root = ray_project(tmp_path / "p", cluster, trainer=f'worker_cache = "{cache.as_posix()}"\n')
     toml = root / "characters" / "project.toml"
