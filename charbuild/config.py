@@ -26,6 +26,7 @@ from .block_weights import merge_spec, preset_values, resolve_merge_weights
 from .checks import (Collector, Origin, closest, is_bool, is_choice, is_fraction, is_int, is_number, is_str,
                      is_str_list, is_table, show_path)
 from .errors import CharbuildError, ConfigError, Problem
+from .fsutil import under_root
 from .model import Character, Lora, LoraTable, Part, Project, SourceImage
 from .prepared import image_dir, prepared_sizes, subset_for
 from .train import BACKENDS
@@ -151,7 +152,7 @@ def _load_model(c: Collector, root: Path, model: dict, settings: _Settings) -> N
     base_ok = True
     for key in ("base", "vae"):
         value = m[key]
-        if value and not (key == "base" and tiny_base_arch(value)) and not _abs(root, value).exists():
+        if value and not (key == "base" and tiny_base_arch(value)) and not under_root(root, value).exists():
             c.error(f"'model.{key}' file or folder {value!r} does not exist; give a path relative to "
                     f"{root.name}/ or an absolute path" + ("" if key == "vae" else ", or \"tiny\" / \"tiny-sdxl\" for a built-in demo model"),
                     ("model", key))
@@ -170,7 +171,7 @@ def _model_arch(c: Collector, root: Path, base: str, given: str | None, model: d
     found = tiny_base_arch(base)
     where = f"model.base {base!r}"
     if found is None:
-        path = _abs(root, base)
+        path = under_root(root, base)
         try:
             found = base_arch(path, root / layout.CACHE)
         except CheckpointError as exc:
@@ -241,7 +242,7 @@ def _load_trainer(c: Collector, root: Path, tn: dict, model: dict, settings: _Se
     if t["backend"] == "sd-scripts":
         if not t["sd_scripts"]:
             c.error("backend 'sd-scripts' needs 'sd_scripts = \"<path to your kohya-ss/sd-scripts folder>\"'", kp + ("backend",))
-        elif not (_abs(root, t["sd_scripts"]) / _sd_script(m["arch"])).exists():
+        elif not (under_root(root, t["sd_scripts"]) / _sd_script(m["arch"])).exists():
             c.error(f"'trainer.sd_scripts' = {t['sd_scripts']!r} has no {_sd_script(m['arch'])}; point it at a kohya-ss/sd-scripts checkout", kp + ("sd_scripts",))
         if tiny_base_arch(m["base"]):
             c.error(f"sd-scripts cannot train the built-in {m['base']!r} model; set [model] base to a real checkpoint or use backend = \"builtin\"", ("model", "base") if "base" in model else kp + ("backend",))
@@ -318,9 +319,6 @@ def _gpus_check(v):
     return None
 
 
-def _abs(root: Path, value: str) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else root / p
 
 
 # --------------------------------------------------------------------------- character.toml
@@ -708,7 +706,7 @@ def _check_continue_from(root: Path, loras: dict[str, Lora], variant_names: dict
             continue
         line = lora.origin.line("continue_from") if lora.origin else lora.line
         if value.strip().lower().endswith(".safetensors"):
-            if not _abs(root, value.strip()).is_file():
+            if not under_root(root, value.strip()).is_file():
                 problems.append(Problem(lora.source, f"'continue_from' file {value!r} does not exist; give a .safetensors "
                                         f"LoRA relative to {root.name}/ or an absolute path, or \"<lora>/<variant>\"", line))
             continue

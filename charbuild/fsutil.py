@@ -85,6 +85,12 @@ def write_text_atomic(target: str | Path, text: str) -> None:
     write_bytes_atomic(target, text.encode("utf-8"))
 
 
+def under_root(root: str | Path, value: str | Path) -> Path:
+    """A path the user wrote (``~`` expanded): absolute as given, else relative to the project ``root``."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(root) / path
+
+
 def rel_posix(path: str | Path, root: str | Path) -> str:
     """``path`` relative to ``root`` as a POSIX string: the one spelling of a path doit sees."""
     return Path(os.path.relpath(Path(path), Path(root))).as_posix()

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .fsutil import rel_posix, write_text_atomic
+from .fsutil import rel_posix, under_root, write_text_atomic
 
 SIDECAR_VERSION = 1
 
@@ -128,8 +128,7 @@ def model_signature(value: str | None, root: str | Path, cache_dir: str | Path) 
     if tiny_base_arch(value):  # tiny:N, tiny-sdxl[:N]: generated from the name, nothing to hash
         return {"tiny": value}
     root = Path(root)
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else root / path
+    path = under_root(root, value)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     cache_file = Path(cache_dir) / "model-hashes.json"
     cache = read_sidecar(cache_file) or {}

@@ -29,6 +29,7 @@ from . import layout
 from .config import (Lora, Part, Project, SourceImage, merge_spec, prepared_sizes, resolve_merge_weights, subset_for,
                      training_defaults, variant_entries)
 from .errors import doit_action
+from .fsutil import under_root
 from .layout import Layout
 
 GROUP_DOCS = {
@@ -370,8 +371,7 @@ class Graph:
                 nxt = (getattr(chain, "continue_from", None) or "").replace("\\", "/").split("/")[0]
                 chain = self.project.loras.get(nxt) if nxt != chain.name else None
             return str(self.layout.path(layout.raw_lora(head, tail))), f"train:{head}/{tail}"
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else self.layout.root / path
+        path = under_root(self.layout.root, value)
         if not path.is_file():
             hint = f"; and there is no LoRA named {head!r} (a LoRA is named '<lora>/<variant>')" if sep else ""
             self._fail(lora, f"{where}: no such file {path}{hint}")

@@ -25,10 +25,9 @@ from PIL import Image
 
 from charbuild.errors import CharbuildError, doit_action
 from charbuild.fsutil import write_bytes_atomic, write_text_atomic
+from charbuild.layout import METRICS_NAME, REPORT as REPORT_DIR
 
-from charbuild.layout import REPORT as REPORT_DIR
-
-from .metrics import METRICS_NAME, read_metrics
+from .metrics import read_metrics
 
 THUMB_PX = 96
 ASSETS = ("report.css", "report.js")

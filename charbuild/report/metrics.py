@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from charbuild.errors import CharbuildError
+from charbuild.layout import METRICS_NAME
 
-METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass

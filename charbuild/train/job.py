@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from ..base_arch import tiny_base_arch
 from ..errors import TrainingError
+from ..fsutil import under_root
 from ..layout import deliverable_stem
 from .variants import LATER_KEYS, OBSERVING_KEYS, TrainParams
 
@@ -269,10 +270,7 @@ def signature_params(params: TrainParams) -> dict[str, Any]:
 
 
 def _absolute(value: str | None, root: Path) -> str | None:
-    if not value:
-        return value
-    p = Path(value).expanduser()
-    return str(p if p.is_absolute() else root / p)
+    return str(under_root(root, value)) if value else value
 
 
 def job_specs(project, layout) -> tuple[ModelSpec, TrainerSpec]:

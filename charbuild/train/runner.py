@@ -50,7 +50,7 @@ from filelock import FileLock, Timeout
 
 from ..errors import TrainingError, doit_action
 from ..fsutil import replace_file, write_text_atomic
-from ..layout import Layout
+from ..layout import LOG_NAME, Layout
 from ..signature import compute_signature, write_sidecar
 from . import observed, run_cache
 from .backends import check_capabilities, get_backend
@@ -65,7 +65,6 @@ __all__ = ["Freshness", "Launch", "Launcher", "dry_run_commands", "get_launcher"
            "takes_local_gpu", "train_action"]
 
 TEMP_PREFIX = ".train-"
-LOG_NAME = "train.log"
 
 
 def log_path(job: TrainJob | Mapping[str, Any]) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import TrainingError
+from ..fsutil import under_root
 from .job import TrainJob, as_job, scheduler_in_effect
 from .variants import DEFAULT_DATA_LOADER_WORKERS, DEFAULT_SCHEDULER, format_lr
 
@@ -27,9 +28,7 @@ def _script(job: TrainJob) -> Path:
         raise TrainingError(
             "the sd-scripts backend needs trainer.sd_scripts: the folder of a kohya-ss sd-scripts checkout"
         )
-    folder = Path(sd)
-    if not folder.is_absolute():
-        folder = Path(job.project_root) / folder
+    folder = under_root(job.project_root, sd)
     return folder / ("sdxl_train_network.py" if job.model.arch == "sdxl" else "train_network.py")
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from charbuild.errors import TrainingError
+from charbuild.fsutil import under_root
 
 from .checkpoint import SUPPORTED_ARCHS, CheckpointError, check_keys_arch, prediction_hints, read_checkpoint_keys
 
@@ -283,9 +284,7 @@ def load_base_model(model: dict, project_root: str | Path, supported_archs: tupl
         loaded = _load_diffusers_folder(ensure(Path(project_root), seed), tiny_arch)
         loaded.name = f"tiny-sdxl-{seed}" if tiny_arch == "sdxl" else f"tiny-{seed}"
     else:
-        path = Path(base)
-        if not path.is_absolute():
-            path = Path(project_root) / path
+        path = under_root(project_root, base)
         if path.is_dir():
             loaded = _load_diffusers_folder(path, arch)
         elif path.is_file():
@@ -299,9 +298,7 @@ def load_base_model(model: dict, project_root: str | Path, supported_archs: tupl
             f"the base model is {loaded.arch.upper()}, which the builtin trainer cannot train yet; use backend = 'sd-scripts'"
         )
     if model.get("vae"):
-        vpath = Path(model["vae"])
-        if not vpath.is_absolute():
-            vpath = Path(project_root) / vpath
+        vpath = under_root(project_root, model["vae"])
         if not vpath.exists():
             raise TrainingError("VAE not found", path=vpath)
         loaded.vae = _load_vae(vpath, loaded.arch)

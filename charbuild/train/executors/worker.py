@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ...fsutil import write_text_atomic
+from ...layout import LOG_NAME
 from ..backends import get_backend
 from ..job import TrainJob
 from ..process import group_alive, relay_output, start_in_own_group, stop_process_group
@@ -194,7 +195,7 @@ def train_on_worker(payload: Mapping[str, Any]) -> Iterator[dict]:
         gpu = ",".join(start["gpus"]) if start["gpus"] else os.environ.get("CUDA_VISIBLE_DEVICES", "")
         env = backend.env(wjob, child_env(gpu))
         env.update(payload.get("env") or {})
-        result = yield from _run_streaming(cmd, wjob.project_root, env, temp / "train.log", wjob.trainer.kill_grace,
+        result = yield from _run_streaming(cmd, wjob.project_root, env, temp / LOG_NAME, wjob.trainer.kill_grace,
                                            Path(wjob.output), {"inputs": moved_inputs, "model": moved_model})
     finally:
         in_use.release()
