@@ -263,6 +263,11 @@ def test_unet_only_with_cached_text_encoder_outputs(project, monkeypatch):
     assert md["ss_network_train_unet_only"] == "True"
     assert md["modelspec.prediction_type"] == "v"
     assert md["ss_zero_terminal_snr"] == "True" and md["ss_min_snr_gamma"] == "5.0" and md["ss_noise_offset"] == "0.05"
+    # nothing encodes again (no samples, no validation): the encoders are let go, unlike sd-scripts
+    assert prepare(resolve_setup(job)).text_encoder is None
+    kept = prepare(resolve_setup(_job(project, "Lora1x1", "unet-v", network_train_unet_only=True,
+                                      cache_text_encoder_outputs=True, validation_every=2)))
+    assert kept.text_encoder is not None and kept.text_encoder_2 is not None
 
 
 @pytest.mark.parametrize("base", ["tiny-sdxl", "tiny"])

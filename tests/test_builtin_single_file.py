@@ -138,6 +138,19 @@ def test_header_only_key_reading(tmp_path, tiny_sdxl):
     assert checkpoint_kind(read_checkpoint_keys(ckpt)) == "sd15"
 
 
+def test_uniform_half_dtype_of_a_header():
+    from charbuild.train.builtin.checkpoint import uniform_half_dtype
+
+    def header(*dtypes, shape=(2, 2)):
+        return {"__metadata__": {"a": "b"}} | {f"t{i}": {"dtype": d, "shape": list(shape)} for i, d in enumerate(dtypes)}
+
+    assert uniform_half_dtype(header("F16", "F16", "I64")) == "float16"
+    assert uniform_half_dtype(header("BF16")) == "bfloat16"
+    assert uniform_half_dtype(header("F16", "F32")) is None and uniform_half_dtype(header("F16", "BF16")) is None
+    assert uniform_half_dtype(header("F32")) is None and uniform_half_dtype(header("I64")) is None
+    assert uniform_half_dtype(header("F16") | {"v_pred": {"dtype": "F32", "shape": [0]}}) == "float16"
+
+
 # ------------------------------------------------------------------------ loading, offline
 
 
@@ -150,6 +163,26 @@ def test_sdxl_single_file_loads_offline_with_equal_weights(tiny_sdxl):
     assert loaded.tokenizer_2.pad_token_id == 0
     assert loaded.noise_scheduler.config.num_train_timesteps == 1000
     assert loaded.noise_scheduler.config.prediction_type == "epsilon"
+
+
+def test_a_half_single_file_loads_in_its_dtype_with_the_same_values(tmp_path, tiny_sdxl):
+    """An fp16 file is not widened while it loads (the trainer widens it): the values are the
+    file's, as a float32 load would give them."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _, path = tiny_sdxl
+    tensors = load_file(str(path))
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(half))
+    loaded = load_single_file(half, "sdxl", config_dir=folder)
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.float16}
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({k: v.half() if v.is_floating_point() and k.startswith("model.") else v for k, v in tensors.items()},
+              str(mixed))
+    wide = load_single_file(mixed, "sdxl", config_dir=folder)  # fp32 parts: nothing narrowed
+    assert {p.dtype for p in wide.unet.parameters()} == {torch.float32}
+    a, b = loaded.unet.state_dict(), wide.unet.state_dict()
+    assert [k for k in a if not torch.equal(a[k].float(), b[k])] == []
 
 
 def test_sd15_single_file_loads_offline_with_equal_weights(tiny_sd15):

@@ -120,8 +120,9 @@ def arch_mismatch(kind: str, arch: str | None) -> str | None:
     return None
 
 
-def read_safetensors_keys(path: str | Path) -> list[str]:
-    """The tensor names in a ``.safetensors`` file's header (the weights are not read)."""
+def read_safetensors_header(path: str | Path) -> dict:
+    """A ``.safetensors`` file's header: ``{name: {"dtype", "shape", "data_offsets"}}`` and
+    maybe ``"__metadata__"`` (the weights are not read)."""
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -140,7 +141,28 @@ def read_safetensors_keys(path: str | Path) -> list[str]:
         raise CheckpointError("not a safetensors file (its header is not JSON)", path=path) from e
     if not isinstance(header, dict):
         raise CheckpointError("not a safetensors file (its header is not a JSON object)", path=path)
-    return [k for k in header if k != "__metadata__"]
+    return header
+
+
+def read_safetensors_keys(path: str | Path) -> list[str]:
+    """The tensor names in a ``.safetensors`` file's header (the weights are not read)."""
+    return [k for k in read_safetensors_header(path) if k != "__metadata__"]
+
+
+_HALF_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
+
+
+def uniform_half_dtype(header: dict) -> str | None:
+    """``"float16"``/``"bfloat16"`` when every floating tensor of a safetensors ``header`` is
+    stored in that one half dtype, else None (any float32 tensor, a mix, no float tensor).
+    Empty tensors (markers such as ``v_pred``) do not count.
+
+    Why: loading such a file in its own dtype and widening afterwards gives the same values as
+    loading it in float32, without holding the file's tensors and float32 copies at once.
+    """
+    floats = {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+              and str(v.get("dtype", "")).startswith(("F", "BF")) and 0 not in v.get("shape", ())}
+    return _HALF_DTYPES.get(floats.pop()) if len(floats) == 1 else None
 
 
 def read_checkpoint_keys(path: str | Path) -> list[str]:

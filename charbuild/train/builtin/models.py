@@ -21,7 +21,15 @@ from pathlib import Path
 from charbuild.errors import TrainingError
 from charbuild.fsutil import under_root
 
-from .checkpoint import SUPPORTED_ARCHS, CheckpointError, check_keys_arch, prediction_hints, read_checkpoint_keys
+from .checkpoint import (
+    SUPPORTED_ARCHS,
+    CheckpointError,
+    check_keys_arch,
+    prediction_hints,
+    read_checkpoint_keys,
+    read_safetensors_header,
+    uniform_half_dtype,
+)
 
 #: The model configs charbuild ships, one diffusers-style folder per architecture.
 CONFIGS_DIR = Path(__file__).with_name("configs")
@@ -127,7 +135,8 @@ def load_single_file(path: Path, arch: str | None = None, config_dir: Path | Non
     ``v_pred`` marker gets a v-prediction scheduler, one with ``ztsnr`` ``zero_terminal_snr``
     set (the training loop rescales the betas, :func:`.loss.apply_zero_terminal_snr`). ``config_dir``:
     a diffusers-style folder of configs (and tokenizers) to convert with instead of the shipped
-    ``configs/<arch>/`` (tests use a tiny model's folder).
+    ``configs/<arch>/`` (tests use a tiny model's folder). A file stored in one half dtype loads
+    in that dtype (:func:`~.checkpoint.uniform_half_dtype`), anything else in float32.
     """
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -147,6 +156,12 @@ def load_single_file(path: Path, arch: str | None = None, config_dir: Path | Non
     else:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
         pipeline_class = StableDiffusionPipeline
+    if path.suffix.lower() == ".safetensors":
+        half = uniform_half_dtype(read_safetensors_header(path))
+        if half is not None:  # the trainer widens each part to its training dtype (the same values)
+            import torch
+
+            kwargs["torch_dtype"] = getattr(torch, half)
     try:
         pipe = pipeline_class.from_single_file(str(path), config=str(folder), local_files_only=True, **kwargs)
     except Exception as e:  # diffusers raises many kinds here (OSError, ValueError, KeyError, HF errors)
@@ -261,8 +276,9 @@ def load_base_model(model: dict, project_root: str | Path, supported_archs: tupl
     single-file checkpoint; ``model["arch"]`` (None or absent: taken from the model) must match it.
 
     ``supported_archs``: what the calling training loop can train; another architecture is an
-    :class:`UnsupportedError` (exit code 2). The models come back in float32 on the CPU, frozen
-    (``requires_grad`` off).
+    :class:`UnsupportedError` (exit code 2). The models come back on the CPU, frozen
+    (``requires_grad`` off), in float32 or, from a single file stored in one half dtype, in that
+    dtype: the caller moves each part to its device and dtype.
     """
     quiet_libraries()
     arch = model.get("arch")

@@ -448,9 +448,14 @@ def prepare(setup: Setup) -> Prepared:
         with _autocast(weight_dtype):
             for k in range(0, len(captions), 8):
                 _frozen_conditioning(setup, prep, captions[k : k + 8])
-        for te in encoders:  # as sd-scripts: not needed on the GPU any more (a sampler may move them back)
-            te.to("cpu", torch.float32)
-        note(f"cached the text encoders' outputs of {len(captions)} captions in {time.time() - t0:.1f}s")
+        params = setup.job.params
+        if params.sample_every or params.validation_every:
+            for te in encoders:  # as sd-scripts: not needed on the GPU any more (a sampler moves them back)
+                te.to("cpu", torch.float32)
+        else:  # nothing encodes again: every caption of the loop is cached (unlike sd-scripts, which keeps them)
+            prep.text_encoder = prep.text_encoder_2 = None
+        note(f"cached the text encoders' outputs of {len(captions)} captions in {time.time() - t0:.1f}s"
+             + ("" if prep.text_encoder is not None else "; the text encoders are released"))
     return prep
 
 
