@@ -61,14 +61,23 @@ def ray_project(root: Path, cluster: LocalCluster, trainer: str = "", fake: str 
                         f"[trainer.extra]\n{fake}", **kwargs)
 
 
+#: The build's Ray driver exits this soon after its last training: each test's project has its own.
+DRIVER_IDLE_S = 4
+
+
+def driver_env(cluster: LocalCluster) -> dict[str, str]:
+    env = dict(cluster.env, CHARBUILD_RAY_DRIVER_IDLE=str(DRIVER_IDLE_S))
+    return env | {k: v for k, v in os.environ.items() if k == "SOURCE_DATE_EPOCH"}
+
+
 def charbuild(cluster: LocalCluster, root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(cluster.env, **{k: v for k, v in os.environ.items() if k == "SOURCE_DATE_EPOCH"})
+    env = driver_env(cluster)
     return subprocess.run([sys.executable, "-m", "charbuild.cli", *args, "--root", str(root)], env=env,
                           capture_output=True, text=True, timeout=left(timeout))
 
 
 def start_charbuild(cluster: LocalCluster, root: Path, *args: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "charbuild.cli", *args, "--root", str(root)], env=cluster.env,
+    proc = subprocess.Popen([sys.executable, "-m", "charbuild.cli", *args, "--root", str(root)], env=driver_env(cluster),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _drivers.append(proc)
     return proc
@@ -126,6 +135,10 @@ def test_fake_trainings_on_two_nodes_match_the_local_executor(cluster, tmp_path)
         assert saved["extra"] == json.loads((a / "raw.json").read_text(encoding="utf-8"))["extra"]
         log = (b / "train.log").read_text(encoding="utf-8")
         assert "running on node" in log and "fake trainer: wrote" in log  # streamed from the worker
+    # one Ray driver for the whole build: the three doit processes all went through it
+    drivers = {re.search(r"the build's Ray driver \(pid (\d+)", (vdir(remote, lora) / "train.log").read_text(
+        encoding="utf-8")).group(1) for lora in LORAS}
+    assert len(drivers) == 1, drivers
     records = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()]
     assert len(records) == 3 and all(r["ok"] for r in records)
     assert overlap(records) <= 2  # two logical GPUs in the cluster, doit ran three at once
@@ -134,6 +147,20 @@ def test_fake_trainings_on_two_nodes_match_the_local_executor(cluster, tmp_path)
     again = charbuild(cluster, remote, "build", "train")
     assert again.returncode == 0 and "training " not in again.stdout, again.stdout
     assert len(record.read_text(encoding="utf-8").splitlines()) == 3
+
+
+def test_the_build_driver_exits_when_idle(cluster, tmp_path):
+    root = ray_project(tmp_path / "p", cluster)
+    out = charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    pid = int(re.search(r"the build's Ray driver \(pid (\d+)", (vdir(root, "bbo") / "train.log").read_text(
+        encoding="utf-8")).group(1))
+    info = root / "build" / "locks" / "ray-driver.json"
+    assert json.loads(info.read_text(encoding="utf-8"))["pid"] == pid
+    assert gone(pid, timeout=left(DRIVER_IDLE_S + 30)), "the driver outlived its idle time"
+    assert not info.exists()
+    again = charbuild(cluster, root, "build", f"train:alc/{VARIANT}")  # a later build starts a new one
+    assert again.returncode == 0, again.stdout + again.stderr
 
 
 def test_builtin_tiny_training_is_byte_identical_to_local(cluster, tmp_path, monkeypatch):
@@ -164,8 +191,12 @@ def test_model_travels_once_and_then_only_the_inputs(cluster, tmp_path):
     root = ray_project(tmp_path / "p", cluster, trainer=f'worker_cache = "{cache.as_posix()}"\n')
     toml = root / "characters" / "project.toml"
     toml.write_text(f'[model]\nbase = "{model.as_posix()}"\n' + toml.read_text(encoding="utf-8"), encoding="utf-8")
-    out = charbuild(cluster, root, "build", "train")  # one at a time: the later ones find the cache
+    out = charbuild(cluster, root, "build", "-n", "3", "train")  # at once: one fetches, the node's lock holds the rest
     assert out.returncode == 0, out.stdout + out.stderr
+    # and the build's one driver put the model into the object store once for the three
+    driver_log = (root / "build" / "locks" / "ray-driver.log").read_text(encoding="utf-8")
+    put = re.findall(r"so far: \d+ bytes of inputs, (\d+) bytes of model", driver_log)
+    assert len(put) == 3 and int(put[-1]) == model.stat().st_size, driver_log
     moved = []
     for lora in LORAS:
         log = (vdir(root, lora) / "train.log").read_text(encoding="utf-8")
@@ -223,6 +254,35 @@ def test_driver_sigterm_cancels_the_remote_training(cluster, tmp_path):
     while cluster.free_gpus() < 2 and time.time() < deadline:
         time.sleep(1)
     assert cluster.free_gpus() == 2  # the task let go of its GPU
+
+
+def test_a_killed_build_process_cancels_its_remote_training(cluster, tmp_path):
+    root = ray_project(tmp_path / "p", cluster, fake="fake_seconds = 60\n")
+    proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
+    _, trainer = wait_for_trainer(vdir(root, "bbo") / "train.log")
+    proc.kill()  # no handler runs: the driver sees the training's connection close
+    proc.communicate(timeout=left(60))
+    assert gone(trainer, timeout=left(30)), "the remote trainer still runs after its build process was killed"
+    deadline = time.time() + left(60)
+    while cluster.free_gpus() < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert cluster.free_gpus() == 2
+
+
+def test_an_unreachable_cluster_fails_at_once_naming_the_address(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = make_project(tmp_path / "p", project_extra=f'executor = "ray"\nray_address = "127.0.0.1:{port}"\n[trainer.extra]\n')
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "charbuild.cli", "build", f"train:bbo/{VARIANT}", "--root", str(root)],
+                         capture_output=True, text=True, timeout=left(120))
+    assert out.returncode != 0
+    assert f"cannot reach the Ray cluster at '127.0.0.1:{port}'" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert time.monotonic() - t0 < 60  # not Ray's minutes of retrying
+    assert not (vdir(root, "bbo") / "raw.safetensors").exists()
 
 
 def test_dry_run_says_where_each_training_would_run(cluster, tmp_path):

@@ -225,3 +225,12 @@ def test_a_launcher_without_local_gpu_runs_while_every_gpu_lock_is_held(tmp_path
     assert launcher.seen == [None]
     assert runner.is_up_to_date(job).fresh
     assert "training k/v with executor remote-test" in (root / "build/loras/k/v/train.log").read_text(encoding="utf-8")
+
+
+def test_tcp_target_of_ray_addresses():
+    from charbuild.train.executors.ray import tcp_target
+
+    assert tcp_target("10.0.0.5:6379") == ("10.0.0.5", 6379)
+    assert tcp_target("ray://head.local:10001") == ("head.local", 10001)
+    assert tcp_target("[::1]:6379") == ("::1", 6379)
+    assert tcp_target("auto") is None and tcp_target("head") is None and tcp_target(":6379") is None

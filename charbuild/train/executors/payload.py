@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
@@ -26,9 +27,14 @@ from ..job import TrainJob
 #: belong to the build, not to the machine (reproducible timestamps in the LoRA's metadata).
 FORWARDED_ENV = ("SOURCE_DATE_EPOCH",)
 
-# driver-process caches: content -> object reference (kept alive while the driver runs)
+# the driver's caches (:mod:`.driver`, one process per build): content -> object reference,
+# kept alive while it runs, so every training of the build shares one copy of each
 _input_refs: dict[str, Any] = {}
 _model_refs: dict[tuple[str, str], dict[str, Any]] = {}
+#: Bytes this process has put into the object store so far, by kind (the driver logs them).
+put_bytes = {"inputs": 0, "model": 0}
+# the driver serves its trainings in threads: the first of them puts a file, the others wait for it
+_put_lock = threading.Lock()
 
 
 def project_relative(path: str | Path, root: str | Path) -> str:
@@ -85,16 +91,28 @@ def _model_entry(value: str, layout: Layout) -> dict[str, Any]:
     import ray
 
     path = Path(value)
-    digest = model_signature(str(path), layout.root, layout.cache_dir)["md5"]
-    key = (str(path.resolve()), digest)
-    if key not in _model_refs:
-        _model_refs[key] = {rel: ray.put(f.read_bytes()) for rel, f in model_files(path).items()}
+    with _put_lock:  # also the hash: concurrent trainings of one model read the file once
+        digest = model_signature(str(path), layout.root, layout.cache_dir)["md5"]
+        key = (str(path.resolve()), digest)
+        if key not in _model_refs:
+            refs = {}
+            for rel, f in model_files(path).items():
+                data = f.read_bytes()
+                refs[rel] = ray.put(data)
+                put_bytes["model"] += len(data)
+            _model_refs[key] = refs
     return {"hash": digest, "name": path.name, "is_dir": path.is_dir(), "files": _model_refs[key]}
 
 
-def build_payload(job: TrainJob) -> dict[str, Any]:
+def forwarded_env() -> dict[str, str]:
+    """This process's values of :data:`FORWARDED_ENV` (a training sends them with its job)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def build_payload(job: TrainJob, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The task argument for ``job`` (its ``output`` in the runner's temp folder): the job, its
-    inputs by content, the dataset TOML, the models that must travel, the forwarded environment."""
+    inputs by content, the dataset TOML, the models that must travel, and ``env`` (the
+    training's :func:`forwarded_env`; default: this process's)."""
     import ray
 
     root = Path(job.project_root)
@@ -102,8 +120,10 @@ def build_payload(job: TrainJob) -> dict[str, Any]:
     for p in job.inputs:
         data = Path(p).read_bytes()
         digest = hashlib.md5(data).hexdigest()
-        if digest not in _input_refs:
-            _input_refs[digest] = ray.put(data)
+        with _put_lock:
+            if digest not in _input_refs:
+                _input_refs[digest] = ray.put(data)
+                put_bytes["inputs"] += len(data)
         files[project_relative(p, root)] = (digest, _input_refs[digest])
     inline = {project_relative(job.dataset_toml, root): Path(job.dataset_toml).read_bytes()}
     models: dict[str, Any] = {}
@@ -112,11 +132,11 @@ def build_payload(job: TrainJob) -> dict[str, Any]:
             value = getattr(job.model, key)
             if travels(value):
                 models[key] = _model_entry(value, Layout(root))
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = dict(forwarded_env() if env is None else env)
     return {"job": job.to_dict(), "files": files, "inline": inline, "models": models,
             "worker_cache": job.trainer.worker_cache, "env": env}
 
 
-def input_bytes(payload: Mapping[str, Any], job: TrainJob) -> int:
+def input_bytes(job: TrainJob) -> int:
     """The size of a training's own inputs (pictures, captions, dataset TOML), as they travel."""
-    return sum(Path(p).stat().st_size for p in job.inputs) + sum(len(b) for b in payload["inline"].values())
+    return sum(Path(p).stat().st_size for p in job.inputs) + Path(job.dataset_toml).stat().st_size

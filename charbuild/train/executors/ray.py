@@ -1,4 +1,4 @@
-"""The Ray executor, driver side: one stale training = one Ray task on some worker.
+"""The Ray executor, training side: one stale training = one Ray task on some worker.
 
 :func:`launch_on_ray` is the launcher the runner calls for ``executor = "ray"``
 (:class:`~charbuild.train.runner.Launch`). Everything around it stays the runner's and
@@ -8,39 +8,50 @@ signature sidecar and the run-cache entry, so ``charbuild status`` and the incre
 contract are the local ones. No GPU lock of this machine is taken (the launcher has
 ``local_gpu = False``): Ray's GPU scheduling replaces it.
 
-The launcher ships the job and its inputs (:mod:`.payload`), submits
-:func:`.worker.train_on_worker` with the configured resources, streams the trainer's
-output into ``train.log`` and the console, and leaves the LoRA that comes back at the
-job's ``output`` (in the runner's temp folder).
+The launcher hands the job to the build's one Ray driver (:mod:`.driver`, started by the
+first training that needs it), which ships the inputs (:mod:`.payload`) and submits
+:func:`.worker.train_on_worker` with the configured resources; the launcher streams the
+trainer's output it relays into ``train.log`` and the console, and leaves the LoRA that comes
+back at the job's ``output`` (in the runner's temp folder). This process imports no Ray.
 
 Failures: a worker or node lost mid-training is retried ``trainer.retries`` times,
 then fails the target naming the node and the log's last lines; a trainer that exits
 non-zero fails at once (its exit status goes back to the runner, the log names the node).
-KeyboardInterrupt (Ctrl-C, or SIGTERM turned into it by the dodo) cancels the remote task
-with ``ray.cancel(force=True)`` — the worker's watchdog then stops the trainer's process
-group — and nothing is written.
+KeyboardInterrupt (Ctrl-C, or SIGTERM turned into it by the dodo) closes the connection to
+the driver, which cancels the remote task with ``ray.cancel(force=True)`` — the worker's
+watchdog then stops the trainer's process group — and nothing is written. So does a doit
+process that is killed outright.
+
+The rest of this module runs where Ray is imported: in the driver and for the dry run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ...errors import TrainingError
-from ...fsutil import atomic_path, write_text_atomic
+from ...fsutil import atomic_path
 from ...layout import Layout
 from ..job import TrainJob
 from ..process import log_tail, say
-from .payload import build_payload, input_bytes
+from .driver import DRIVER_LOG, driver_connection
+from .payload import forwarded_env, input_bytes
 from .settings import INSTALL_HINT, ray_task_options
 
 if TYPE_CHECKING:
     from ..runner import Launch
 
-ADDRESS_FILE = "ray-address"
 _remote_fn = None
+
+
+class WorkerLost(Exception):
+    """The worker (or its node) of a training went away mid-training: ``reason`` says which."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _import_ray():
@@ -51,18 +62,46 @@ def _import_ray():
     return ray
 
 
-def connect(address: str | None, lock_dir: Path, gpus: int = 1) -> None:
-    """Connect this process to Ray once: to ``address``, or to the local instance of this build.
-
-    Without an address the first process of a build starts a local instance (``gpus``
-    logical GPUs) and leaves its address in ``lock_dir``; the other ``doit -n``
-    processes join it, so they share one scheduler instead of each owning every GPU.
-    """
+def connect(address: str | None, gpus: int = 1) -> None:
+    """Connect this process to Ray once: to ``address``, or to a local instance it starts
+    (``gpus`` logical GPUs; it lives as long as this process: the build's driver)."""
     ray = _import_ray()
     if ray.is_initialized():
         return
+    if address is not None:
+        _check_reachable(address)
     with _keep_sigterm_handler():
-        _init(ray, address, lock_dir, gpus)
+        common = dict(log_to_driver=False, logging_level="WARNING", configure_logging=True)
+        try:
+            if address is not None:
+                ray.init(address=address, **common)
+            else:
+                ray.init(num_gpus=gpus, include_dashboard=False, **common)
+        except ConnectionError as e:
+            raise TrainingError(f"cannot reach the Ray cluster at {address!r}: {e}; start one (`ray start --head`) "
+                                "or fix trainer.ray_address") from None
+
+
+def tcp_target(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``host:port`` or ``ray://host:port`` address; None for ``"auto"`` and the like."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail at once when nothing listens at ``address``: ``ray.init`` would retry for minutes."""
+    import socket
+
+    target = tcp_target(address)
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=timeout).close()
+    except OSError as e:
+        raise TrainingError(f"cannot reach the Ray cluster at {address!r}: {e.strerror or e}; start one "
+                            "(`ray start --head`) or fix trainer.ray_address") from None
 
 
 @contextlib.contextmanager
@@ -82,44 +121,8 @@ def _keep_sigterm_handler():
                 signal.signal(signal.SIGTERM, old)
 
 
-def _init(ray, address: str | None, lock_dir: Path, gpus: int) -> None:
-    common = dict(log_to_driver=False, logging_level="WARNING", configure_logging=True)
-    try:
-        if address is not None:
-            ray.init(address=address, **common)
-            return
-        from filelock import FileLock
-
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(lock_dir / "ray-start.lock")):
-            known = lock_dir / ADDRESS_FILE
-            owner, _, addr = (known.read_text(encoding="utf-8").strip() if known.is_file() else "").partition(" ")
-            if addr and _pid_alive(owner):  # the instance lives as long as the process that started it
-                with contextlib.suppress(Exception):
-                    ray.init(address=addr, **common)
-                    return
-            ray.init(num_gpus=gpus, include_dashboard=False, **common)
-            write_text_atomic(known, f"{os.getpid()} {ray.get_runtime_context().gcs_address}\n")
-    except ConnectionError as e:
-        raise TrainingError(f"cannot reach the Ray cluster at {address!r}: {e}; start one (`ray start --head`) "
-                            "or fix trainer.ray_address") from None
-
-
-def _pid_alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    if os.name == "nt":  # os.kill would terminate it there; just try the address
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _remote():
+def remote_trainer():
+    """:func:`.worker.train_on_worker` as a Ray remote function (made once per process)."""
     global _remote_fn
     if _remote_fn is None:
         ray = _import_ray()
@@ -140,7 +143,8 @@ def fitting_nodes(resources: Mapping[str, Any]) -> list[dict[str, Any]]:
             and all(n.get("Resources", {}).get(k, 0) >= v for k, v in need.items() if v)]
 
 
-def _lost_errors(ray) -> tuple[type, ...]:
+def lost_errors(ray) -> tuple[type, ...]:
+    """Ray's exceptions that mean a worker, a node or an object went away (retryable)."""
     ex = ray.exceptions
     names = ("WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError", "RaySystemError",
              "LocalRayletDiedError", "ObjectFetchTimedOutError", "TaskUnschedulableError")
@@ -157,33 +161,25 @@ def launch_on_ray(launch: "Launch") -> int:
     """
     from ..runner import log_path
 
-    ray = _import_ray()
     job, log_fh, console = launch.job, launch.log, launch.console
     echo = console is not None
     t = job.trainer
-    connect(t.ray_address, _lock_dir(job), gpus=len(t.gpus))
-    if not fitting_nodes(t.resources):
-        raise TrainingError(f"training {job.label}: no node of the Ray cluster has the resources one training "
-                            f"asks for ({_resources_text(t.resources)}); cluster: {ray.cluster_resources()}; "
-                            "change trainer.resources or add a worker")
-    payload = build_payload(job)
-    own_bytes = input_bytes(payload, job)
+    own_bytes = input_bytes(job)
     attempts = t.retries + 1
     say(f"on the Ray cluster, asking for {_resources_text(t.resources)}", log_fh, echo)
     for attempt in range(1, attempts + 1):
         if attempt > 1:  # the same log: the lost attempt's lines stay above
             say(f"starting {job.label} again, attempt {attempt}/{attempts}", log_fh, echo)
         try:
-            result, where = _stream(ray, payload, job, log_fh, console, echo)
+            result, where = _stream(job, log_fh, console)
             break
-        except _lost_errors(ray) as e:
-            reason = _lost_reason(e, getattr(e, "_charbuild_where", None))
-            say(reason, log_fh, echo)
+        except WorkerLost as e:
+            say(e.reason, log_fh, echo)
             if attempt == attempts:
                 log_fh.flush()
                 log = log_path(job)
                 tail = "\n".join("    " + line for line in log_tail(log))
-                raise TrainingError(f"training {job.label}: {reason}"
+                raise TrainingError(f"training {job.label}: {e.reason}"
                                     + (f" (after {attempts - 1} retries)" if attempts > 1 else "")
                                     + f"; last lines of {log}:\n{tail}", path=log) from None
     node = _node_text(where)
@@ -213,20 +209,27 @@ def _lock_dir(job: TrainJob) -> Path:
     return Path(job.trainer.lock_dir) if job.trainer.lock_dir else Layout(job.project_root).locks_dir
 
 
-def _stream(ray, payload, job: TrainJob, log_fh, console, echo):
-    """Submit the task and consume its messages until ``done``; cancel it on any interruption."""
-    opts = ray_task_options(job.trainer.resources)
-    gen = _remote().options(num_returns="streaming", max_retries=0, retry_exceptions=False,
-                            name=f"charbuild train {job.label}", **opts).remote(payload)
+def _stream(job: TrainJob, log_fh, console):
+    """Send ``job`` to the build's driver and consume the task's messages until ``done``.
+
+    Leaving early (an exception, KeyboardInterrupt) closes the connection: the driver cancels the task.
+    """
     where: dict[str, Any] | None = None
     at_line_start = True
-    try:
-        for ref in gen:
-            msg = ray.get(ref)
+    lock_dir = _lock_dir(job)
+    with driver_connection(job, lock_dir) as (conn, driver_pid):
+        say(f"through the build's Ray driver (pid {driver_pid}, log {lock_dir / DRIVER_LOG})", log_fh, echo=False)
+        conn.send({"op": "train", "job": job.to_dict(), "env": forwarded_env()})
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                raise TrainingError(f"training {job.label}: the build's Ray driver stopped mid-training "
+                                    f"(see {lock_dir / DRIVER_LOG})", path=lock_dir / DRIVER_LOG) from None
             kind = msg["kind"]
             if kind == "start":
                 where = msg
-                say(f"running on {_node_text(where)}, GPU {','.join(where['gpus']) or 'none'}", log_fh, echo)
+                say(f"running on {_node_text(where)}, GPU {','.join(where['gpus']) or 'none'}", log_fh, console is not None)
             elif kind == "log":
                 at_line_start = msg["data"].endswith(b"\n")
                 log_fh.write(msg["data"])
@@ -235,24 +238,20 @@ def _stream(ray, payload, job: TrainJob, log_fh, console, echo):
                     console(msg["data"])
             elif kind == "done":
                 return msg, where
-        raise TrainingError(f"training {job.label}: the worker on {_node_text(where)} ended without a result")
-    except _lost_errors(ray) as e:
-        e._charbuild_where = where
-        if not at_line_start:  # the message that follows starts on its own line
-            log_fh.write(b"\n")
-        raise
-    except ray.exceptions.RayTaskError as e:  # an error in our worker code, e.g. the trainer cannot start
-        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
-        raise TrainingError(f"training {job.label} failed on {_node_text(where)}: {cause}") from None
-    except BaseException:
-        with contextlib.suppress(Exception):
-            ray.cancel(gen, force=True)
-        raise
+            elif kind == "lost":
+                if not at_line_start:  # the message that follows starts on its own line
+                    log_fh.write(b"\n")
+                raise WorkerLost(_lost_reason(msg["error"], msg["text"], where))
+            elif kind == "unfit":
+                raise TrainingError(f"training {job.label}: no node of the Ray cluster has the resources one "
+                                    f"training asks for ({_resources_text(job.trainer.resources)}); cluster: "
+                                    f"{msg['cluster']}; change trainer.resources or add a worker")
+            elif kind == "error":
+                raise TrainingError(f"training {job.label} failed on {_node_text(where)}: {msg['text']}")
 
 
-def _lost_reason(error: BaseException, where) -> str:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"the worker on {_node_text(where)} was lost mid-training ({type(error).__name__}: {first})"
+def _lost_reason(error: str, first_line: str, where) -> str:
+    return f"the worker on {_node_text(where)} was lost mid-training ({error}: {first_line or error})"
 
 
 def _node_text(where) -> str:
@@ -272,7 +271,7 @@ def dry_run_lines(job: TrainJob) -> list[str]:
     if t.ray_address is None:
         return [head + f" on a local Ray instance started for the build ({len(t.gpus)} logical GPU(s))"]
     try:
-        connect(t.ray_address, _lock_dir(job))
+        connect(t.ray_address)
         nodes = fitting_nodes(t.resources)
     except TrainingError as e:
         return [head + f" at {t.ray_address}; cluster not reachable now: {e.message}"]
