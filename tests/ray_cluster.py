@@ -26,6 +26,9 @@ def cluster_env() -> dict[str, str]:
     env = dict(os.environ)
     env["RAY_AUTH_MODE"] = "disabled"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # a builtin training on a node picks its torch threads from the load; a fixed count makes its
+    # bytes comparable with a local training's (tests set the same there)
+    env["CHARBUILD_TORCH_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
 

@@ -157,6 +157,7 @@ def test_the_build_driver_exits_when_idle(cluster, tmp_path):
         encoding="utf-8")).group(1))
     info = root / "build" / "locks" / "ray-driver.json"
     assert json.loads(info.read_text(encoding="utf-8"))["pid"] == pid
+    assert info.stat().st_mode & 0o077 == 0  # it holds the driver's key: this user's only
     assert gone(pid, timeout=left(DRIVER_IDLE_S + 30)), "the driver outlived its idle time"
     assert not info.exists()
     again = charbuild(cluster, root, "build", f"train:alc/{VARIANT}")  # a later build starts a new one
@@ -165,6 +166,8 @@ def test_the_build_driver_exits_when_idle(cluster, tmp_path):
 
 def test_builtin_tiny_training_is_byte_identical_to_local(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # the metadata's timestamps; the driver forwards it
+    # float sums depend on the thread count, which the trainer takes from the load: the nodes have 1
+    monkeypatch.setenv("CHARBUILD_TORCH_THREADS", cluster.env["CHARBUILD_TORCH_THREADS"])
     chars = {"bob": {"keyword": "bbo", "face": ["f00", "f03"], "outfits": {}}}
     local = make_project(tmp_path / "local", sizes=(64,), characters=chars)
     remote = ray_project(tmp_path / "remote", cluster, sizes=(64,), characters=chars)
@@ -181,6 +184,32 @@ def test_builtin_tiny_training_is_byte_identical_to_local(cluster, tmp_path, mon
     local_metrics = [json.loads(x) for x in (a.parent / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     remote_metrics = [json.loads(x) for x in (b.parent / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [m.get("loss") for m in remote_metrics] == [m.get("loss") for m in local_metrics] and local_metrics
+
+
+def test_sd_scripts_backend_on_ray_samples_like_local(cluster, tmp_path):
+    """The sd-scripts backend (the fake script) on a worker: its prompt file is written there and
+    its samples come back as ``samples/<step>/<name>.png``, as a local training leaves them."""
+    from checkpoint_files import write_layout_checkpoint
+
+    fake_sd = Path(__file__).resolve().parent / "fake_sd_scripts"
+    chars = {"bob": {"keyword": "bbo", "face": ["f00", "f03"], "outfits": {}}}
+    trainer = (f'backend = "sd-scripts"\nsd_scripts = "{fake_sd.as_posix()}"\npython = "{Path(sys.executable).as_posix()}"\n'
+               "accelerate = false\n")
+    roots = {"local": make_project(tmp_path / "local", characters=chars, project_extra=trainer),
+             "remote": ray_project(tmp_path / "remote", cluster, characters=chars, trainer=trainer)}
+    for root in roots.values():
+        write_layout_checkpoint(root / "model.safetensors", "sd15")
+        toml = root / "characters" / "project.toml"
+        text = toml.read_text(encoding="utf-8").replace('backend = "fake"\n', "").replace("dim = 4\n", "dim = 4\nsample_every = 2\n")
+        toml.write_text('[model]\nbase = "model.safetensors"\n' + text, encoding="utf-8")
+    build(roots["local"], "train")
+    out = charbuild(cluster, roots["remote"], "build", "train")
+    assert out.returncode == 0, out.stdout + out.stderr
+    samples = {name: sorted(p.relative_to(vdir(root, "bbo")).as_posix() for p in (vdir(root, "bbo") / "samples").rglob("*.png"))
+               for name, root in roots.items()}
+    assert samples["local"] and samples["remote"] == samples["local"], samples
+    assert "fake sd-scripts: wrote" in (vdir(roots["remote"], "bbo") / "train.log").read_text(encoding="utf-8")
+    assert (vdir(roots["remote"], "bbo") / "raw.safetensors").is_file()
 
 
 def test_model_travels_once_and_then_only_the_inputs(cluster, tmp_path):

@@ -29,6 +29,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from multiprocessing import AuthenticationError
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ...errors import TrainingError
-from ...fsutil import write_text_atomic
+from ...fsutil import replace_file
 from ..job import TrainJob
 
 DRIVER_FILE = "ray-driver.json"
@@ -186,8 +187,8 @@ class Driver:
         key = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), family="AF_INET", authkey=key)
         port = listener.address[1]
-        write_text_atomic(self.lock_dir / DRIVER_FILE,
-                          json.dumps({"pid": os.getpid(), "port": port, "key": key.hex(), "spec": self.spec}) + "\n")
+        _write_private(self.lock_dir / DRIVER_FILE,
+                       json.dumps({"pid": os.getpid(), "port": port, "key": key.hex(), "spec": self.spec}) + "\n")
         print(f"driver pid {os.getpid()} listening on 127.0.0.1:{port} for {self.spec}", flush=True)
         threading.Thread(target=self._exit_when_idle, daemon=True).start()
         while True:
@@ -292,6 +293,19 @@ class Driver:
             raise
         finally:
             finished.set()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``text`` into ``path`` atomically, readable by this user only (it holds the driver's key)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        replace_file(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def idle_seconds() -> float:

@@ -191,12 +191,17 @@ def train_on_worker(payload: Mapping[str, Any]) -> Iterator[dict]:
         job_file = temp / "job.json"
         write_text_atomic(job_file, wjob.to_json())
         backend = get_backend(wjob.backend)
+        prepare_files = getattr(backend, "prepare_files", None)  # the files its command names, here too
+        if prepare_files is not None:
+            prepare_files(wjob)
         cmd = backend.command(wjob, job_file)
         gpu = ",".join(start["gpus"]) if start["gpus"] else os.environ.get("CUDA_VISIBLE_DEVICES", "")
         env = backend.env(wjob, child_env(gpu))
         env.update(payload.get("env") or {})
+        collect_outputs = getattr(backend, "collect_outputs", None)  # its samples into ours, before they travel
         result = yield from _run_streaming(cmd, wjob.project_root, env, temp / LOG_NAME, wjob.trainer.kill_grace,
-                                           Path(wjob.output), {"inputs": moved_inputs, "model": moved_model})
+                                           Path(wjob.output), {"inputs": moved_inputs, "model": moved_model},
+                                           before_collect=(lambda: collect_outputs(wjob)) if collect_outputs else None)
     finally:
         in_use.release()
         shutil.rmtree(root, ignore_errors=True)
@@ -204,9 +209,10 @@ def train_on_worker(payload: Mapping[str, Any]) -> Iterator[dict]:
     yield result
 
 
-def _run_streaming(cmd, root: str, env: dict, log: Path, grace: float, raw: Path, moved: dict):
+def _run_streaming(cmd, root: str, env: dict, log: Path, grace: float, raw: Path, moved: dict, before_collect=None):
     """Run ``cmd`` in its own process group (:mod:`charbuild.train.process`), yielding its output in batches;
-    return the ``done`` message (exit status, the LoRA's bytes)."""
+    return the ``done`` message (exit status, the LoRA's bytes, what it observed). ``before_collect``:
+    called after a successful run, before the observed files are read (the backend's ``collect_outputs``)."""
     chunks: queue.Queue[bytes] = queue.Queue()
     proc = start_in_own_group(cmd, str(root), env, ())
     watchdog = _start_watchdog(proc.pid, grace, str(root))
@@ -230,6 +236,8 @@ def _run_streaming(cmd, root: str, env: dict, log: Path, grace: float, raw: Path
             stop_process_group(proc, grace)
         rc = proc.returncode
         data = raw.read_bytes() if rc == 0 and raw.is_file() else None
+        if data is not None and before_collect is not None:
+            before_collect()
         return {"kind": "done", "rc": rc, "lora": data, "observed": _observed_files(raw.parent) if data else {},
                 "moved": moved}
     except BaseException:  # cancelled (KeyboardInterrupt / TaskCancelledError / GeneratorExit) or failed
