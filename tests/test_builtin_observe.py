@@ -85,7 +85,7 @@ def test_samples_every_n_steps_and_at_the_end_one_per_face_code(trained):
 def test_rendering_and_validation_are_deterministic_and_leave_the_random_state(project, tmp_path):
     from charbuild.train.builtin.samples import SampleRenderer
     from charbuild.train.builtin.trainer import prepare, resolve_setup
-    from charbuild.train.builtin.validation import ValidationSet, sd15_predict
+    from charbuild.train.builtin.validation import ValidationSet, training_predict
     from charbuild.train.observed import samples_of
 
     setup = resolve_setup(_small(project, "det", **OBSERVE))
@@ -98,7 +98,7 @@ def test_rendering_and_validation_are_deterministic_and_leave_the_random_state(p
     assert len({hashlib.md5(p.read_bytes()).hexdigest() for p in a}) == 3  # one picture per prompt and seed
 
     captions = [it.caption for it in prep.dataset.items]
-    predict = sd15_predict(prep.unet, prep.tokenizer, prep.text_encoder, setup.clip_skip, prep.device, prep.weight_dtype)
+    predict = training_predict(setup, prep)
     values = [ValidationSet.build(prep.latents, captions, 1000, setup.seed).evaluate(predict, prep.noise_scheduler, prep.device)
               for _ in range(2)]
     assert values[0] == values[1] and values[0] > 0
@@ -132,7 +132,7 @@ def _sdxl_checks(tmp_path):
     from charbuild.sample_prompts import sample_set
     from charbuild.train.builtin.models import load_base_model
     from charbuild.train.builtin.samples import SampleRenderer
-    from charbuild.train.builtin.validation import ValidationSet, sdxl_predict
+    from charbuild.train.builtin.validation import ValidationSet, training_predict
     from charbuild.train.variants import resolve_variant
 
     base = load_base_model({"base": "tiny-sdxl"}, tmp_path, supported_archs=("sd15", "sdxl"))
@@ -141,7 +141,8 @@ def _sdxl_checks(tmp_path):
     prep = SimpleNamespace(device=torch.device("cpu"), weight_dtype=torch.float32, vae=base.vae, unet=base.unet,
                            text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
                            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2,
-                           noise_scheduler=base.noise_scheduler, dataset=None)
+                           noise_scheduler=base.noise_scheduler, dataset=None, arch="sdxl",
+                           train_text_encoder=False, text_cache={})
     samples = sample_set("face", ["k"])[:2]
     a = SampleRenderer(setup, prep, samples, tmp_path / "a").render(1)
     b = SampleRenderer(setup, prep, samples, tmp_path / "b").render(1)
@@ -149,8 +150,7 @@ def _sdxl_checks(tmp_path):
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
 
     latents = {(0, False): torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))}
-    predict = sdxl_predict(base.unet, base.tokenizer, base.tokenizer_2, base.text_encoder, base.text_encoder_2,
-                           prep.device, torch.float32)
+    predict = training_predict(setup, prep)
     values = [ValidationSet.build(latents, ["k, smile"], 1000, 1, sizes_hw=[(128, 128)])
               .evaluate(predict, base.noise_scheduler, prep.device) for _ in range(2)]
     assert values[0] == values[1] and values[0] > 0

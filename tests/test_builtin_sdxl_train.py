@@ -263,11 +263,22 @@ def test_unet_only_with_cached_text_encoder_outputs(project, monkeypatch):
     assert md["ss_network_train_unet_only"] == "True"
     assert md["modelspec.prediction_type"] == "v"
     assert md["ss_zero_terminal_snr"] == "True" and md["ss_min_snr_gamma"] == "5.0" and md["ss_noise_offset"] == "0.05"
-    # nothing encodes again (no samples, no validation): the encoders are let go, unlike sd-scripts
+    # nothing encodes again (no samples; validation reads the same cache): the encoders are let go,
+    # unlike sd-scripts; a training that samples keeps them
     assert prepare(resolve_setup(job)).text_encoder is None
-    kept = prepare(resolve_setup(_job(project, "Lora1x1", "unet-v", network_train_unet_only=True,
-                                      cache_text_encoder_outputs=True, validation_every=2)))
+    kept = prepare(resolve_setup(_job(project, "Lora1x1", "unet-s", network_train_unet_only=True,
+                                      cache_text_encoder_outputs=True, sample_every=2)))
     assert kept.text_encoder is not None and kept.text_encoder_2 is not None
+    # validation reads the cache: with the encoders released it gives what it gives with them kept
+    from charbuild.report.metrics import read_metrics
+
+    val = {}
+    for name, over in (("released", {}), ("kept", {"sample_every": 2, "sample_steps": 1, "sample_size": 64})):
+        run = _job(project, "Lora1x1", f"val-{name}", steps=2, network_train_unet_only=True,
+                   cache_text_encoder_outputs=True, validation_every=1, **over)
+        run_job(run)
+        val[name] = read_metrics(Path(run["variant_dir"]) / "metrics.jsonl").val_loss
+    assert len(val["released"]) == 3 and val["released"] == val["kept"]
 
 
 @pytest.mark.parametrize("base", ["tiny-sdxl", "tiny"])

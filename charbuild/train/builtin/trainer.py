@@ -448,11 +448,10 @@ def prepare(setup: Setup) -> Prepared:
         with _autocast(weight_dtype):
             for k in range(0, len(captions), 8):
                 _frozen_conditioning(setup, prep, captions[k : k + 8])
-        params = setup.job.params
-        if params.sample_every or params.validation_every:
+        if setup.job.params.sample_every:
             for te in encoders:  # as sd-scripts: not needed on the GPU any more (a sampler moves them back)
                 te.to("cpu", torch.float32)
-        else:  # nothing encodes again: every caption of the loop is cached (unlike sd-scripts, which keeps them)
+        else:  # nothing encodes again: the loop's and the validation's captions are cached (sd-scripts keeps them)
             prep.text_encoder = prep.text_encoder_2 = None
         note(f"cached the text encoders' outputs of {len(captions)} captions in {time.time() - t0:.1f}s"
              + ("" if prep.text_encoder is not None else "; the text encoders are released"))
@@ -558,10 +557,7 @@ def batch_loss(setup: Setup, prep: Prepared, batch: list[tuple[int, bool]]):
         eps = apply_noise_offset(lat, eps, prep.loss.noise_offset)
     t = torch.randint(0, int(sched.config.num_train_timesteps), (lat.shape[0],), device=device).long()
     noisy = sched.add_noise(lat, eps, t).to(weight_dtype)
-    if added is None:
-        pred = prep.unet(noisy, t, cond.to(weight_dtype)).sample
-    else:
-        pred = prep.unet(noisy, t, cond.to(weight_dtype), added_cond_kwargs=added).sample
+    pred = predict_noise(prep, noisy, t, cond, added)
     target = training_target(prep.loss.prediction_type, lat, eps, t, sched.alphas_cumprod)
     if prep.loss.min_snr_gamma is None:
         return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
@@ -571,29 +567,56 @@ def batch_loss(setup: Setup, prep: Prepared, batch: list[tuple[int, bool]]):
 
 
 def conditioning(setup: Setup, prep: Prepared, batch: list[tuple[int, bool]], captions: list[str]):
-    """(encoder hidden states, SDXL's ``added_cond_kwargs`` or None) of a batch.
+    """(encoder hidden states, SDXL's ``added_cond_kwargs`` or None) of a batch of (item index,
+    flipped): :func:`text_conditioning` of its captions, and for SDXL each picture's size/crop ids
+    (:func:`.data.sdxl_size_conditioning`)."""
+    text = text_conditioning(setup, prep, captions)
+    if prep.arch != "sdxl":
+        return unet_conditioning(prep, text, None)
+    from .data import sdxl_size_conditioning
+    from .sdxl import sdxl_time_ids
 
-    The text encoders run with gradients when their adapters train; else each caption is
-    encoded once and kept (:func:`_frozen_conditioning`). SDXL adds the pooled prompt and each
-    picture's size/crop ids (:func:`.data.sdxl_size_conditioning`).
+    sizes = [sdxl_size_conditioning(prep.dataset.items[i], flipped) for i, flipped in batch]
+    return unet_conditioning(prep, text, sdxl_time_ids(*zip(*sizes), device=prep.device))
+
+
+def text_conditioning(setup: Setup, prep: Prepared, captions: list[str]):
+    """The text encoders' output of ``captions``: SD1.x hidden states, SDXL an :class:`.sdxl.SDXLPromptEmbeds`.
+
+    The encoders run with gradients when their adapters train; else each caption is encoded
+    once and kept (:func:`_frozen_conditioning`).
     """
     if prep.arch != "sdxl":
         if prep.train_text_encoder:
-            return encode_text(prep.tokenizer, prep.text_encoder, captions, setup.clip_skip, prep.device), None
-        return _cached_cond(prep, captions, setup.clip_skip), None
-    from .data import sdxl_size_conditioning
-    from .sdxl import encode_sdxl_prompts, sdxl_added_cond_kwargs, sdxl_time_ids, tokenize_sdxl
+            return encode_text(prep.tokenizer, prep.text_encoder, captions, setup.clip_skip, prep.device)
+        return _cached_cond(prep, captions, setup.clip_skip)
+    if not prep.train_text_encoder:
+        return _frozen_conditioning(setup, prep, captions)
+    from .sdxl import encode_sdxl_prompts, tokenize_sdxl
 
-    if prep.train_text_encoder:
-        ids1, ids2 = tokenize_sdxl(captions, prep.tokenizer, prep.tokenizer_2)
-        emb = encode_sdxl_prompts(ids1, ids2, prep.text_encoder, prep.text_encoder_2, prep.tokenizer_2.eos_token_id)
-    else:
-        emb = _frozen_conditioning(setup, prep, captions)
-    sizes = [sdxl_size_conditioning(prep.dataset.items[i], flipped) for i, flipped in batch]
-    time_ids = sdxl_time_ids(*zip(*sizes), device=prep.device)
-    added = sdxl_added_cond_kwargs(emb, time_ids)
+    ids1, ids2 = tokenize_sdxl(captions, prep.tokenizer, prep.tokenizer_2)
+    return encode_sdxl_prompts(ids1, ids2, prep.text_encoder, prep.text_encoder_2, prep.tokenizer_2.eos_token_id)
+
+
+def unet_conditioning(prep: Prepared, text, time_ids):
+    """(hidden states, ``added_cond_kwargs`` or None) for the UNet from :func:`text_conditioning`'s
+    ``text`` and, for SDXL, the size/crop ``time_ids`` (:func:`.sdxl.sdxl_time_ids`)."""
+    if prep.arch != "sdxl":
+        return text, None
+    from .sdxl import sdxl_added_cond_kwargs
+
+    added = sdxl_added_cond_kwargs(text, time_ids)
     added = {k: v.to(prep.device, prep.weight_dtype) for k, v in added.items()}
-    return emb.hidden_states.to(prep.device), added
+    return text.hidden_states.to(prep.device), added
+
+
+def predict_noise(prep: Prepared, noisy, t, cond, added):
+    """The UNet's output (noise or velocity, as the model predicts) for ``noisy`` latents at
+    timesteps ``t`` with :func:`unet_conditioning`'s ``cond`` and ``added``."""
+    noisy, cond = noisy.to(prep.weight_dtype), cond.to(prep.weight_dtype)
+    if added is None:
+        return prep.unet(noisy, t, cond).sample
+    return prep.unet(noisy, t, cond, added_cond_kwargs=added).sample
 
 
 class Progress:
@@ -709,17 +732,12 @@ class Observers:
     def _validate_here(self, step: int) -> None:
         import torch
 
-        from .validation import sd15_predict, sdxl_predict
+        from .validation import training_predict
 
         p = self.prep
-        if getattr(p, "text_encoder_2", None) is not None:
-            predict = sdxl_predict(p.unet, p.tokenizer, p.tokenizer_2, p.text_encoder, p.text_encoder_2, p.device,
-                                   p.weight_dtype)
-        else:
-            predict = sd15_predict(p.unet, p.tokenizer, p.text_encoder, self.setup.clip_skip, p.device, p.weight_dtype)
         autocast = torch.autocast("cuda", dtype=p.weight_dtype) if p.weight_dtype != torch.float32 else None
         modules = [m for m in (p.unet, p.text_encoder, getattr(p, "text_encoder_2", None)) if m is not None]
-        value = self.validation.evaluate(predict, p.noise_scheduler, p.device, modules, autocast)
+        value = self.validation.evaluate(training_predict(self.setup, p), p.noise_scheduler, p.device, modules, autocast)
         self.metrics.validation(step, value)
         self.progress.validation(step, value)
 

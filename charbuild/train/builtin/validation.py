@@ -111,33 +111,23 @@ class ValidationSet:
         return total / max(count, 1)
 
 
-def sd15_predict(unet, tokenizer, text_encoder, clip_skip, device, weight_dtype) -> Predict:
-    """The SD1.x model call: the trainer's own prompt encoding (its clip skip), then the UNet."""
-    from .trainer import encode_text
+def training_predict(setup, prep) -> Predict:
+    """The training's own model call (:func:`.trainer.text_conditioning`, ``unet_conditioning``,
+    ``predict_noise``): the same encoders, caption cache and casts as a training step. SDXL's
+    size ids: original = target = the picture's bucket size, no crop (a validation case is
+    never cropped or flipped)."""
+    from .sdxl import sdxl_time_ids
+    from .trainer import predict_noise, text_conditioning, unet_conditioning
 
     def predict(noisy, t, captions, sizes_hw):
-        cond = encode_text(tokenizer, text_encoder, captions, clip_skip, device)
-        return unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample
-
-    return predict
-
-
-def sdxl_predict(unet, tokenizer, tokenizer_2, text_encoder, text_encoder_2, device, weight_dtype) -> Predict:
-    """The SDXL model call: both encoders, pooled prompt and size ids (original = target = the
-    picture's bucket size, no crop)."""
-    from .sdxl import encode_sdxl_prompts, sdxl_added_cond_kwargs, sdxl_time_ids, tokenize_sdxl
-
-    eos = tokenizer_2.eos_token_id
-
-    def predict(noisy, t, captions, sizes_hw):
-        if any(hw is None for hw in sizes_hw):
-            raise ValueError("SDXL validation needs each picture's size (ValidationSet.build(sizes_hw=...))")
-        ids1, ids2 = tokenize_sdxl(captions, tokenizer, tokenizer_2)
-        emb = encode_sdxl_prompts(ids1, ids2, text_encoder, text_encoder_2, eos)
-        n = len(captions)
-        time_ids = sdxl_time_ids(list(sizes_hw), [(0, 0)] * n, list(sizes_hw), device)
-        return unet(noisy.to(weight_dtype), t, emb.hidden_states.to(device, weight_dtype),
-                    added_cond_kwargs=sdxl_added_cond_kwargs(emb, time_ids)).sample
+        time_ids = None
+        if prep.arch == "sdxl":
+            if any(hw is None for hw in sizes_hw):
+                raise ValueError("SDXL validation needs each picture's size (ValidationSet.build(sizes_hw=...))")
+            sizes = list(sizes_hw)
+            time_ids = sdxl_time_ids(sizes, [(0, 0)] * len(sizes), sizes, prep.device)
+        cond, added = unet_conditioning(prep, text_conditioning(setup, prep, captions), time_ids)
+        return predict_noise(prep, noisy, t, cond, added)
 
     return predict
 
