@@ -236,7 +236,8 @@ def test_model_travels_once_and_then_only_the_inputs(cluster, tmp_path):
         moved.append(model_bytes)
     # both nodes of this test cluster share one machine and so one cache folder: the model moves once
     assert sorted(moved) == [0, 0, model.stat().st_size]
-    assert len(list(cache.glob("*/model.safetensors"))) == 1
+    kept = list(cache.glob("*/model.safetensors"))
+    assert len(kept) == 1 and kept[0].read_bytes() == model.read_bytes()
 
 
 def test_killed_worker_fails_the_target_and_the_next_build_retrains(cluster, tmp_path):

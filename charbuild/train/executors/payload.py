@@ -97,11 +97,23 @@ def _model_entry(value: str, layout: Layout) -> dict[str, Any]:
         if key not in _model_refs:
             refs = {}
             for rel, f in model_files(path).items():
-                data = f.read_bytes()
+                data = _mapped(f)
                 refs[rel] = ray.put(data)
                 put_bytes["model"] += len(data)
+                del data  # the object store has it: unmap the file
             _model_refs[key] = refs
     return {"hash": digest, "name": path.name, "is_dir": path.is_dir(), "files": _model_refs[key]}
+
+
+def _mapped(path: Path):
+    """The bytes of ``path`` as a read-only uint8 array over a memory map: Ray copies them into
+    its object store straight from the page cache, and a worker's ``ray.get`` gives a view of
+    the store, so a 7 GB model is never also a 7 GB ``bytes`` object in the driver or a worker."""
+    import numpy as np
+
+    if path.stat().st_size == 0:
+        return np.empty(0, dtype=np.uint8)
+    return np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
 
 
 def forwarded_env() -> dict[str, str]:

@@ -83,7 +83,7 @@ def ensure_model(cache: Path, model: Mapping[str, Any]) -> tuple[Path, int]:
             for rel, data in zip(rels, _fetch([model["files"][r] for r in rels])):
                 dest = tmp / model["name"] / rel if model["is_dir"] else tmp / model["name"]
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(data)
+                dest.write_bytes(data)  # bytes or a uint8 array (a view of the object store)
                 moved += len(data)
             (tmp / _COMPLETE).write_text(json.dumps({"name": model["name"], "bytes": moved}), encoding="utf-8")
             if final.exists():  # a half-made folder of a killed fetch (no marker)
