@@ -43,7 +43,7 @@ class LocalCluster:
     """``ray start --head`` (and ``ray start --address``) with logical GPUs; :meth:`stop` ends all."""
 
     def __init__(self, head_gpus: int = 1, head_cpus: int = 2, workers: tuple[tuple[int, int], ...] = ((1, 1),),
-                 object_store: int = 150 * 2**20):
+                 object_store: int = 150 * 2**20, client_server: bool = False):
         # short path: Ray's unix socket names must stay under ~107 bytes
         self.temp = Path(tempfile.mkdtemp(prefix="cbray"))
         self.port = _free_port()
@@ -51,8 +51,14 @@ class LocalCluster:
         self.env = cluster_env()
         self.object_store = object_store
         self.nodes: list[subprocess.Popen] = []
-        self._start(["--head", f"--port={self.port}", "--include-dashboard=false", "--disable-usage-stats",
-                     f"--temp-dir={self.temp}"], head_gpus, head_cpus)
+        #: ``ray://…`` of the head's Ray Client server (``client_server=True``), else None
+        self.client_address = None
+        head = ["--head", f"--port={self.port}", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.temp}"]
+        if client_server:
+            client_port = _free_port()
+            head.append(f"--ray-client-server-port={client_port}")
+            self.client_address = f"ray://127.0.0.1:{client_port}"
+        self._start(head, head_gpus, head_cpus)
         for gpus, cpus in workers:
             self._start([f"--address={self.address}"], gpus, cpus)
         self.wait_for_nodes(1 + len(workers))

@@ -44,7 +44,7 @@ def left(wanted: float) -> float:
 @pytest.fixture(scope="module")
 def cluster():
     _deadline[0] = time.monotonic() + BUDGET
-    c = LocalCluster(head_gpus=1, head_cpus=2, workers=((1, 1),))
+    c = LocalCluster(head_gpus=1, head_cpus=2, workers=((1, 1),), client_server=True)
     try:
         yield c
     finally:
@@ -55,9 +55,11 @@ def cluster():
         c.stop()
 
 
-def ray_project(root: Path, cluster: LocalCluster, trainer: str = "", fake: str = "", **kwargs) -> Path:
-    """A project training on ``cluster``: ``trainer`` more [trainer] lines, ``fake`` the fake backend's knobs."""
-    return make_project(root, project_extra=f'executor = "ray"\nray_address = "{cluster.address}"\n{trainer}'
+def ray_project(root: Path, cluster: LocalCluster, trainer: str = "", fake: str = "", address: str | None = None,
+                **kwargs) -> Path:
+    """A project training on ``cluster`` (at ``address``, default its GCS address): ``trainer``
+    more [trainer] lines, ``fake`` the fake backend's knobs."""
+    return make_project(root, project_extra=f'executor = "ray"\nray_address = "{address or cluster.address}"\n{trainer}'
                         f"[trainer.extra]\n{fake}", **kwargs)
 
 
@@ -291,6 +293,28 @@ def test_a_killed_build_process_cancels_its_remote_training(cluster, tmp_path):
     proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
     _, trainer = wait_for_trainer(vdir(root, "bbo") / "train.log")
     proc.kill()  # no handler runs: the driver sees the training's connection close
+    proc.communicate(timeout=left(60))
+    assert gone(trainer, timeout=left(30)), "the remote trainer still runs after its build process was killed"
+    deadline = time.time() + left(60)
+    while cluster.free_gpus() < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert cluster.free_gpus() == 2
+
+
+def test_ray_client_address_trains_and_a_killed_build_cancels(cluster, tmp_path):
+    """``ray://`` (Ray Client), which cannot read streaming generators: the same log, result and cancellation."""
+    local = make_project(tmp_path / "local")
+    build(local, f"train:bbo/{VARIANT}")
+    root = ray_project(tmp_path / "p", cluster, address=cluster.client_address)
+    out = charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (vdir(root, "bbo") / "raw.safetensors").read_bytes() == (vdir(local, "bbo") / "raw.safetensors").read_bytes()
+    log = (vdir(root, "bbo") / "train.log").read_text(encoding="utf-8")
+    assert "running on node" in log and "fake trainer: wrote" in log
+    slow = ray_project(tmp_path / "slow", cluster, address=cluster.client_address, fake="fake_seconds = 60\n")
+    proc = start_charbuild(cluster, slow, "build", f"train:bbo/{VARIANT}")
+    _, trainer = wait_for_trainer(vdir(slow, "bbo") / "train.log")
+    proc.kill()
     proc.communicate(timeout=left(60))
     assert gone(trainer, timeout=left(30)), "the remote trainer still runs after its build process was killed"
     deadline = time.time() + left(60)

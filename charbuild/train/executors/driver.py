@@ -248,7 +248,7 @@ class Driver:
         import ray
 
         from .payload import build_payload, put_bytes
-        from .ray import fitting_nodes, lost_errors, remote_trainer
+        from .ray import fitting_nodes, lost_errors, submit_training
         from .settings import ray_task_options
 
         job = TrainJob.from_dict(request["job"])
@@ -258,9 +258,8 @@ class Driver:
         payload = build_payload(job, env=request.get("env") or {})
         print(f"{job.label}: submitting; put into the object store so far: {put_bytes['inputs']} bytes of inputs, "
               f"{put_bytes['model']} bytes of model", flush=True)
-        opts = ray_task_options(job.trainer.resources)
-        gen = remote_trainer().options(num_returns="streaming", max_retries=0, retry_exceptions=False,
-                                       name=f"charbuild train {job.label}", **opts).remote(payload)
+        opts = dict(ray_task_options(job.trainer.resources), name=f"charbuild train {job.label}")
+        messages, cancel = submit_training(payload, opts, client=str(self.spec.get("address") or "").startswith("ray://"))
         finished = threading.Event()
 
         def cancel_when_the_training_leaves() -> None:
@@ -269,12 +268,11 @@ class Driver:
             if not finished.is_set():
                 print(f"{job.label}: the training's connection closed: cancelling its task", flush=True)
                 with contextlib.suppress(Exception):
-                    ray.cancel(gen, force=True)
+                    cancel()
 
         threading.Thread(target=cancel_when_the_training_leaves, daemon=True).start()
         try:
-            for ref in gen:
-                msg = ray.get(ref)
+            for msg in messages:
                 conn.send(msg)
                 if msg["kind"] == "done":
                     return
@@ -289,7 +287,7 @@ class Driver:
             conn.send({"kind": "error", "text": str(cause)})
         except (OSError, EOFError):
             with contextlib.suppress(Exception):
-                ray.cancel(gen, force=True)
+                cancel()
             raise
         finally:
             finished.set()

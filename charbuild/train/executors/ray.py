@@ -43,7 +43,7 @@ from .settings import INSTALL_HINT, ray_task_options
 if TYPE_CHECKING:
     from ..runner import Launch
 
-_remote_fn = None
+_remote_fns: dict[str, Any] = {}
 
 
 class WorkerLost(Exception):
@@ -121,15 +121,61 @@ def _keep_sigterm_handler():
                 signal.signal(signal.SIGTERM, old)
 
 
-def remote_trainer():
-    """:func:`.worker.train_on_worker` as a Ray remote function (made once per process)."""
-    global _remote_fn
-    if _remote_fn is None:
+def _remote(name: str):
+    """The worker function ``name`` of :mod:`.worker` as a Ray remote function (made once per process)."""
+    if name not in _remote_fns:
         ray = _import_ray()
-        from .worker import train_on_worker
+        from . import worker
 
-        _remote_fn = ray.remote(train_on_worker)
-    return _remote_fn
+        _remote_fns[name] = ray.remote(getattr(worker, name))
+    return _remote_fns[name]
+
+
+#: Seconds between two looks at a Ray Client training's task while its queue is empty.
+CLIENT_POLL_S = 0.5
+
+
+def submit_training(payload: Mapping[str, Any], opts: Mapping[str, Any], client: bool = False):
+    """Submit one training; (an iterator of its worker's messages, a function that cancels it).
+
+    The iterator raises what Ray raises for the task (a lost worker, the worker code's error,
+    the cancellation). Normally the task is a streaming generator (:func:`.worker.train_on_worker`).
+    Ray Client (``ray://``) cannot stream, so there the task puts the same messages into a
+    queue actor (:func:`.worker.train_into_queue`) that this side reads.
+    """
+    ray = _import_ray()
+    common = dict(max_retries=0, retry_exceptions=False, **opts)
+    if not client:
+        gen = _remote("train_on_worker").options(num_returns="streaming", **common).remote(payload)
+
+        def streamed():
+            for ref in gen:
+                yield ray.get(ref)
+
+        return streamed(), lambda: ray.cancel(gen, force=True)
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    ref = _remote("train_into_queue").options(**common).remote(payload, queue)
+
+    def queued():
+        try:
+            while True:
+                try:
+                    yield queue.get(timeout=CLIENT_POLL_S)
+                    continue
+                except Empty:
+                    pass
+                if ray.wait([ref], timeout=0)[0]:
+                    ray.get(ref)  # raises the task's failure
+                    while not queue.empty():  # it put everything before it returned
+                        yield queue.get_nowait()
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                ray.kill(queue.actor)
+
+    return queued(), lambda: ray.cancel(ref, force=True)
 
 
 def fitting_nodes(resources: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -209,6 +209,13 @@ def train_on_worker(payload: Mapping[str, Any]) -> Iterator[dict]:
     yield result
 
 
+def train_into_queue(payload: Mapping[str, Any], queue) -> None:
+    """:func:`train_on_worker` for a Ray Client driver, which cannot read a streaming generator:
+    each message goes into ``queue`` (a ``ray.util.queue.Queue``) instead, in the same order."""
+    for msg in train_on_worker(payload):
+        queue.put(msg)
+
+
 def _run_streaming(cmd, root: str, env: dict, log: Path, grace: float, raw: Path, moved: dict, before_collect=None):
     """Run ``cmd`` in its own process group (:mod:`charbuild.train.process`), yielding its output in batches;
     return the ``done`` message (exit status, the LoRA's bytes, what it observed). ``before_collect``:
