@@ -44,6 +44,12 @@ average 0.5-1.2 at the start), three runs:
     trainer span / 2D                          1.012  <= 1.10 PASS  (121.5 s vs 120 s)
     charbuild build -n 8 train wall / 2D       1.050  reported  (126.0 s)
 
+    python benchmarks/bench_ray.py                 (D = 20 s, at the session's last commit: memory-mapped
+                                                    model puts, the Ray Client path)
+    trainer span / 2D                          1.036  <= 1.10 PASS  (41.4 s vs 40 s)
+    charbuild build -n 8 train wall / 2D       1.141  reported  (45.6 s)
+    model bytes put into the object store   64000464  (once) PASS
+
 The first wave now starts together (within 0.1 s) and a freed GPU reaches the next training in
 0.6-1.3 s: no doit process imports Ray or connects, and the Ray workers of the first wave are
 reused by the second (one driver is one Ray job). The first run of the driver put the model
