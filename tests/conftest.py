@@ -69,6 +69,17 @@ def make_project(root: Path, *, sizes=(64, 96), characters=None, groups=None, pr
     return root
 
 
+@pytest.fixture(scope="module")
+def reproducible_training():
+    """A module's trainings repeat byte for byte: fixed metadata timestamps (``SOURCE_DATE_EPOCH``)
+    and one CPU thread (the trainer would take its threads from the load, and float sums with them)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    mp.setenv("CHARBUILD_TORCH_THREADS", "1")
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
     return make_project(tmp_path / "proj")

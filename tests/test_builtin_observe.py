@@ -25,14 +25,10 @@ OBSERVE = {"sample_every": 2, "sample_steps": 1, "validation_every": 2}
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    mp.setenv("CHARBUILD_TORCH_THREADS", "1")
+def project(tmp_path_factory, reproducible_training):
     root = tmp_path_factory.mktemp("observe")
     _make_project(root)
-    yield root
-    mp.undo()
+    return root
 
 
 def _small(root: Path, folder: str, **over) -> dict:

@@ -101,12 +101,8 @@ def _job(root: Path, network: str, variant: str, base: str = "tiny-sdxl", **over
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _fixed_env():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    mp.setenv("CHARBUILD_TORCH_THREADS", "1")
-    yield
-    mp.undo()
+def _reproducible(reproducible_training):
+    """Every training of this module repeats byte for byte (conftest.reproducible_training)."""
 
 
 @pytest.fixture(scope="module")

@@ -133,12 +133,8 @@ def project(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _fixed_date():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    mp.setenv("CHARBUILD_TORCH_THREADS", "1")
-    yield
-    mp.undo()
+def _reproducible(reproducible_training):
+    """Every training of this module repeats byte for byte (conftest.reproducible_training)."""
 
 
 @pytest.fixture(scope="module")
