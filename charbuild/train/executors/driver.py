@@ -17,8 +17,8 @@ cancels that task (``ray.cancel(force=True)``; the worker's watchdog stops the t
 ``CHARBUILD_RAY_DRIVER_IDLE`` seconds (default 30) with no training it exits, and a local Ray
 instance it started goes with it.
 
-Its address and key are in ``<locks>/ray-driver.json`` (written atomically once it listens), its
-output in ``<locks>/ray-driver.log``; ``<locks>/ray-start.lock`` makes one process start it.
+Its address and key are in ``<locks>/ray-driver.json`` (written atomically once it listens, this
+user's only), its output in ``<locks>/ray-driver.log`` (appended, one header line per driver); ``<locks>/ray-start.lock`` makes one process start it.
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ def _spawn(spec: Mapping[str, Any], lock_dir: Path) -> subprocess.Popen:
     else:
         kwargs["start_new_session"] = True  # Ctrl-C and SIGTERM of the build reach the trainings, not it
     (lock_dir / DRIVER_FILE).unlink(missing_ok=True)
-    with (lock_dir / DRIVER_LOG).open("wb") as log:
+    with (lock_dir / DRIVER_LOG).open("ab") as log:  # appended: an earlier driver's end stays readable
+        log.write(f"--- a driver starts at {time.strftime('%Y-%m-%d %H:%M:%S')} for {dict(spec)}\n".encode("utf-8"))
+        log.flush()
         return subprocess.Popen([sys.executable, "-m", "charbuild.train.executors.driver", str(lock_dir),
                                  json.dumps(dict(spec))], cwd=str(lock_dir), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, **kwargs)
@@ -154,6 +156,7 @@ def _log_lines(lock_dir: Path) -> list[str]:
 
 def _start_failure(lock_dir: Path, rc: int) -> str:
     lines = _log_lines(lock_dir)
+    lines = lines[max((i for i, line in enumerate(lines) if line.startswith("--- a driver starts")), default=0):]
     said = [line[len(ERROR_PREFIX):] for line in lines if line.startswith(ERROR_PREFIX)]
     if said:
         return said[-1]
@@ -273,8 +276,10 @@ class Driver:
         threading.Thread(target=cancel_when_the_training_leaves, daemon=True).start()
         try:
             for msg in messages:
-                conn.send(msg)
                 if msg["kind"] == "done":
+                    finished.set()  # before the send: the training closes its end as soon as it has this
+                conn.send(msg)
+                if finished.is_set():
                     return
             conn.send({"kind": "error", "text": "the worker ended without a result"})
         except lost_errors(ray) as e:

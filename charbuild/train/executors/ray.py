@@ -270,8 +270,9 @@ def _stream(job: TrainJob, log_fh, console):
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
-                raise TrainingError(f"training {job.label}: the build's Ray driver stopped mid-training "
-                                    f"(see {lock_dir / DRIVER_LOG})", path=lock_dir / DRIVER_LOG) from None
+                when = "mid-training" if where else "before the training started"
+                raise TrainingError(f"training {job.label}: the build's Ray driver stopped {when} (Ray ends a driver "
+                                    f"that loses its cluster; see {lock_dir / DRIVER_LOG})", path=lock_dir / DRIVER_LOG) from None
             kind = msg["kind"]
             if kind == "start":
                 where = msg
