@@ -288,17 +288,22 @@ def test_driver_sigterm_cancels_the_remote_training(cluster, tmp_path):
     assert cluster.free_gpus() == 2  # the task let go of its GPU
 
 
-def test_a_killed_build_process_cancels_its_remote_training(cluster, tmp_path):
-    root = ray_project(tmp_path / "p", cluster, fake="fake_seconds = 60\n")
+def kill_build_and_check_the_remote_training_stops(cluster: LocalCluster, root: Path) -> None:
+    """Start a 60 s training of bbo, SIGKILL its build process once the remote trainer runs:
+    the trainer must stop and its GPU come free (no handler runs: the driver sees the connection close)."""
     proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
     _, trainer = wait_for_trainer(vdir(root, "bbo") / "train.log")
-    proc.kill()  # no handler runs: the driver sees the training's connection close
+    proc.kill()
     proc.communicate(timeout=left(60))
     assert gone(trainer, timeout=left(30)), "the remote trainer still runs after its build process was killed"
     deadline = time.time() + left(60)
     while cluster.free_gpus() < 2 and time.time() < deadline:
         time.sleep(1)
     assert cluster.free_gpus() == 2
+
+
+def test_a_killed_build_process_cancels_its_remote_training(cluster, tmp_path):
+    kill_build_and_check_the_remote_training_stops(cluster, ray_project(tmp_path / "p", cluster, fake="fake_seconds = 60\n"))
 
 
 def test_ray_client_address_trains_and_a_killed_build_cancels(cluster, tmp_path):
@@ -311,16 +316,8 @@ def test_ray_client_address_trains_and_a_killed_build_cancels(cluster, tmp_path)
     assert (vdir(root, "bbo") / "raw.safetensors").read_bytes() == (vdir(local, "bbo") / "raw.safetensors").read_bytes()
     log = (vdir(root, "bbo") / "train.log").read_text(encoding="utf-8")
     assert "running on node" in log and "fake trainer: wrote" in log
-    slow = ray_project(tmp_path / "slow", cluster, address=cluster.client_address, fake="fake_seconds = 60\n")
-    proc = start_charbuild(cluster, slow, "build", f"train:bbo/{VARIANT}")
-    _, trainer = wait_for_trainer(vdir(slow, "bbo") / "train.log")
-    proc.kill()
-    proc.communicate(timeout=left(60))
-    assert gone(trainer, timeout=left(30)), "the remote trainer still runs after its build process was killed"
-    deadline = time.time() + left(60)
-    while cluster.free_gpus() < 2 and time.time() < deadline:
-        time.sleep(1)
-    assert cluster.free_gpus() == 2
+    kill_build_and_check_the_remote_training_stops(
+        cluster, ray_project(tmp_path / "slow", cluster, address=cluster.client_address, fake="fake_seconds = 60\n"))
 
 
 def test_an_unreachable_cluster_fails_at_once_naming_the_address(tmp_path):
