@@ -53,7 +53,7 @@ from ..fsutil import replace_file, write_text_atomic
 from ..layout import LOG_NAME, Layout
 from ..signature import compute_signature, write_sidecar
 from . import observed, run_cache
-from .backends import check_capabilities, get_backend
+from .backends import check_capabilities, collect_outputs, get_backend, prepare_files
 from .executors import RAY
 from .freshness import Freshness, is_up_to_date, sidecar_path
 from .gpulock import gpu_lease, lock_fd
@@ -127,10 +127,11 @@ def launch_local(launch: Launch) -> int:
     """Run the job's backend as a process on this machine (the default launcher)."""
     job = launch.job
     backend = get_backend(job.backend)
+    prepare_files(backend, job)
     cmd = backend.command(job, launch.job_file)
     launch.log.write(f"# cwd: {job.project_root}\n# command: {command_line(cmd)}\n".encode("utf-8"))
     launch.log.flush()
-    return run_process(
+    rc = run_process(
         cmd,
         cwd=job.project_root,
         env=backend.env(job, child_env(launch.gpu)),
@@ -139,6 +140,9 @@ def launch_local(launch: Launch) -> int:
         console=launch.console,
         grace=job.trainer.kill_grace,
     )
+    if rc == 0 and Path(job.output).is_file():
+        collect_outputs(backend, job)
+    return rc
 
 
 _LAUNCHERS: dict[str, Launcher] = {}
@@ -285,9 +289,6 @@ def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launch
                 bjob = _backend_job(job, temp)
                 job_file = temp / "job.json"
                 write_text_atomic(job_file, bjob.to_json())
-                prepare_files = getattr(backend, "prepare_files", None)  # optional: files its command names
-                if prepare_files is not None:
-                    prepare_files(bjob)
                 gpu = lease.gpu if lease is not None else None
                 fds = tuple(fd for fd in (lease.lock_fd if lease else None, variant_fd) if fd is not None)
                 log = log_path(job)
@@ -303,9 +304,6 @@ def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launch
                     )
                 if not raw.is_file():
                     raise TrainingError(f"training {job.label} finished but wrote no {raw.name}; see {log}", path=log)
-                collect_outputs = getattr(backend, "collect_outputs", None)  # optional: its samples to ours
-                if collect_outputs is not None:
-                    collect_outputs(bjob)
                 replace_file(raw, output)
                 observed.land(temp, variant_dir)  # the samples and loss log of this LoRA, never of another
                 write_sidecar(sidecar_path(job), signature)

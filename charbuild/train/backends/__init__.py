@@ -64,10 +64,11 @@ class Backend(Protocol):
 
     def env(self, job: TrainJob, base: Mapping[str, str]) -> dict[str, str]: ...
 
-    # Optional (the runner calls them when present): ``prepare_files(job)`` writes files the
-    # command names into the temp folder (sd-scripts' sample prompt file) before the start;
-    # ``collect_outputs(job)`` turns the trainer's own sample files into ``samples/<step>/<name>.png``
-    # beside ``job.output`` after a successful run (charbuild.train.observed lands them).
+    # Optional (see :func:`prepare_files` and :func:`collect_outputs`, which the launchers call
+    # where the trainer runs): ``prepare_files(job)`` writes files the command names into the
+    # temp folder (sd-scripts' sample prompt file) before the start; ``collect_outputs(job)``
+    # turns the trainer's own sample files into ``samples/<step>/<name>.png`` beside
+    # ``job.output`` after a successful run (charbuild.train.observed lands them).
 
 
 class PythonModuleBackend:
@@ -116,6 +117,20 @@ def get_backend(name: str) -> Backend:
         raise TrainingError(
             f"unknown trainer backend {name!r}{did_you_mean(name, _REGISTRY)}: expected one of {', '.join(_REGISTRY)}"
         ) from None
+
+
+def prepare_files(backend: Backend, job: TrainJob) -> None:
+    """The backend's optional ``prepare_files(job)``: before its command starts, on the machine it runs on."""
+    hook = getattr(backend, "prepare_files", None)
+    if hook is not None:
+        hook(job)
+
+
+def collect_outputs(backend: Backend, job: TrainJob) -> None:
+    """The backend's optional ``collect_outputs(job)``: after a successful run, where it ran."""
+    hook = getattr(backend, "collect_outputs", None)
+    if hook is not None:
+        hook(job)
 
 
 def check_capabilities(backend: Backend, job: TrainJob) -> None:

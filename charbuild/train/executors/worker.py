@@ -32,7 +32,7 @@ from typing import Any, Iterator, Mapping
 
 from ...fsutil import write_text_atomic
 from ...layout import LOG_NAME
-from ..backends import get_backend
+from ..backends import collect_outputs, get_backend, prepare_files
 from ..job import TrainJob
 from ..process import group_alive, relay_output, start_in_own_group, stop_process_group
 from ..runner import child_env
@@ -191,17 +191,14 @@ def train_on_worker(payload: Mapping[str, Any]) -> Iterator[dict]:
         job_file = temp / "job.json"
         write_text_atomic(job_file, wjob.to_json())
         backend = get_backend(wjob.backend)
-        prepare_files = getattr(backend, "prepare_files", None)  # the files its command names, here too
-        if prepare_files is not None:
-            prepare_files(wjob)
+        prepare_files(backend, wjob)  # the files its command names, here where it runs
         cmd = backend.command(wjob, job_file)
         gpu = ",".join(start["gpus"]) if start["gpus"] else os.environ.get("CUDA_VISIBLE_DEVICES", "")
         env = backend.env(wjob, child_env(gpu))
         env.update(payload.get("env") or {})
-        collect_outputs = getattr(backend, "collect_outputs", None)  # its samples into ours, before they travel
         result = yield from _run_streaming(cmd, wjob.project_root, env, temp / LOG_NAME, wjob.trainer.kill_grace,
                                            Path(wjob.output), {"inputs": moved_inputs, "model": moved_model},
-                                           before_collect=(lambda: collect_outputs(wjob)) if collect_outputs else None)
+                                           before_collect=lambda: collect_outputs(backend, wjob))
     finally:
         in_use.release()
         shutil.rmtree(root, ignore_errors=True)
