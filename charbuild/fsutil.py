@@ -30,11 +30,13 @@ _FILE_MODE = 0o666 & ~_current_umask()
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
+def atomic_path(target: str | Path, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it into place on success.
 
     An interrupted or failed write leaves no half-written ``target`` behind, so
-    doit (which checks targets for existence only) never takes it as built.
+    doit (which checks targets for existence only) never takes it as built. ``mode``: the
+    file's permissions (default: the usual ones under the umask; ``0o600`` keeps a secret
+    this user's from its first byte on).
     """
     target = Path(target)
     try:
@@ -47,7 +49,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         with contextlib.suppress(OSError):
-            os.chmod(tmp_path, _FILE_MODE)
+            os.chmod(tmp_path, _FILE_MODE if mode is None else mode)
         replace_file(tmp_path, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -74,15 +76,15 @@ def replace_file(src: str | Path, target: str | Path) -> None:
             time.sleep(delay)
 
 
-def write_bytes_atomic(target: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` atomically."""
-    with atomic_path(target) as tmp:
+def write_bytes_atomic(target: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``target`` atomically (``mode``: see :func:`atomic_path`)."""
+    with atomic_path(target, mode) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text_atomic(target: str | Path, text: str) -> None:
+def write_text_atomic(target: str | Path, text: str, mode: int | None = None) -> None:
     """Write UTF-8 ``text`` to ``target`` atomically, with ``\\n`` line ends on every OS."""
-    write_bytes_atomic(target, text.encode("utf-8"))
+    write_bytes_atomic(target, text.encode("utf-8"), mode)
 
 
 def under_root(root: str | Path, value: str | Path) -> Path:

@@ -83,15 +83,23 @@ def relay_output(pipe, log_fh, console) -> None:
             console(chunk)
 
 
+def own_group_kwargs(detached: bool = False) -> dict[str, Any]:
+    """``Popen`` arguments for a child in a new session (POSIX) or process group (Windows), so
+    the console's Ctrl-C and a signal to our group do not reach it; ``detached``: on Windows
+    also without a console (a background process that outlives its starter)."""
+    if os.name != "nt":
+        return {"start_new_session": True}
+    flags = subprocess.CREATE_NEW_PROCESS_GROUP | (subprocess.DETACHED_PROCESS if detached else 0)
+    return {"creationflags": flags}
+
+
 def start_in_own_group(cmd: list[str], cwd: str, env: dict, pass_fds: tuple[int, ...]) -> subprocess.Popen:
     """Start ``cmd`` in a new session (POSIX) or process group (Windows), output on one pipe."""
     kwargs: dict[str, Any] = dict(
-        cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        **own_group_kwargs(),
     )
-    if os.name == "nt":
-        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-    else:
-        kwargs["start_new_session"] = True
+    if os.name != "nt":
         kwargs["pass_fds"] = pass_fds
     try:
         return subprocess.Popen(cmd, **kwargs)

@@ -18,7 +18,8 @@ cancels that task (``ray.cancel(force=True)``; the worker's watchdog stops the t
 instance it started goes with it.
 
 Its address and key are in ``<locks>/ray-driver.json`` (written atomically once it listens, this
-user's only), its output in ``<locks>/ray-driver.log`` (appended, one header line per driver); ``<locks>/ray-start.lock`` makes one process start it.
+user's only), its output in ``<locks>/ray-driver.log`` (appended, one header line per driver);
+``<locks>/ray-start.lock`` makes one process start it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from multiprocessing import AuthenticationError
@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ...errors import TrainingError
-from ...fsutil import replace_file
+from ...fsutil import write_text_atomic
 from ..job import TrainJob
+from ..process import own_group_kwargs
 
 DRIVER_FILE = "ray-driver.json"
 DRIVER_LOG = "ray-driver.log"
@@ -53,8 +54,9 @@ ERROR_PREFIX = "ERROR: "
 
 
 def driver_spec(job: TrainJob) -> dict[str, Any]:
-    """What a driver is for: the cluster address (None: a local instance) and, for a local one, its GPUs."""
-    return {"address": job.trainer.ray_address, "gpus": len(job.trainer.gpus)}
+    """What a driver is for: the cluster address, or (address None) a local instance and its GPUs."""
+    address = job.trainer.ray_address
+    return {"address": address, "gpus": len(job.trainer.gpus) if address is None else None}
 
 
 # ------------------------------------------------------------------------------------------
@@ -118,18 +120,14 @@ def _try_connect(info: Mapping[str, Any]) -> tuple[Connection, int] | None:
 
 
 def _spawn(spec: Mapping[str, Any], lock_dir: Path) -> subprocess.Popen:
-    kwargs: dict[str, Any] = {}
-    if os.name == "nt":
-        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS
-    else:
-        kwargs["start_new_session"] = True  # Ctrl-C and SIGTERM of the build reach the trainings, not it
     (lock_dir / DRIVER_FILE).unlink(missing_ok=True)
     with (lock_dir / DRIVER_LOG).open("ab") as log:  # appended: an earlier driver's end stays readable
         log.write(f"--- a driver starts at {time.strftime('%Y-%m-%d %H:%M:%S')} for {dict(spec)}\n".encode("utf-8"))
         log.flush()
         return subprocess.Popen([sys.executable, "-m", "charbuild.train.executors.driver", str(lock_dir),
                                  json.dumps(dict(spec))], cwd=str(lock_dir), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, **kwargs)
+                                stdout=log, stderr=subprocess.STDOUT,
+                                **own_group_kwargs(detached=True))  # the build's Ctrl-C/SIGTERM: not for it
 
 
 def _wait_until_listening(proc: subprocess.Popen, lock_dir: Path) -> dict[str, Any]:
@@ -190,8 +188,9 @@ class Driver:
         key = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), family="AF_INET", authkey=key)
         port = listener.address[1]
-        _write_private(self.lock_dir / DRIVER_FILE,
-                       json.dumps({"pid": os.getpid(), "port": port, "key": key.hex(), "spec": self.spec}) + "\n")
+        write_text_atomic(self.lock_dir / DRIVER_FILE,  # it holds the key: this user's only
+                          json.dumps({"pid": os.getpid(), "port": port, "key": key.hex(), "spec": self.spec}) + "\n",
+                          mode=0o600)
         print(f"driver pid {os.getpid()} listening on 127.0.0.1:{port} for {self.spec}", flush=True)
         threading.Thread(target=self._exit_when_idle, daemon=True).start()
         while True:
@@ -262,7 +261,8 @@ class Driver:
         print(f"{job.label}: submitting; put into the object store so far: {put_bytes['inputs']} bytes of inputs, "
               f"{put_bytes['model']} bytes of model", flush=True)
         opts = dict(ray_task_options(job.trainer.resources), name=f"charbuild train {job.label}")
-        messages, cancel = submit_training(payload, opts, client=str(self.spec.get("address") or "").startswith("ray://"))
+        client = str(self.spec.get("address") or "").startswith("ray://")  # Ray Client
+        messages, cancel = submit_training(payload, opts, client=client)
         finished = threading.Event()
 
         def cancel_when_the_training_leaves() -> None:
@@ -296,19 +296,6 @@ class Driver:
             raise
         finally:
             finished.set()
-
-
-def _write_private(path: Path, text: str) -> None:
-    """``text`` into ``path`` atomically, readable by this user only (it holds the driver's key)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        replace_file(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def idle_seconds() -> float:

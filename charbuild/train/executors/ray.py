@@ -78,8 +78,7 @@ def connect(address: str | None, gpus: int = 1) -> None:
             else:
                 ray.init(num_gpus=gpus, include_dashboard=False, **common)
         except ConnectionError as e:
-            raise TrainingError(f"cannot reach the Ray cluster at {address!r}: {e}; start one (`ray start --head`) "
-                                "or fix trainer.ray_address") from None
+            raise _unreachable(address, e) from None
 
 
 def tcp_target(address: str) -> tuple[str, int] | None:
@@ -100,8 +99,12 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
     try:
         socket.create_connection(target, timeout=timeout).close()
     except OSError as e:
-        raise TrainingError(f"cannot reach the Ray cluster at {address!r}: {e.strerror or e}; start one "
-                            "(`ray start --head`) or fix trainer.ray_address") from None
+        raise _unreachable(address, e.strerror or e) from None
+
+
+def _unreachable(address: str | None, why) -> TrainingError:
+    return TrainingError(f"cannot reach the Ray cluster at {address!r}: {why}; start one (`ray start --head`) "
+                         "or fix trainer.ray_address")
 
 
 @contextlib.contextmanager
@@ -271,12 +274,14 @@ def _stream(job: TrainJob, log_fh, console):
                 msg = conn.recv()
             except (EOFError, OSError):
                 when = "mid-training" if where else "before the training started"
+                log = lock_dir / DRIVER_LOG
                 raise TrainingError(f"training {job.label}: the build's Ray driver stopped {when} (Ray ends a driver "
-                                    f"that loses its cluster; see {lock_dir / DRIVER_LOG})", path=lock_dir / DRIVER_LOG) from None
+                                    f"that loses its cluster; see {log})", path=log) from None
             kind = msg["kind"]
             if kind == "start":
                 where = msg
-                say(f"running on {_node_text(where)}, GPU {','.join(where['gpus']) or 'none'}", log_fh, console is not None)
+                gpus = ",".join(where["gpus"]) or "none"
+                say(f"running on {_node_text(where)}, GPU {gpus}", log_fh, console is not None)
             elif kind == "log":
                 at_line_start = msg["data"].endswith(b"\n")
                 log_fh.write(msg["data"])
