@@ -249,12 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", help="working folder, kept (default: a temporary one)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
-    if a.sd_scripts:
-        os.environ["CHARBUILD_SD_SCRIPTS"] = a.sd_scripts
-    if a.sd_python:
-        os.environ["CHARBUILD_SD_PYTHON"] = a.sd_python
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
-    sd, why = xl.sd_env_from_environ()
+    sd, why = xl.sd_env_from_environ(a.sd_scripts, a.sd_python)
     if sd is None:
         print(f"cannot run: {why} (sd-scripts also writes the shared checkpoint)", file=sys.stderr)
         return 2

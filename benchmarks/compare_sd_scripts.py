@@ -62,8 +62,12 @@ class SdEnv:
         return env
 
 
-def sd_env_from_environ() -> tuple[SdEnv | None, str]:
-    """The sd-scripts checkout and venv python from CHARBUILD_SD_SCRIPTS / CHARBUILD_SD_PYTHON."""
+def sd_env_from_environ(sd_scripts: str | None = None, sd_python: str | None = None) -> tuple[SdEnv | None, str]:
+    """The sd-scripts checkout and venv python from CHARBUILD_SD_SCRIPTS / CHARBUILD_SD_PYTHON;
+    ``sd_scripts``/``sd_python`` (a script's ``--sd-scripts``/``--sd-python``) set them first."""
+    for var, value in (("CHARBUILD_SD_SCRIPTS", sd_scripts), ("CHARBUILD_SD_PYTHON", sd_python)):
+        if value:
+            os.environ[var] = value
     root = os.environ.get("CHARBUILD_SD_SCRIPTS")
     py = os.environ.get("CHARBUILD_SD_PYTHON")
     if not root or not py:
@@ -738,11 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-compress", type=float, default=0.0, help="seconds to wait for charbuild.lora.compress to appear")
     ap.add_argument("--json", help="write all results as JSON here")
     a = ap.parse_args(argv)
-    if a.sd_scripts:
-        os.environ["CHARBUILD_SD_SCRIPTS"] = a.sd_scripts
-    if a.sd_python:
-        os.environ["CHARBUILD_SD_PYTHON"] = a.sd_python
-    sd, why = sd_env_from_environ()
+    sd, why = sd_env_from_environ(a.sd_scripts, a.sd_python)
     if sd is None:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2

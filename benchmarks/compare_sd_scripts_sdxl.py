@@ -422,11 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
     ap.add_argument("--json", help="write all results as JSON here")
     a = ap.parse_args(argv)
-    if a.sd_scripts:
-        os.environ["CHARBUILD_SD_SCRIPTS"] = a.sd_scripts
-    if a.sd_python:
-        os.environ["CHARBUILD_SD_PYTHON"] = a.sd_python
-    sd, why = sd_env_from_environ()
+    sd, why = sd_env_from_environ(a.sd_scripts, a.sd_python)
     if sd is None:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2

@@ -86,6 +86,15 @@ def project(tmp_path) -> Path:
 
 
 @pytest.fixture
+def built(tmp_path) -> tuple[Path, set]:
+    """(root, the tasks the first build ran) of :func:`make_project` with a group "duo", built once."""
+    from graphtools import build
+
+    root = make_project(tmp_path / "proj", groups={"duo": ["alice/dress"]})
+    return root, build(root)
+
+
+@pytest.fixture
 def example_copy(tmp_path) -> Path:
     """A copy of the repo's example project (characters/ only)."""
     dst = tmp_path / "example"

@@ -9,19 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import draw_picture, make_project
 from graphtools import build, groups
 
 V = "Lora1x1A1-AdamW8"
-
-
-@pytest.fixture
-def built(tmp_path):
-    root = make_project(tmp_path / "proj", groups={"duo": ["alice/dress"]})
-    first = build(root)
-    return root, first
 
 
 def file_digests(root: Path) -> dict[str, str]:

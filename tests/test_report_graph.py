@@ -15,13 +15,6 @@ from charbuild.report.source import report_plan
 V = "Lora1x1A1-AdamW8"
 
 
-@pytest.fixture
-def built(tmp_path):
-    root = make_project(tmp_path / "proj", groups={"duo": ["alice/dress"]})
-    first = build(root)
-    return root, first
-
-
 def page(root) -> str:
     return (root / "build/report/index.html").read_text(encoding="utf-8")
 

@@ -174,6 +174,16 @@ def test_capabilities_refuse_what_a_backend_cannot_train(tmp_path):
         check_capabilities(get_backend("builtin"), sd3)
 
 
+def runnable_job(root: Path, **trainer) -> TrainJob:
+    """:func:`make_job` under ``root`` as the runner runs it: one input file, the project's
+    lock folder, and ``trainer`` (``backend=…``, ``executor=…``) set."""
+    (root / "build" / "loras" / "krnk").mkdir(parents=True)
+    inp = root / "a.txt"
+    inp.write_text("krnk, girl", encoding="utf-8")
+    job = make_job(root).with_trainer(lock_dir=str(root / "build" / "locks"), **trainer)
+    return TrainJob.from_dict({**job.to_dict(), "inputs": [str(inp)]})
+
+
 def test_a_new_backend_trains_through_the_runner_without_touching_the_graph(tmp_path):
     """A backend registered from outside: the runner starts it, moves its file, writes the sidecar."""
     from charbuild.train.runner import is_up_to_date, run_training
@@ -190,12 +200,7 @@ def test_a_new_backend_trains_through_the_runner_without_touching_the_graph(tmp_
 
     register(MyBackend("mine", "-", "a test backend", Capabilities(("sd15",), ("Lora3x3",), ("fp16",))))
     try:
-        root = tmp_path / "p"
-        (root / "build" / "loras" / "krnk").mkdir(parents=True)
-        inp = root / "a.txt"
-        inp.write_text("krnk, girl", encoding="utf-8")
-        job = make_job(root).with_trainer(backend="mine", lock_dir=str(root / "build" / "locks"))
-        job = TrainJob.from_dict({**job.to_dict(), "inputs": [str(inp)]})
+        job = runnable_job(tmp_path / "p", backend="mine")
         run_training(job, echo=False)
         assert is_up_to_date(job).fresh
         assert "my trainer krnk/V" in (Path(job.variant_dir) / "train.log").read_text(encoding="utf-8")
@@ -422,12 +427,7 @@ def test_a_registered_launcher_runs_the_training_somewhere_else(tmp_path):
 
     runner.register_launcher("remote-test", remote)
     try:
-        root = tmp_path / "p"
-        (root / "build" / "loras" / "krnk").mkdir(parents=True)
-        inp = root / "a.txt"
-        inp.write_text("krnk, girl", encoding="utf-8")
-        job = make_job(root).with_trainer(executor="remote-test", lock_dir=str(root / "build" / "locks"))
-        job = TrainJob.from_dict({**job.to_dict(), "inputs": [str(inp)]})
+        job = runnable_job(tmp_path / "p", executor="remote-test")
         runner.run_training(job, echo=False)
         ((launch, from_file),) = seen
         assert Path(launch.job.output).parent.name.startswith(".train-") and from_file == launch.job
