@@ -729,6 +729,20 @@ def check_loading(sd: SdEnv, work: Path, files: list[Path], *, real_weights: boo
 # --------------------------------------------------------------------------------------------
 
 
+def finish(results: list[Result], json_path: str | None, work: Path, remove: bool) -> int:
+    """Print one PASS/FAIL line per check, write them all to ``json_path`` (if given), remove the
+    working folder when asked; the exit status (0: every check passed)."""
+    print()
+    for r in results:
+        print(f"{'PASS' if r.ok else 'FAIL'}  {r.name}")
+    if json_path:
+        Path(json_path).write_text(json.dumps([dict(name=r.name, ok=r.ok, lines=r.lines, data=r.data) for r in results],
+                                              indent=1, default=str), encoding="utf-8")
+    if remove:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r.ok for r in results) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sd-scripts", default=os.environ.get("CHARBUILD_SD_SCRIPTS"), help="sd-scripts checkout")
@@ -793,15 +807,7 @@ def main(argv: list[str] | None = None) -> int:
                 r.info(trained_note)
             return r
         run("c. loading", load)
-    print()
-    for r in results:
-        print(f"{'PASS' if r.ok else 'FAIL'}  {r.name}")
-    if a.json:
-        Path(a.json).write_text(json.dumps([dict(name=r.name, ok=r.ok, lines=r.lines, data=r.data) for r in results],
-                                           indent=1, default=str), encoding="utf-8")
-    if not a.work and not a.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if all(r.ok for r in results) else 1
+    return finish(results, a.json, work, remove=not a.work and not a.keep)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import re
 import resource
@@ -451,15 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         built = work / "b" / "project"
         run("c. train", lambda: check_train(sd, work / "c", a.steps, a.min_free_gb, a.guard_gb,
                                             built if (built / "build" / "loras").is_dir() else None))
-    print()
-    for r in results:
-        print(f"{'PASS' if r.ok else 'FAIL'}  {r.name}")
-    if a.json:
-        Path(a.json).write_text(json.dumps([dict(name=r.name, ok=r.ok, lines=r.lines, data=r.data) for r in results],
-                                           indent=1, default=str), encoding="utf-8")
-    if not a.work and not a.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if all(r.ok for r in results) else 1
+    return cmp.finish(results, a.json, work, remove=not a.work and not a.keep)
 
 
 if __name__ == "__main__":
