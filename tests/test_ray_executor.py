@@ -89,16 +89,20 @@ def vdir(root: Path, lora: str) -> Path:
     return root / "build" / "loras" / lora / VARIANT
 
 
-def wait_for_trainer(log: Path, timeout: float = 120) -> tuple[int, int]:
-    """(worker pid, trainer pid) once the remote trainer has started and said so in train.log."""
-    deadline = time.time() + left(timeout)
+def wait_for_trainer(proc: subprocess.Popen, log: Path, timeout: float = 120) -> tuple[int, int]:
+    """(worker pid, trainer pid) once the remote trainer of build ``proc`` has started and said so in train.log."""
+    t0 = time.time()
+    deadline = t0 + left(timeout)
     while time.time() < deadline:
         text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
         worker, trainer = re.search(r"worker pid (\d+)", text), re.search(r"fake trainer pid=(\d+)", text)
         if worker and trainer:
             return int(worker.group(1)), int(trainer.group(1))
+        if proc.poll() is not None:
+            raise AssertionError(f"the build exited with {proc.returncode} before its remote training started:\n"
+                                 f"{proc.communicate()[0][-3000:]}")
         time.sleep(0.2)
-    raise AssertionError(f"the remote training never started; {log}: {text[-2000:]}")
+    raise AssertionError(f"the remote training did not start within {time.time() - t0:.0f} s; {log}: {text[-2000:]}")
 
 
 def gone(pid: int, timeout: float = 20) -> bool:
@@ -245,7 +249,7 @@ def test_model_travels_once_and_then_only_the_inputs(cluster, tmp_path):
 def test_killed_worker_fails_the_target_and_the_next_build_retrains(cluster, tmp_path):
     root = ray_project(tmp_path / "p", cluster, fake="fake_seconds = 60\n")
     proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
-    worker, trainer = wait_for_trainer(vdir(root, "bbo") / "train.log")
+    worker, trainer = wait_for_trainer(proc, vdir(root, "bbo") / "train.log")
     os.kill(worker, signal.SIGKILL)
     out, _ = proc.communicate(timeout=left(120))
     assert proc.returncode != 0
@@ -265,7 +269,7 @@ def test_killed_worker_fails_the_target_and_the_next_build_retrains(cluster, tmp
 def test_a_lost_worker_is_retried_when_retries_allow(cluster, tmp_path):
     root = ray_project(tmp_path / "p", cluster, trainer="retries = 1\n", fake="fake_seconds = 3\n")
     proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
-    worker, _ = wait_for_trainer(vdir(root, "bbo") / "train.log")
+    worker, _ = wait_for_trainer(proc, vdir(root, "bbo") / "train.log")
     os.kill(worker, signal.SIGKILL)
     out, _ = proc.communicate(timeout=left(120))
     assert proc.returncode == 0, out
@@ -276,7 +280,7 @@ def test_a_lost_worker_is_retried_when_retries_allow(cluster, tmp_path):
 def test_driver_sigterm_cancels_the_remote_training(cluster, tmp_path):
     root = ray_project(tmp_path / "p", cluster, fake="fake_seconds = 60\n")
     proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
-    _, trainer = wait_for_trainer(vdir(root, "bbo") / "train.log")
+    _, trainer = wait_for_trainer(proc, vdir(root, "bbo") / "train.log")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=left(60))
     assert proc.returncode != 0, out
@@ -292,7 +296,7 @@ def kill_build_and_check_the_remote_training_stops(cluster: LocalCluster, root: 
     """Start a 60 s training of bbo, SIGKILL its build process once the remote trainer runs:
     the trainer must stop and its GPU come free (no handler runs: the driver sees the connection close)."""
     proc = start_charbuild(cluster, root, "build", f"train:bbo/{VARIANT}")
-    _, trainer = wait_for_trainer(vdir(root, "bbo") / "train.log")
+    _, trainer = wait_for_trainer(proc, vdir(root, "bbo") / "train.log")
     proc.kill()
     proc.communicate(timeout=left(60))
     assert gone(trainer, timeout=left(30)), "the remote trainer still runs after its build process was killed"

@@ -234,3 +234,34 @@ def test_tcp_target_of_ray_addresses():
     assert tcp_target("ray://head.local:10001") == ("head.local", 10001)
     assert tcp_target("[::1]:6379") == ("::1", 6379)
     assert tcp_target("auto") is None and tcp_target("head") is None and tcp_target(":6379") is None
+
+
+def test_a_ray_client_server_that_fails_to_start_its_side_is_tried_again(capsys):
+    """ray-project/ray#63202: the proxy's forked per-connection server may crash at once."""
+    from charbuild.errors import TrainingError
+    from charbuild.train.executors.ray import init_with_retries
+
+    crash = ConnectionAbortedError("Initialization failure from server:\nRuntimeError: Starting Ray client server "
+                                   "failed. See ray_client_server_23000.err for detailed logs.")
+    calls, shutdowns = [], []
+
+    def init_failing(times, error=crash):
+        def init():
+            calls.append(1)
+            if len(calls) <= times:
+                raise error
+        return init
+
+    init_with_retries(init_failing(2), lambda: shutdowns.append(1), "ray://h:10001", pause=0)
+    assert len(calls) == 3 and len(shutdowns) == 2
+    assert capsys.readouterr().out.count("trying again") == 2
+
+    calls.clear()
+    with pytest.raises(TrainingError, match=r"failed 3 times .*ray-project/ray#63202.*GCS address"):
+        init_with_retries(init_failing(9), lambda: None, "ray://h:10001", attempts=3, pause=0)
+    assert len(calls) == 3
+
+    calls.clear()  # any other failure is not Ray Client's crash: at once, as it came
+    with pytest.raises(ConnectionRefusedError):
+        init_with_retries(init_failing(9, ConnectionRefusedError("no")), lambda: None, "ray://h:10001", pause=0)
+    assert len(calls) == 1

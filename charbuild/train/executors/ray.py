@@ -28,6 +28,7 @@ The rest of this module runs where Ray is imported: in the driver and for the dr
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -73,12 +74,46 @@ def connect(address: str | None, gpus: int = 1) -> None:
     with _keep_sigterm_handler():
         common = dict(log_to_driver=False, logging_level="WARNING", configure_logging=True)
         try:
-            if address is not None:
-                ray.init(address=address, **common)
-            else:
+            if address is None:
                 ray.init(num_gpus=gpus, include_dashboard=False, **common)
+            else:
+                init_with_retries(lambda: ray.init(address=address, **common), ray.shutdown, address)
         except ConnectionError as e:
             raise _unreachable(address, e) from None
+
+
+#: How often a Ray Client connection is tried when the server fails to start its side of it.
+CLIENT_ATTEMPTS = 4
+
+
+def init_with_retries(init, shutdown, address: str, attempts: int = CLIENT_ATTEMPTS, pause: float = 1.0) -> None:
+    """``init()``, tried again (after ``shutdown()``) while a Ray Client server fails to start
+    the server process of this connection.
+
+    Why: the Ray Client proxy forks that process from a busy gRPC process, and the child
+    sometimes crashes at once (ray-project/ray#63202): ``ray.init`` then fails with
+    "Initialization failure from server … Starting Ray client server failed". A new
+    connection gets a new process and normally works. Any other failure is raised at once;
+    this one, after ``attempts`` tries, as a :class:`TrainingError` that says what to do.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            init()
+            return
+        except ConnectionError as e:
+            if "Starting Ray client server failed" not in str(e):
+                raise
+            if attempt == attempts:
+                raise TrainingError(
+                    f"the Ray Client server at {address!r} failed {attempts} times to start its side of the "
+                    "connection (ray-project/ray#63202); its reason is in ray_client_server_*.err in the "
+                    "head's Ray logs. Try again, or set trainer.ray_address to the cluster's GCS address "
+                    "(HOST:6379), which does not go through Ray Client") from None
+            print(f"the Ray Client server at {address} failed to start this connection's server "
+                  f"(attempt {attempt}/{attempts}, ray-project/ray#63202): trying again", flush=True)
+            with contextlib.suppress(Exception):
+                shutdown()
+            time.sleep(pause * attempt)
 
 
 def tcp_target(address: str) -> tuple[str, int] | None:
