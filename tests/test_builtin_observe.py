@@ -58,7 +58,7 @@ def test_samples_and_validation_do_not_change_the_trained_bytes(trained):
 
 
 def test_metrics_hold_every_step_and_the_validations(trained):
-    (obs, obs_dir), (plain, plain_dir) = trained["observed"], trained["plain"]
+    (obs, obs_dir), (_, plain_dir) = trained["observed"], trained["plain"]
     log = read_metrics(obs_dir / "metrics.jsonl")
     assert log.loss == [(i + 1, pytest.approx(v)) for i, v in enumerate(obs["losses"])]
     assert [s for s, _ in log.lr] == [1, 2, 3]

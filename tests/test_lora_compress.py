@@ -9,7 +9,7 @@ import pytest
 import torch
 from lora_fixtures import make_lora, reference_delta, rel_err, write_lora
 
-from charbuild.errors import LoraFileError, OptionError
+from charbuild.errors import OptionError
 from charbuild.lora.compress import choose_rank, compress_file, compress_lora, report_json
 from charbuild.lora.io import build_lora, load_lora, sd_scripts_hashes
 

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from charbuild.errors import LoraFileError, OptionError
+from charbuild.errors import OptionError
 from charbuild.lora.io import (
     LoraFile,
     LoraModule,

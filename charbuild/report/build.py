@@ -21,8 +21,6 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from PIL import Image
-
 from charbuild.errors import CharbuildError, doit_action
 from charbuild.fsutil import write_bytes_atomic, write_text_atomic
 from charbuild.layout import METRICS_NAME, REPORT as REPORT_DIR

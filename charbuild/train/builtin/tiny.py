@@ -149,7 +149,7 @@ def build_tiny_components(seed: int = 0):
     global generator, in float32.
     """
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     state = torch.random.get_rng_state()
@@ -194,7 +194,7 @@ def build_tiny_sdxl_components(seed: int = 0):
     Deterministic like :func:`build_tiny_components`.
     """
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     # the widths differ, as CLIP-L's 768 and bigG's 1280 do: diffusers' single-file loader tells the
