@@ -67,13 +67,14 @@ def ray_project(root: Path, cluster: LocalCluster, trainer: str = "", fake: str 
 DRIVER_IDLE_S = 4
 
 
-def driver_env(cluster: LocalCluster) -> dict[str, str]:
-    env = dict(cluster.env, CHARBUILD_RAY_DRIVER_IDLE=str(DRIVER_IDLE_S))
+def driver_env(cluster: LocalCluster, idle: float = DRIVER_IDLE_S) -> dict[str, str]:
+    env = dict(cluster.env, CHARBUILD_RAY_DRIVER_IDLE=str(idle))
     return env | {k: v for k, v in os.environ.items() if k == "SOURCE_DATE_EPOCH"}
 
 
-def charbuild(cluster: LocalCluster, root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = driver_env(cluster)
+def charbuild(cluster: LocalCluster, root: Path, *args: str, timeout: float = 240,
+              idle: float = DRIVER_IDLE_S) -> subprocess.CompletedProcess:
+    env = driver_env(cluster, idle)
     return subprocess.run([sys.executable, "-m", "charbuild.cli", *args, "--root", str(root)], env=env,
                           capture_output=True, text=True, timeout=left(timeout))
 
@@ -338,6 +339,27 @@ def test_an_unreachable_cluster_fails_at_once_naming_the_address(tmp_path):
     assert f"cannot reach the Ray cluster at '127.0.0.1:{port}'" in out.stdout + out.stderr, out.stdout + out.stderr
     assert time.monotonic() - t0 < 60  # not Ray's minutes of retrying
     assert not (vdir(root, "bbo") / "raw.safetensors").exists()
+
+
+def test_a_driver_whose_cluster_went_away_fails_the_next_training_at_once_and_exits(tmp_path):
+    """Not Ray's ~60 s of waiting for its GCS: the driver checks the address before each training."""
+    own = LocalCluster(head_gpus=1, head_cpus=1, workers=())
+    try:
+        root = ray_project(tmp_path / "p", own)
+        out = charbuild(own, root, "build", f"train:bbo/{VARIANT}", idle=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        pid = json.loads((root / "build" / "locks" / "ray-driver.json").read_text(encoding="utf-8"))["pid"]
+    finally:
+        own.stop()
+    t0 = time.monotonic()
+    out = charbuild(own, root, "build", f"train:alc/{VARIANT}", idle=300)
+    assert out.returncode != 0
+    said = out.stdout + out.stderr
+    assert f"cannot reach the Ray cluster at '{own.address}'" in said and "went away while" in said, said
+    assert time.monotonic() - t0 < 40
+    assert gone(pid, timeout=left(20)), "the driver stayed after its cluster went away"
+    assert not (root / "build" / "locks" / "ray-driver.json").exists()
+    assert not (vdir(root, "alc") / "raw.safetensors").exists()
 
 
 def test_dry_run_says_where_each_training_would_run(cluster, tmp_path):

@@ -8,7 +8,7 @@ again (eight copies of a 7 GB SDXL model for eight trainings). Instead the first
 build starts this process, ``python -m charbuild.train.executors.driver``, in a session of its
 own. Every training sends it its job over a local socket (:mod:`multiprocessing.connection`,
 authenticated with a random key) and gets the worker's messages back
-(:mod:`.worker`: ``start``, ``log``, ``done``; here also ``lost``, ``error``, ``unfit``).
+(:mod:`.worker`: ``start``, ``log``, ``done``; here also ``lost``, ``error``, ``unfit``, ``gone``).
 
 The driver connects to Ray once, puts each input and each model once (:mod:`.payload`'s caches
 live as long as it does), submits one task per training and relays its messages. When a
@@ -174,6 +174,8 @@ class Driver:
         self.spec, self.lock_dir, self.idle_s = dict(spec), lock_dir, idle_s
         self.active = 0
         self.last_busy = time.monotonic()
+        #: set when the cluster went away: the driver exits as soon as no training is left
+        self.retired = False
         self.state = threading.Lock()
 
     def serve(self) -> None:
@@ -209,7 +211,7 @@ class Driver:
         while True:
             time.sleep(min(1.0, self.idle_s / 4))
             with self.state:
-                idle = self.active == 0 and time.monotonic() - self.last_busy >= self.idle_s
+                idle = self.active == 0 and (self.retired or time.monotonic() - self.last_busy >= self.idle_s)
             if not idle:
                 continue
             try:  # a training that is joining holds this lock until the hello: then it counts
@@ -222,7 +224,8 @@ class Driver:
                         (self.lock_dir / DRIVER_FILE).unlink(missing_ok=True)
             except Timeout:
                 continue
-            print(f"idle for {self.idle_s:g} s: exiting", flush=True)
+            print("the cluster went away: exiting" if self.retired else f"idle for {self.idle_s:g} s: exiting",
+                  flush=True)
             import ray
 
             with contextlib.suppress(Exception):
@@ -246,6 +249,30 @@ class Driver:
                 self.active -= 1
                 self.last_busy = time.monotonic()
 
+    def _cluster_gone(self, conn: Connection) -> bool:
+        """Whether the cluster's address no longer answers; if so, tell the training and retire.
+
+        Why: Ray ends a driver only about 60 s after it lost the cluster's GCS, and until then
+        every call into Ray waits. A training that joins in that time fails at once instead,
+        and the driver exits, so the build's next training starts a new one (which fails at
+        once too while the cluster is down, or connects to the cluster that is back).
+        """
+        from .ray import check_reachable
+
+        address = self.spec.get("address")
+        if address is None:  # a local instance this process started: it lives as long as we do
+            return False
+        try:
+            check_reachable(address, timeout=5.0)
+            return False
+        except TrainingError as e:
+            with self.state:
+                self.retired = True
+            print(f"{e.message}: retiring", flush=True)
+            conn.send({"kind": "gone", "text": f"{e.message} (it went away while this build's Ray driver was connected "
+                                               "to it)"})
+            return True
+
     def _train(self, conn: Connection, request: Mapping[str, Any]) -> None:
         import ray
 
@@ -254,6 +281,8 @@ class Driver:
         from .settings import ray_task_options
 
         job = TrainJob.from_dict(request["job"])
+        if self._cluster_gone(conn):
+            return
         if not fitting_nodes(job.trainer.resources):
             conn.send({"kind": "unfit", "cluster": dict(ray.cluster_resources())})
             return

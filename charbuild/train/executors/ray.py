@@ -70,7 +70,7 @@ def connect(address: str | None, gpus: int = 1) -> None:
     if ray.is_initialized():
         return
     if address is not None:
-        _check_reachable(address)
+        check_reachable(address)
     with _keep_sigterm_handler():
         common = dict(log_to_driver=False, logging_level="WARNING", configure_logging=True)
         try:
@@ -124,7 +124,7 @@ def tcp_target(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def _check_reachable(address: str, timeout: float = 10.0) -> None:
+def check_reachable(address: str, timeout: float = 10.0) -> None:
     """Fail at once when nothing listens at ``address``: ``ray.init`` would retry for minutes."""
     import socket
 
@@ -333,6 +333,8 @@ def _stream(job: TrainJob, log_fh, console):
                 raise TrainingError(f"training {job.label}: no node of the Ray cluster has the resources one "
                                     f"training asks for ({_resources_text(job.trainer.resources)}); cluster: "
                                     f"{msg['cluster']}; change trainer.resources or add a worker")
+            elif kind == "gone":
+                raise TrainingError(f"training {job.label}: {msg['text']}")
             elif kind == "error":
                 raise TrainingError(f"training {job.label} failed on {_node_text(where)}: {msg['text']}")
 
