@@ -254,7 +254,7 @@ def test_a_ray_client_server_that_fails_to_start_its_side_is_tried_again(capsys)
 
     init_with_retries(init_failing(2), lambda: shutdowns.append(1), "ray://h:10001", pause=0)
     assert len(calls) == 3 and len(shutdowns) == 2
-    assert capsys.readouterr().out.count("trying again") == 2
+    assert capsys.readouterr().err.count("trying again") == 2  # stderr: the driver's log, not a dry run's listing
 
     calls.clear()
     with pytest.raises(TrainingError, match=r"failed 3 times .*ray-project/ray#63202.*GCS address"):

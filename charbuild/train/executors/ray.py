@@ -28,6 +28,7 @@ The rest of this module runs where Ray is imported: in the driver and for the dr
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -110,7 +111,7 @@ def init_with_retries(init, shutdown, address: str, attempts: int = CLIENT_ATTEM
                     "head's Ray logs. Try again, or set trainer.ray_address to the cluster's GCS address "
                     "(HOST:6379), which does not go through Ray Client") from None
             print(f"the Ray Client server at {address} failed to start this connection's server "
-                  f"(attempt {attempt}/{attempts}, ray-project/ray#63202): trying again", flush=True)
+                  f"(attempt {attempt}/{attempts}, ray-project/ray#63202): trying again", file=sys.stderr, flush=True)
             with contextlib.suppress(Exception):
                 shutdown()
             time.sleep(pause * attempt)
