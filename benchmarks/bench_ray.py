@@ -148,6 +148,8 @@ sys.path.insert(0, str(REPO))
 
 from conftest import make_project  # noqa: E402
 from ray_cluster import LocalCluster  # noqa: E402
+from charbuild.layout import Layout  # noqa: E402
+from charbuild.train.executors.driver import DRIVER_LOG  # noqa: E402
 
 VARIANT = "Lora1x1A1-AdamW8"
 PUT_RE = re.compile(r"put into the object store so far: (\d+) bytes of inputs, (\d+) bytes of model")
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             for log in sorted(root.glob(f"build/loras/*/{VARIANT}/train.log")):
                 m = MOVED_RE.search(log.read_text(encoding="utf-8", errors="replace"))
                 moved.append((log.parent.parent.name, *map(int, m.groups())) if m else (log.parent.parent.name, -1, -1, -1))
-            driver_log = (root / "build" / "locks" / "ray-driver.log").read_text(encoding="utf-8", errors="replace")
+            driver_log = (Layout(root).locks_dir / DRIVER_LOG).read_text(encoding="utf-8", errors="replace")
             put = [tuple(map(int, m.groups())) for m in PUT_RE.finditer(driver_log)]
             model_size = (root.parent / "model.safetensors").stat().st_size
     finally:

@@ -24,6 +24,9 @@ from conftest import make_project  # noqa: E402
 from graphtools import build  # noqa: E402
 from ray_cluster import LocalCluster  # noqa: E402
 
+from charbuild.layout import Layout  # noqa: E402
+from charbuild.train.executors.driver import DRIVER_FILE, DRIVER_LOG  # noqa: E402
+
 VARIANT = "Lora1x1A1-AdamW8"
 LORAS = ("alc", "alcdr", "bbo")
 #: Seconds this whole module may take, cluster start included (~3 min on 2 busy cores): every
@@ -84,6 +87,11 @@ def start_charbuild(cluster: LocalCluster, root: Path, *args: str) -> subprocess
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _drivers.append(proc)
     return proc
+
+
+def driver_file(root: Path, name: str = DRIVER_FILE) -> Path:
+    """The build's Ray driver's address file (``DRIVER_LOG``: its log) in ``root``'s locks folder."""
+    return Layout(root).locks_dir / name
 
 
 def vdir(root: Path, lora: str) -> Path:
@@ -162,7 +170,7 @@ def test_the_build_driver_exits_when_idle(cluster, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     pid = int(re.search(r"the build's Ray driver \(pid (\d+)", (vdir(root, "bbo") / "train.log").read_text(
         encoding="utf-8")).group(1))
-    info = root / "build" / "locks" / "ray-driver.json"
+    info = driver_file(root)
     assert json.loads(info.read_text(encoding="utf-8"))["pid"] == pid
     assert info.stat().st_mode & 0o077 == 0  # it holds the driver's key: this user's only
     assert gone(pid, timeout=left(DRIVER_IDLE_S + 30)), "the driver outlived its idle time"
@@ -230,7 +238,7 @@ def test_model_travels_once_and_then_only_the_inputs(cluster, tmp_path):
     out = charbuild(cluster, root, "build", "-n", "3", "train")  # at once: one fetches, the node's lock holds the rest
     assert out.returncode == 0, out.stdout + out.stderr
     # and the build's one driver put the model into the object store once for the three
-    driver_log = (root / "build" / "locks" / "ray-driver.log").read_text(encoding="utf-8")
+    driver_log = driver_file(root, DRIVER_LOG).read_text(encoding="utf-8")
     put = re.findall(r"so far: \d+ bytes of inputs, (\d+) bytes of model", driver_log)
     assert len(put) == 3 and int(put[-1]) == model.stat().st_size, driver_log
     moved = []
@@ -348,7 +356,7 @@ def test_a_driver_whose_cluster_went_away_fails_the_next_training_at_once_and_ex
         root = ray_project(tmp_path / "p", own)
         out = charbuild(own, root, "build", f"train:bbo/{VARIANT}", idle=300)
         assert out.returncode == 0, out.stdout + out.stderr
-        pid = json.loads((root / "build" / "locks" / "ray-driver.json").read_text(encoding="utf-8"))["pid"]
+        pid = json.loads(driver_file(root).read_text(encoding="utf-8"))["pid"]
     finally:
         own.stop()
     t0 = time.monotonic()
@@ -358,7 +366,7 @@ def test_a_driver_whose_cluster_went_away_fails_the_next_training_at_once_and_ex
     assert f"cannot reach the Ray cluster at '{own.address}'" in said and "went away while" in said, said
     assert time.monotonic() - t0 < 40
     assert gone(pid, timeout=left(20)), "the driver stayed after its cluster went away"
-    assert not (root / "build" / "locks" / "ray-driver.json").exists()
+    assert not driver_file(root).exists()
     assert not (vdir(root, "alc") / "raw.safetensors").exists()
 
 
