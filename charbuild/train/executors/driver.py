@@ -249,8 +249,8 @@ class Driver:
                 self.active -= 1
                 self.last_busy = time.monotonic()
 
-    def _cluster_gone(self, conn: Connection) -> bool:
-        """Whether the cluster's address no longer answers; if so, tell the training and retire.
+    def _retire_if_cluster_gone(self, conn: Connection) -> bool:
+        """If the cluster's address no longer answers: tell the training, retire, and return True.
 
         Why: Ray ends a driver only about 60 s after it lost the cluster's GCS, and until then
         every call into Ray waits. A training that joins in that time fails at once instead,
@@ -281,7 +281,7 @@ class Driver:
         from .settings import ray_task_options
 
         job = TrainJob.from_dict(request["job"])
-        if self._cluster_gone(conn):
+        if self._retire_if_cluster_gone(conn):
             return
         if not fitting_nodes(job.trainer.resources):
             conn.send({"kind": "unfit", "cluster": dict(ray.cluster_resources())})
