@@ -65,6 +65,30 @@ def forget_loaded_projects() -> None:
     _graphs.clear()
 
 
+def stale_tasks(root: str | Path):
+    """Every task of the project at ``root`` that a build would run, and why (:class:`~charbuild.staleness.Stale`).
+
+    Loads the project's tasks as doit does (under the project folder), then asks doit's own
+    state check (:func:`charbuild.staleness.stale_of`); read-only.
+    """
+    from doit.control import TaskControl
+    from doit.loader import load_doit_config, load_tasks
+
+    from .staleness import stale_of
+
+    root = Path(root).resolve()
+    old = Path.cwd()
+    os.chdir(root)
+    try:
+        forget_loaded_projects()
+        namespace = {name: globals()[name] for name in __all__}
+        config = load_doit_config(namespace)
+        tasks = load_tasks(namespace, allow_delayed=False, args=[], config=config)
+        return stale_of(TaskControl(tasks).tasks, root / config["dep_file"])
+    finally:
+        os.chdir(old)
+
+
 def task_image():
     yield from graph().image_tasks()
 
@@ -97,7 +121,7 @@ def task_report():
     from .report.tasks import report_tasks
 
     g = graph()
-    yield from report_tasks(g.project, g)
+    yield from report_tasks(g, stale_check=stale_tasks)
 
 
 for _group in GROUP_DOCS:  # one wording for doit list and for readers of this file

@@ -228,7 +228,7 @@ def test_a_launcher_without_local_gpu_runs_while_every_gpu_lock_is_held(tmp_path
 
 
 def test_tcp_target_of_ray_addresses():
-    from charbuild.train.executors.ray import tcp_target
+    from charbuild.train.executors.cluster import tcp_target
 
     assert tcp_target("10.0.0.5:6379") == ("10.0.0.5", 6379)
     assert tcp_target("ray://head.local:10001") == ("head.local", 10001)
@@ -239,7 +239,7 @@ def test_tcp_target_of_ray_addresses():
 def test_a_ray_client_server_that_fails_to_start_its_side_is_tried_again(capsys):
     """ray-project/ray#63202: the proxy's forked per-connection server may crash at once."""
     from charbuild.errors import TrainingError
-    from charbuild.train.executors.ray import init_with_retries
+    from charbuild.train.executors.cluster import init_with_retries
 
     crash = ConnectionAbortedError("Initialization failure from server:\nRuntimeError: Starting Ray client server "
                                    "failed. See ray_client_server_23000.err for detailed logs.")

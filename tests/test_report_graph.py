@@ -126,7 +126,7 @@ def test_a_failed_write_leaves_the_previous_page_whole(built, monkeypatch):
     monkeypatch.setattr("charbuild.report.build.write_text_atomic",
                         lambda target, text: _failing_write(atomic_path, target, text))
     with pytest.raises(Exception, match="disk is full"):
-        build_report(plan, root, run_started_ns=time.time_ns(), with_status=False)
+        build_report(plan, root, run_started_ns=time.time_ns())
     assert index.read_bytes() == before
     assert not [p for p in index.parent.iterdir() if p.name.endswith(".tmp.html")]
 

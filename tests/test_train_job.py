@@ -205,9 +205,9 @@ def test_a_new_backend_trains_through_the_runner_without_touching_the_graph(tmp_
         assert is_up_to_date(job).fresh
         assert "my trainer krnk/V" in (Path(job.variant_dir) / "train.log").read_text(encoding="utf-8")
     finally:
-        from charbuild.train import backends
+        from charbuild.train.backends import protocol
 
-        backends._REGISTRY.pop("mine", None)
+        protocol._REGISTRY.pop("mine", None)
 
 
 # --------------------------------------------------------------------------- the layout

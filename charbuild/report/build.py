@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from importlib import resources
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from charbuild.fsutil import write_bytes_atomic, write_text_atomic
 from charbuild.layout import METRICS_NAME, REPORT as REPORT_DIR
 
 from .metrics import read_metrics
+from .samples import sample_files
 
 THUMB_PX = 96
 ASSETS = ("report.css", "report.js")
@@ -36,32 +36,6 @@ def asset_name(rel: str, suffix: str = ".png") -> str:
     return hashlib.sha1(rel.encode("utf-8")).hexdigest()[:16] + suffix
 
 
-_USER_SAMPLE = re.compile(r"^p[1-9][0-9]*$")
-
-
-def sample_name_key(name: str) -> tuple:
-    """Column order of the samples grid: the angle codes, then the user's prompts ``p1, p2, …``."""
-    return (1, int(name[1:]), "") if _USER_SAMPLE.match(name) else (0, 0, name)
-
-
-def sample_files(root: Path, variant_dir: str) -> dict[int, dict[str, str]]:
-    """``samples/<step>/<name>.png`` of a variant (``name``: an angle code, or ``p1``, ``p2``, … for
-    the user's ``sample_prompts``): step -> name -> project-relative path."""
-    from charbuild.codes import parse_code
-
-    out: dict[int, dict[str, str]] = {}
-    base = root / variant_dir / "samples"
-    if not base.is_dir():
-        return out
-    for step_dir in base.iterdir():
-        if not (step_dir.is_dir() and step_dir.name.isdigit()):
-            continue
-        for f in step_dir.iterdir():
-            code = parse_code(f.name)
-            name = code if code and f.stem.lower() == code else f.stem if _USER_SAMPLE.match(f.stem) else None
-            if f.suffix.lower() == ".png" and name and f.is_file():
-                out.setdefault(int(step_dir.name), {})[name] = f"{variant_dir}/samples/{step_dir.name}/{f.name}"
-    return {s: dict(sorted(out[s].items(), key=lambda kv: sample_name_key(kv[0]))) for s in sorted(out)}
 
 
 def observed_files(plan: dict, root: Path) -> dict[str, list[int]]:
@@ -182,37 +156,38 @@ def collect(plan: dict, root: Path, out_dir: Path, stale: list[tuple[str, str]])
             "loras": loras, "stale": stale}
 
 
-def _stale_now(root: Path, run_started_ns: int) -> list[tuple[str, str]]:
+def _stale_now(root: Path, run_started_ns: int, stale_check) -> list[tuple[str, str]]:
     """``charbuild status``'s list, less the tasks this doit run has already rebuilt.
 
     doit saves its state only when a run ends, so a task that ran earlier in this run still
     looks stale in the saved state; it rewrote all its targets since the run started, though.
+    ``stale_check(root)`` is the status check the report's task was made with.
     """
-    from .source import stale_reasons, task_targets
 
-    targets = task_targets(root)
-
-    def rebuilt(name: str) -> bool:
-        paths = targets.get(name)
-        if not paths:
+    def rebuilt(targets) -> bool:
+        if not targets:
             return False
         try:
-            return all((root / p).stat().st_mtime_ns >= run_started_ns for p in paths)
+            return all((root / p).stat().st_mtime_ns >= run_started_ns for p in targets)
         except OSError:
             return False
 
-    return [(n, r) for n, r in stale_reasons(root)
-            if not n.startswith(("report", "_")) and not rebuilt(n)]
+    return [(s.name, s.reason) for s in stale_check(root)
+            if not s.name.startswith(("report", "_")) and not rebuilt(s.targets)]
 
 
-def build_report(plan: dict, root: str | Path, *, run_started_ns: int, with_status: bool = True) -> str:
-    """Write ``build/report/`` for ``plan``; return the observed key it was built from."""
+def build_report(plan: dict, root: str | Path, *, run_started_ns: int, stale_check=None) -> str:
+    """Write ``build/report/`` for ``plan``; return the observed key it was built from.
+
+    ``stale_check(root)`` lists the project's stale tasks (:func:`charbuild.dodo.stale_tasks`);
+    None leaves the state column empty.
+    """
     from .render import render_page
 
     root = Path(root)
     key = observed_key(plan, root)  # before reading: a file changed meanwhile makes the next run rebuild
     out_dir = root / REPORT_DIR
-    stale = _stale_now(root, run_started_ns) if with_status else []
+    stale = _stale_now(root, run_started_ns, stale_check) if stale_check is not None else []
     page = collect(plan, root, out_dir, stale)
     for name in ASSETS:
         data = resources.files("charbuild.report").joinpath("assets", name).read_bytes()
@@ -224,6 +199,6 @@ def build_report(plan: dict, root: str | Path, *, run_started_ns: int, with_stat
 
 
 @doit_action
-def build_report_action(plan: dict, root: str, run_started_ns: int):
+def build_report_action(plan: dict, root: str, run_started_ns: int, stale_check=None):
     """doit python-action: build the report; its return value is saved for :class:`ReportUpToDate`."""
-    return {"observed_key": build_report(plan, root, run_started_ns=run_started_ns)}
+    return {"observed_key": build_report(plan, root, run_started_ns=run_started_ns, stale_check=stale_check)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from html import escape
 from urllib.parse import quote
 
+from .samples import sample_name_key
 from .svg import block_bar_svg, loss_chart_svg
 
 ROLES = (("raw", "raw (trained)"), ("merged", "merged (block weights)"), ("compressed", "compressed (the file to use)"))
@@ -108,8 +109,6 @@ def _files_table(v: dict, lora: dict) -> str:
 def _samples_grid(samples: dict) -> str:
     if not samples:
         return '<p class="none">no samples yet (samples/&lt;step&gt;/&lt;code&gt;.png in the variant folder)</p>'
-    from .build import sample_name_key
-
     codes = sorted({c for by_code in samples.values() for c in by_code}, key=sample_name_key)
     head = "".join(f"<th>{c}</th>" for c in codes)
     rows = []

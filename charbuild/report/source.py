@@ -12,7 +12,6 @@ lists, dicts; paths relative to the project root, POSIX), which doubles as the d
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from charbuild.codes import MIRROR_CODES, TEMPLATE_CODES
 
@@ -134,29 +133,3 @@ def lora_task_names(graph) -> list[str]:
     for lora in graph.project.loras.values():
         names += graph.lora_deps(lora)
     return names
-
-
-def stale_reasons(root: Path) -> list[tuple[str, str]]:
-    """``charbuild status``'s (task, reason) list: doit's own check, read-only."""
-    from charbuild.status import stale_tasks
-
-    return stale_tasks(root)
-
-
-def load_graph(root: Path):
-    """The task graph of the project at ``root`` (for ``charbuild report`` outside doit)."""
-    from charbuild.dodo import graph
-
-    return graph(root)
-
-
-def task_targets(root: Path) -> dict[str, list[str]]:
-    """doit task name -> its targets, for every task of the project's graph that has targets."""
-    g = load_graph(root)
-    out: dict[str, list[str]] = {}
-    for tasks in (g.image_tasks, g.caption_tasks, g.dataset_tasks, g.preview_tasks, g.train_tasks,
-                  g.merge_tasks, g.compress_tasks):
-        for t in tasks():
-            if t.get("name") and t.get("targets"):
-                out[f"{t['basename']}:{t['name']}"] = list(t["targets"])
-    return out

@@ -27,14 +27,19 @@ from .source import lora_task_names, report_plan, source_pictures
 REPORT_DOC = "the project report page build/report/index.html (open it from disk)"
 
 
-def report_tasks(project, graph) -> Iterator[dict]:
-    """Yield the report's doit task dict for ``project`` and its task ``graph``."""
+def report_tasks(graph, stale_check=None) -> Iterator[dict]:
+    """Yield the report's doit task dict for the task ``graph`` of a project.
+
+    ``stale_check(root)`` (a module-level function, so that ``doit -n N`` can pickle it) lists
+    the project's stale tasks for the page's state column; the composition root
+    (:mod:`charbuild.dodo`) passes its own, so this package never imports doit's loading.
+    """
     plan = report_plan(graph)
-    root = str(project.root)
+    root = str(graph.project.root)
     yield {
         "basename": "report",
         "doc": REPORT_DOC,
-        "actions": [(build_report_action, [plan, root, time.time_ns()])],
+        "actions": [(build_report_action, [plan, root, time.time_ns(), stale_check])],
         "file_dep": source_pictures(plan),
         "task_dep": lora_task_names(graph),
         "targets": [f"{REPORT_DIR}/index.html"],

@@ -32,6 +32,14 @@ def command_line(cmd: list[str]) -> str:
     return subprocess.list2cmdline(cmd) if os.name == "nt" else shlex.join(cmd)
 
 
+def child_env(gpu: int | str) -> dict[str, str]:
+    """The environment of a trainer on ``gpu``: this process's, with ``CUDA_VISIBLE_DEVICES``."""
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def say(message: str, log_fh=None, echo: bool = True) -> None:
     """``charbuild: <message>`` to the log (when given) and the console (when ``echo``)."""
     line = f"charbuild: {message}\n"

@@ -38,19 +38,17 @@ Backends come from the registry of :mod:`charbuild.train.backends`; all run with
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from doit.exceptions import TaskFailed
 from filelock import FileLock, Timeout
 
 from ..errors import TrainingError, doit_action
 from ..fsutil import replace_file, write_text_atomic
-from ..layout import LOG_NAME, Layout
+from ..layout import Layout
 from ..signature import compute_signature, write_sidecar
 from . import observed, run_cache
 from .backends import check_capabilities, collect_outputs, get_backend, prepare_files
@@ -58,7 +56,8 @@ from .executors import RAY
 from .freshness import Freshness, is_up_to_date, sidecar_path
 from .gpulock import gpu_lease, lock_fd
 from .job import TrainJob, as_job
-from .process import command_line, console_writer, log_tail, run_process, say, stop_process_group
+from .launch import Launch, Launcher, log_path, takes_local_gpu
+from .process import child_env, command_line, console_writer, log_tail, run_process, say, stop_process_group
 
 __all__ = ["Freshness", "Launch", "Launcher", "dry_run_commands", "get_launcher", "is_up_to_date", "launch_local",
            "log_path", "log_tail", "register_launcher", "run_training", "sidecar_path", "stop_process_group",
@@ -67,60 +66,12 @@ __all__ = ["Freshness", "Launch", "Launcher", "dry_run_commands", "get_launcher"
 TEMP_PREFIX = ".train-"
 
 
-def log_path(job: TrainJob | Mapping[str, Any]) -> Path:
-    """``<variant_dir>/train.log``: the trainer's whole output of the latest run."""
-    variant_dir = job.variant_dir if isinstance(job, TrainJob) else job["variant_dir"]
-    return Path(variant_dir) / LOG_NAME
-
-
 def _backend_job(job: TrainJob, temp_dir: Path) -> TrainJob:
     """``job`` with its raw file going to ``<temp>/<lora>-<variant>.safetensors``."""
     return job.with_output(temp_dir / f"{job.title}.safetensors")
 
 
 # ---------------------------------------------------------------------------- launching
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One start of a training, as the runner hands it to a launcher.
-
-    ``job.output`` points into the runner's temp folder and ``job_file`` (in the same
-    folder) holds ``job.to_json()``. The launcher must leave the raw LoRA at ``job.output``,
-    write everything the trainer prints to ``log`` (bytes), echo it to ``console`` when that
-    is not None, and return the trainer's exit status (0: success). On any exception
-    (KeyboardInterrupt included) it must stop what it started before re-raising.
-    ``pass_fds`` are lock descriptors a local process should inherit (POSIX). ``gpu`` is the
-    GPU of this machine the runner leased, None for a launcher with ``local_gpu = False``.
-    """
-
-    job: TrainJob
-    job_file: Path
-    gpu: int | str | None
-    log: BinaryIO
-    console: Callable[[bytes], None] | None
-    pass_fds: tuple[int, ...] = ()
-
-
-#: What runs a training: the one seam for running it elsewhere (a cluster executor).
-#: A launcher may also have the attributes ``local_gpu`` (False: the runner takes no GPU
-#: lock of this machine, see :func:`takes_local_gpu`) and ``dry_run_lines(job) -> list[str]``
-#: (what :func:`dry_run_commands` adds about where the training would run).
-Launcher = Callable[[Launch], int]
-
-
-def takes_local_gpu(launcher: Launcher) -> bool:
-    """Whether the runner leases a GPU of this machine for ``launcher`` (True unless it has
-    ``local_gpu = False``: a cluster executor whose scheduler assigns the GPUs)."""
-    return bool(getattr(launcher, "local_gpu", True))
-
-
-def child_env(gpu: int | str) -> dict[str, str]:
-    """The environment of a trainer on ``gpu``: this process's, with ``CUDA_VISIBLE_DEVICES``."""
-    env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def launch_local(launch: Launch) -> int:

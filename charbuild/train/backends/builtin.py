@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import ALL_NETWORKS, Capabilities, PythonModuleBackend, register
+from .protocol import ALL_NETWORKS, Capabilities, PythonModuleBackend, register
 
 BACKEND = register(PythonModuleBackend(
     "builtin",

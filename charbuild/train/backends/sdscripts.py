@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..job import TrainJob
-from . import ALL_NETWORKS, Capabilities, register
+from .protocol import ALL_NETWORKS, Capabilities, register
 
 
 class SdScriptsBackend:

@@ -14,7 +14,7 @@ from .settings import EXECUTORS
 
 if TYPE_CHECKING:
     from ..job import TrainJob
-    from ..runner import Launch
+    from ..launch import Launch
 
 
 class RayLauncher:

@@ -180,7 +180,7 @@ class Driver:
 
     def serve(self) -> None:
         """Connect to Ray, listen, leave the address file, and serve trainings until idle."""
-        from .ray import connect
+        from .cluster import connect
 
         try:
             connect(self.spec["address"], gpus=int(self.spec.get("gpus") or 1))
@@ -257,7 +257,7 @@ class Driver:
         and the driver exits, so the build's next training starts a new one (which fails at
         once too while the cluster is down, or connects to the cluster that is back).
         """
-        from .ray import check_reachable
+        from .cluster import check_reachable
 
         address = self.spec.get("address")
         if address is None:  # a local instance this process started: it lives as long as we do
@@ -277,7 +277,7 @@ class Driver:
         import ray
 
         from .payload import build_payload, put_bytes
-        from .ray import fitting_nodes, lost_errors, submit_training
+        from .cluster import fitting_nodes, lost_errors, submit_training
         from .settings import ray_task_options
 
         job = TrainJob.from_dict(request["job"])

@@ -34,8 +34,7 @@ from ...fsutil import write_text_atomic
 from ...layout import LOG_NAME
 from ..backends import collect_outputs, get_backend, prepare_files
 from ..job import TrainJob
-from ..process import group_alive, relay_output, start_in_own_group, stop_process_group
-from ..runner import child_env
+from ..process import child_env, group_alive, relay_output, start_in_own_group, stop_process_group
 from .payload import job_for_worker
 
 #: Seconds between two log messages: chunks that arrive meanwhile travel together.
