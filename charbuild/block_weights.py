@@ -14,42 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .lora.blocks import SD15_BLOCK_OF_SDXL, SDXL_FORM_PRESETS, arch_presets, sdxl_form
+
 if TYPE_CHECKING:
     from .model import Lora, Project
 
-#: For each SDXL block, the SD1.5 block that does the same job: the same channel width at the
-#: same fraction of the image (320 channels at 1/8, 640 at 1/16, 1280 at 1/32). SD1.5's
-#: deepest level (IN09-IN11, OUT00-OUT02: 1280 channels at 1/64, no attention) has no SDXL
-#: counterpart; its values are dropped.
-SD15_BLOCK_OF_SDXL: dict[str, str] = {
-    "BASE": "BASE", "IN00": "IN00",
-    **{f"IN{i:02d}": f"IN{i:02d}" for i in range(1, 9)},  # 320: IN01-02, down IN03, 640: IN04-05, down IN06, 1280: IN07-08
-    "M00": "M00",
-    **{f"OUT{i:02d}": f"OUT{i + 3:02d}" for i in range(9)},  # 1280: OUT00-02 = SD OUT03-05, 640: OUT03-05, 320: OUT06-08
-}
-#: The built-in presets that have an SDXL form (the rest are uniform or LBW's own 17-value lists).
-SDXL_FORM_PRESETS = ("FACE", "BODY")
-
-
-def sdxl_form(sd15_weights: Mapping[str, float]) -> list[float]:
-    """The 20 SDXL block weights (BASE, IN00-IN08, M00, OUT00-OUT08) for SD1.5 ``{block: weight}``."""
-    from .lora.blocks import SDXL_20
-
-    return [float(sd15_weights[SD15_BLOCK_OF_SDXL[block]]) for block in SDXL_20]
-
-
-def arch_presets(arch: str, presets: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The presets a weights spec of an ``arch`` project resolves with: for SDXL the SDXL forms of
-    FACE and BODY, then the user's ``presets`` (which win)."""
-    table: dict[str, Any] = {}
-    if arch == "sdxl":
-        from .lora.blocks import BUILTIN_PRESETS, resolve_block_weights
-
-        for name in SDXL_FORM_PRESETS:
-            table[name] = sdxl_form(resolve_block_weights(BUILTIN_PRESETS[name], arch="sd15"))
-    table.update(presets or {})
-    return table
-
+__all__ = ["SD15_BLOCK_OF_SDXL", "SDXL_FORM_PRESETS", "arch_presets", "merge_spec", "preset_values",
+           "resolve_merge_weights", "sdxl_form"]
 
 def preset_values(value: Any, arch: str) -> list[float]:
     """The weights of a ``[merge.presets]`` entry: a comma string or a list of numbers.

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.blocks import all_blocks, block_of, resolve_block_weights
+from charbuild.lora.blocks import all_blocks, arch_presets, block_of, resolve_block_weights
 from charbuild.lora.io import LoraFile, LoraModule, load_lora, save_lora
 from charbuild.lora.provenance import with_output_name
 
@@ -86,15 +86,13 @@ def merge_file(
 
     ``weights`` is a {block: w} dict or any spec :func:`resolve_block_weights` accepts (preset
     name, list, comma string), resolved for the file's arch (an SDXL file's FACE/BODY are their
-    SDXL forms, :func:`charbuild.block_weights.arch_presets`). ``output_name`` sets
+    SDXL forms, :func:`charbuild.lora.blocks.arch_presets`). ``output_name`` sets
     ``ss_output_name`` and ``modelspec.title`` (kept as ``src`` has them otherwise). Nothing is
     written on error.
     """
     lora = load_lora(src)
     try:
         with_output_name({}, output_name)
-        from charbuild.block_weights import arch_presets  # FACE/BODY in their SDXL forms for an SDXL file
-
         resolved = resolve_block_weights(weights, lora.arch, arch_presets(lora.arch, presets))
     except ValueError as exc:
         raise LoraFileError(str(exc), src) from None
