@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,29 @@ def test_every_training_key_has_its_one_checker_and_workers_default_as_sd_script
 
     assert set(TRAINING_CHECKS) == set(TRAINING_KEYS)
     assert resolve_variant("Lora3x3A1-AdamW8", steps=10).data_loader_workers == 8  # --max_data_loader_n_workers
+
+
+def test_the_readme_settings_table_is_the_declarations():
+    import re
+
+    from charbuild.train.settings import settings_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- training-settings:begin -->\n(.*?)<!-- training-settings:end -->", readme, re.S)
+    assert m, "README.md lost its training-settings markers"
+    assert m.group(1) == settings_table(), "README's training settings table is stale: run `python -m charbuild.train.settings`"
+
+
+def test_every_setting_is_declared_with_a_checker_help_and_signature_policy():
+    from dataclasses import fields
+
+    from charbuild.train.settings import SIGNATURE_POLICIES, TRAINING_KEYS, TrainParams
+
+    derived = {"name", "logic", "network", "network_module", "algo", "lr_units"}
+    for f in fields(TrainParams):
+        if f.name in derived:
+            assert "check" not in f.metadata
+            continue
+        assert f.name in TRAINING_KEYS
+        assert callable(f.metadata["check"]) and f.metadata["help"]
+        assert f.metadata["signature"] in SIGNATURE_POLICIES

@@ -23,28 +23,36 @@ AdaFactor   adafactor with relative_step=True scale_parameter=True
 Sample dims of the original: Lora3x3 and Locon 128, Loha 32. The original gave
 no sample for Lora1x1; charbuild uses 128 (the same as Lora3x3).
 
-This module is pure: no I/O, no torch.
+The grammar is :mod:`charbuild.train.logic`'s, the settings and their defaults
+:mod:`charbuild.train.settings`'. This module is pure: no I/O, no torch.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
-from ..checks import Checker, closest, did_you_mean, is_bool, is_choice, is_int, is_number, is_str, require
+from ..checks import did_you_mean, require
+from .logic import ALL_LOGICS, NETWORKS, Logic, parse_logic
+from .settings import (
+    DEFAULT_DATA_LOADER_WORKERS,
+    DEFAULT_SCHEDULER,
+    DERIVED_KEYS,
+    LATER_KEYS,
+    OBSERVING_KEYS,
+    TRAINING_CHECKS,
+    TRAINING_KEYS,
+    TrainParams,
+    declared,
+    default_of,
+    is_learning_rate,
+)
 
-NETWORKS = ("Lora3x3", "Lora1x1", "Locon", "Loha")
-ALPHA_MODES = ("A1", "A50p")
-OPTIMIZER_PRESETS = ("AdamW8", "AdaFactor")
-#: Optimizer part spellings accepted in a logic string -> canonical spelling.
-_OPTIMIZER_SPELLINGS = {"AdamW8": "AdamW8", "AdaFactor": "AdaFactor", "AdaFacotor": "AdaFactor"}
-
-#: Values accepted for the ``optimizer`` field (sd-scripts ``--optimizer_type`` spellings).
-OPTIMIZERS = ("AdamW8bit", "AdamW", "adafactor")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-SAVE_PRECISIONS = ("fp16", "bf16", "float")
+__all__ = ["ALL_LOGICS", "DEFAULT_DATA_LOADER_WORKERS", "DEFAULT_SCHEDULER", "KIND_STEPS", "LATER_KEYS", "Logic",
+           "NETWORKS", "OBSERVING_KEYS", "TRAINING_CHECKS", "TRAINING_KEYS", "TrainParams", "canonical_params_text",
+           "format_lr", "lr_to_units", "output_name", "parse_logic", "resolve_variant", "steps_for_kind",
+           "training_defaults", "variant_entries"]
 
 #: Default ``max_train_steps`` per LoRA kind (charframework-rules.md §5).
 KIND_STEPS = {"face": 1000, "body": 1200, "group": 1600}
@@ -54,196 +62,10 @@ DEFAULT_DIMS = {"Lora3x3": 128, "Lora1x1": 128, "Locon": 128, "Loha": 32}
 #: Base learning rate in 1e-6 units, and the text encoder's share of it in percent.
 DEFAULT_LR_UNITS = 100
 TEXT_ENCODER_PERCENT = 44
-DEFAULT_SCHEDULER = "cosine_with_restarts"
-DEFAULT_SEED = 31337
-#: sd-scripts' ``--max_data_loader_n_workers`` default; 0 loads the data in the training process.
-DEFAULT_DATA_LOADER_WORKERS = 8
 ADAFACTOR_ARGS = ("relative_step=True", "scale_parameter=True", "warmup_init=False")
 
-_LOGIC_RE = re.compile(r"^(Lora3x3|Lora1x1|Locon|Loha)(A1|A50p)-(AdamW8|AdaFactor|AdaFacotor)$")
-
-#: Keys a variant dict, the project's ``[training]`` table or a LoRA's overrides may set.
-TRAINING_KEYS = (
-    "dim",
-    "alpha",
-    "conv_dim",
-    "conv_alpha",
-    "lr",
-    "text_encoder_lr",
-    "steps",
-    "scheduler",
-    "seed",
-    "optimizer",
-    "optimizer_args",
-    "clip_skip",
-    "mixed_precision",
-    "save_precision",
-    "gradient_checkpointing",
-    "network_train_unet_only",
-    "resolution",
-    "min_bucket_reso",
-    "max_bucket_reso",
-    "extra_args",
-    "data_loader_workers",
-    # how the loss is formed (SDXL users rely on these; sd-scripts flags of the same names)
-    "noise_offset",
-    "min_snr_gamma",
-    "v_prediction",
-    "zero_terminal_snr",
-    "cache_text_encoder_outputs",
-    "no_half_vae",
-    # what a training shows while it runs (never part of what is trained)
-    "sample_every",
-    "sample_prompts",
-    "sample_size",
-    "sample_steps",
-    "validation_every",
-)
-#: Training keys added after the first release: a field at its default is left out of a
-#: training's signature, so a LoRA trained before the key existed does not become stale.
-LATER_KEYS = ("data_loader_workers", "noise_offset", "min_snr_gamma", "v_prediction", "zero_terminal_snr",
-              "cache_text_encoder_outputs", "no_half_vae")
-#: Training keys that only observe a training (samples, validation loss): never in its signature.
-OBSERVING_KEYS = ("sample_every", "sample_prompts", "sample_size", "sample_steps", "validation_every")
-#: Keys of a variant dict beside the training keys.
+#: Keys of a variant table beside the training keys.
 VARIANT_KEYS = ("name", "preset")
-
-
-class Logic(NamedTuple):
-    """A parsed logic string: network type, alpha mode and optimizer preset (canonical spellings)."""
-
-    network: str  # Lora3x3 | Lora1x1 | Locon | Loha
-    alpha_mode: str  # A1 | A50p
-    optimizer: str  # AdamW8 | AdaFactor
-
-    def __str__(self) -> str:
-        return f"{self.network}{self.alpha_mode}-{self.optimizer}"
-
-
-ALL_LOGICS = tuple(str(Logic(n, a, o)) for n in NETWORKS for a in ALPHA_MODES for o in OPTIMIZER_PRESETS)
-
-
-def parse_logic(text: str) -> Logic:
-    """Parse a logic string such as ``"Lora3x3A50p-AdamW8"``.
-
-    Accepts the original misspelling ``AdaFacotor`` (returned as ``AdaFactor``).
-    Raises ValueError naming the wrong part and the closest valid logic.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"a training preset must be a string like 'Lora3x3A50p-AdamW8', not {text!r}")
-    m = _LOGIC_RE.match(text)
-    if m:
-        return Logic(m.group(1), m.group(2), _OPTIMIZER_SPELLINGS[m.group(3)])
-    close = closest(text, ALL_LOGICS)
-    head, sep, opt = text.partition("-")
-    if not sep:
-        detail = "it needs a '-' before the optimizer (AdamW8 or AdaFactor)"
-    elif opt not in _OPTIMIZER_SPELLINGS:
-        detail = f"unknown optimizer {opt!r}, expected AdamW8 or AdaFactor"
-    else:
-        net = next((n for n in NETWORKS if head.startswith(n)), None)
-        if net is None:
-            detail = f"unknown network in {head!r}, expected one of {', '.join(NETWORKS)}"
-        else:
-            detail = f"unknown alpha mode {head[len(net):]!r}, expected A1 or A50p"
-    hint = ""
-    if close:
-        hint = f" (did you mean {close[0]!r}?)"
-    raise ValueError(
-        f"unknown training preset {text!r}{hint}: {detail}; the grammar is "
-        "(Lora3x3|Lora1x1|Locon|Loha)(A1|A50p)-(AdamW8|AdaFactor)"
-    )
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """Everything one training needs besides data and model; see :meth:`to_dict`."""
-
-    name: str
-    logic: str
-    network: str
-    network_module: str
-    algo: str | None
-    dim: int
-    alpha: float
-    conv_dim: int | None
-    conv_alpha: float | None
-    optimizer: str
-    optimizer_args: tuple[str, ...]
-    lr: float | None
-    lr_units: int | None
-    text_encoder_lr: float | None
-    steps: int
-    scheduler: str = DEFAULT_SCHEDULER
-    seed: int = DEFAULT_SEED
-    clip_skip: int | None = None
-    mixed_precision: str = "fp16"
-    save_precision: str = "fp16"
-    gradient_checkpointing: bool = True
-    network_train_unet_only: bool = False
-    resolution: int | tuple[int, int] | None = None
-    min_bucket_reso: int | None = None
-    max_bucket_reso: int | None = None
-    extra_args: tuple[str, ...] = field(default_factory=tuple)
-    data_loader_workers: int = DEFAULT_DATA_LOADER_WORKERS
-    noise_offset: float = 0.0
-    min_snr_gamma: float | None = None
-    v_prediction: bool = False
-    zero_terminal_snr: bool = False
-    cache_text_encoder_outputs: bool = False
-    no_half_vae: bool = False
-    sample_every: int | None = None
-    sample_prompts: tuple[str, ...] = field(default_factory=tuple)
-    sample_size: int | None = None
-    sample_steps: int | None = None
-    validation_every: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with exactly the documented keys (the job's ``params``).
-
-        ``name`` variant name (folder name); ``logic`` canonical logic string;
-        ``network`` Lora3x3|Lora1x1|Locon|Loha; ``network_module`` networks.lora|lycoris.kohya;
-        ``algo`` None|"lora"|"loha"; ``dim``/``alpha``; ``conv_dim`` (None: no conv layers)
-        and ``conv_alpha``; ``optimizer`` AdamW8bit|AdamW|adafactor; ``optimizer_args``
-        list of "k=v"; ``lr`` float or None (AdaFactor: None); ``lr_units`` the lr in 1e-6
-        units when it is a whole number of them, else None; ``text_encoder_lr`` float or
-        None; ``steps``; ``scheduler``; ``seed``; ``clip_skip`` (None: the model's clip
-        skip; the runner fills it in before a backend sees the job); ``mixed_precision``;
-        ``save_precision``; ``gradient_checkpointing``; ``network_train_unet_only``;
-        ``resolution`` (None, int or [w, h]); ``min_bucket_reso``; ``max_bucket_reso``;
-        ``extra_args`` list of extra trainer arguments; ``data_loader_workers`` the data
-        loader's worker processes (0: none, load in the training process); ``noise_offset``
-        (0: off); ``min_snr_gamma`` (None: off); ``v_prediction`` (the model predicts v, as
-        NoobAI-XL v-pred); ``zero_terminal_snr`` (rescale the noise schedule to zero terminal
-        SNR); ``cache_text_encoder_outputs`` (UNet-only: encode every caption once);
-        ``no_half_vae`` (keep the VAE in fp32 under fp16/bf16); ``sample_every`` (steps between
-        sample images; None: off); ``sample_prompts`` (extra sample prompts); ``sample_size``
-        (px, square; None: the training resolution on a GPU, 128 on a CPU, sd-scripts 512/1024);
-        ``sample_steps`` (denoising steps; None: 20, 4 on a CPU);
-        ``validation_every`` (steps between validation-loss evaluations; None: off).
-        """
-        d = asdict(self)
-        d["optimizer_args"] = list(self.optimizer_args)
-        d["extra_args"] = list(self.extra_args)
-        d["sample_prompts"] = list(self.sample_prompts)
-        if isinstance(self.resolution, tuple):
-            d["resolution"] = list(self.resolution)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainParams":
-        """The inverse of :meth:`to_dict`."""
-        d = dict(d)
-        d["optimizer_args"] = tuple(d.get("optimizer_args") or ())
-        d["extra_args"] = tuple(d.get("extra_args") or ())
-        d["sample_prompts"] = tuple(d.get("sample_prompts") or ())
-        if isinstance(d.get("resolution"), list):
-            d["resolution"] = tuple(d["resolution"])
-        return cls(**d)
-
-    def with_values(self, **changes: Any) -> "TrainParams":
-        """A copy with some fields replaced (no re-derivation)."""
-        return replace(self, **changes)
 
 
 def steps_for_kind(kind: str) -> int:
@@ -270,82 +92,6 @@ def _check_keys(d: Mapping[str, Any], allowed, where: str) -> None:
         raise ValueError(f"{where}: " + "; ".join(msgs))
 
 
-def _is_whole(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_learning_rate(v: Any) -> str | None:
-    """A float learning rate in (0, 1), or an integer number of 1e-6 units (>= 1)."""
-    if _is_whole(v):
-        return None if v >= 1 else f"must be >= 1 as an integer: an integer learning rate is in units of 1e-6, not {v}"
-    if isinstance(v, float):
-        if not (v > 0 and math.isfinite(v)):
-            return f"must be a positive number: a learning rate, not {v}"
-        if v >= 1:
-            return f"is too large for a learning rate ({v}); write 1e-4, or 100 for 100e-6"
-        return None
-    return f"must be a learning rate: a float like 1e-4 or an integer number of 1e-6 units, not {v!r}"
-
-
-def is_string_list(v: Any) -> str | None:
-    """A list (or tuple) of strings."""
-    if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
-        return None
-    return f"must be a list of strings, not {v!r}"
-
-
-def is_resolution(v: Any) -> str | None:
-    """A positive integer, or ``[width, height]`` of positive integers."""
-    if _is_whole(v) and v > 0:
-        return None
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_whole(x) and x > 0 for x in v):
-        return None
-    return "must be an integer or [width, height]"
-
-
-def is_conv_dim(v: Any) -> str | None:
-    """A positive integer, or 0 for no conv layers."""
-    return None if _is_whole(v) and v == 0 else is_int(1)(v)
-
-
-#: The checker of every training key: the one place its type and range are defined (the
-#: config loader reports a failing value at its own line; :func:`resolve_variant` raises).
-TRAINING_CHECKS: dict[str, Checker] = {
-    "dim": is_int(1),
-    "alpha": is_number(),
-    "conv_dim": is_conv_dim,
-    "conv_alpha": is_number(),
-    "lr": is_learning_rate,
-    "text_encoder_lr": is_learning_rate,
-    "steps": is_int(1),
-    "scheduler": is_str,
-    "seed": is_int(0),
-    "optimizer": is_choice(*OPTIMIZERS),
-    "optimizer_args": is_string_list,
-    "clip_skip": is_int(1),
-    "mixed_precision": is_choice(*MIXED_PRECISIONS),
-    "save_precision": is_choice(*SAVE_PRECISIONS),
-    "gradient_checkpointing": is_bool,
-    "network_train_unet_only": is_bool,
-    "resolution": is_resolution,
-    "min_bucket_reso": is_int(1),
-    "max_bucket_reso": is_int(1),
-    "extra_args": is_string_list,
-    "data_loader_workers": is_int(0),
-    "noise_offset": is_number(False),
-    "min_snr_gamma": is_number(),
-    "v_prediction": is_bool,
-    "zero_terminal_snr": is_bool,
-    "cache_text_encoder_outputs": is_bool,
-    "no_half_vae": is_bool,
-    "sample_every": is_int(1),
-    "sample_prompts": is_string_list,
-    "sample_size": is_int(64),
-    "sample_steps": is_int(1),
-    "validation_every": is_int(1),
-}
-
-
 def _get(s: Mapping[str, Any], key: str, default: Any) -> Any:
     """``s[key]`` (or ``default``) checked by the key's checker; None stays None."""
     value = s.get(key, default)
@@ -357,7 +103,7 @@ def _lr_value(v: Any, key: str) -> tuple[float | None, int | None]:
     if v is None:
         return None, None
     require(v, key, is_learning_rate)
-    if _is_whole(v):
+    if isinstance(v, int):
         return v / 1e6, v
     return v, lr_to_units(v)
 
@@ -430,6 +176,7 @@ def resolve_variant(
 
 
 def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> TrainParams:
+    """The variant's TrainParams: the derived settings from the logic, the rest from their declarations."""
     network = logic.network
     module = "networks.lora" if network in ("Lora3x3", "Lora1x1") else "lycoris.kohya"
     algo = {"Locon": "lora", "Loha": "loha"}.get(network)
@@ -471,60 +218,16 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
         units = lr_units if lr_units is not None else lr * 1e6
         te = math.floor(units * TEXT_ENCODER_PERCENT / 100) / 1e6 or None
 
-    steps = _get(s, "steps", kind_steps)
-    scheduler = _get(s, "scheduler", DEFAULT_SCHEDULER)
-    seed = _get(s, "seed", DEFAULT_SEED)
-    clip_skip = _get(s, "clip_skip", None)
-    mixed = _get(s, "mixed_precision", "fp16")
-    save = _get(s, "save_precision", "fp16")
-    flags = {key: _get(s, key, default) for key, default in (("gradient_checkpointing", True),
-                                                              ("network_train_unet_only", False))}
-    res = _get(s, "resolution", None)
-    if isinstance(res, list):
-        res = tuple(res)
-    min_b = _get(s, "min_bucket_reso", None)
-    max_b = _get(s, "max_bucket_reso", None)
-    extra = tuple(_get(s, "extra_args", ()))
-    workers = _get(s, "data_loader_workers", DEFAULT_DATA_LOADER_WORKERS)
-    loss = {key: _get(s, key, default) for key, default in (
-        ("noise_offset", 0.0), ("min_snr_gamma", None), ("v_prediction", False), ("zero_terminal_snr", False),
-        ("cache_text_encoder_outputs", False), ("no_half_vae", False))}
-    observing = {"sample_every": _get(s, "sample_every", None),
-                 "sample_prompts": tuple(_get(s, "sample_prompts", ())),
-                 "sample_size": _get(s, "sample_size", None),
-                 "sample_steps": _get(s, "sample_steps", None),
-                 "validation_every": _get(s, "validation_every", None)}
-
+    plain = {}
+    for f in declared():
+        if f.name not in DERIVED_KEYS:
+            value = _get(s, f.name, default_of(f))
+            plain[f.name] = tuple(value) if isinstance(value, list) else value
     return TrainParams(
-        name=name,
-        logic=str(logic),
-        network=network,
-        network_module=module,
-        algo=algo,
-        dim=dim,
-        alpha=alpha,
-        conv_dim=conv_dim,
-        conv_alpha=conv_alpha,
-        optimizer=optimizer,
-        optimizer_args=optimizer_args,
-        lr=lr,
-        lr_units=lr_units,
-        text_encoder_lr=te,
-        steps=steps,
-        scheduler=scheduler,
-        seed=seed,
-        clip_skip=clip_skip,
-        mixed_precision=mixed,
-        save_precision=save,
-        gradient_checkpointing=flags["gradient_checkpointing"],
-        network_train_unet_only=flags["network_train_unet_only"],
-        resolution=res,
-        min_bucket_reso=min_b,
-        max_bucket_reso=max_b,
-        extra_args=extra,
-        data_loader_workers=workers,
-        **loss,
-        **observing,
+        name=name, logic=str(logic), network=network, network_module=module, algo=algo,
+        dim=dim, alpha=alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
+        optimizer=optimizer, optimizer_args=optimizer_args, lr=lr, lr_units=lr_units, text_encoder_lr=te,
+        steps=_get(s, "steps", kind_steps), **plain,
     )
 
 
