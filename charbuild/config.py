@@ -650,8 +650,9 @@ def _check_loras(root: Path, settings: _Settings, characters: dict, loras: dict[
 
 
 def _check_variants(lora: Lora, settings: _Settings, problems: list[Problem]) -> list[str]:
-    """Resolve ``lora``'s variants; report each failure at the line of the list it comes from
-    (once: a bad entry of the project's list is not repeated for every LoRA). Its variant names."""
+    """Resolve ``lora``'s variants into ``lora.variant_params``; report each failure at the line of
+    the list it comes from (once: a bad entry of the project's list is not repeated for every
+    LoRA). Returns its variant names."""
     from .train.variants import resolve_variant
 
     defaults = training_defaults(settings.training)
@@ -659,17 +660,19 @@ def _check_variants(lora: Lora, settings: _Settings, problems: list[Problem]) ->
         where = (lora.source, lora.origin.line("variants") if lora.origin else lora.line)
     else:
         where = (settings.origin.file, settings.origin.line("training", "variants"))
-    names: list[str] = []
+    resolved = []
     for entry in variant_entries(lora, settings.training):
         try:
             params = resolve_variant(entry, defaults=defaults, overrides=lora.training, steps=lora.steps)
         except (ValueError, TypeError) as exc:
             _add_once(problems, Problem(where[0], f"LoRA {lora.name!r}: {exc}", where[1]))
             continue
-        if params.name in names:
+        if params.name in {p.name for p in resolved}:
             problems.append(Problem(where[0], f"LoRA {lora.name!r}: variant {params.name!r} listed twice; give one a \"name\"", where[1]))
-        names.append(params.name)
-    return names
+            continue
+        resolved.append(params)
+    lora.variant_params = tuple(resolved)
+    return [p.name for p in resolved]
 
 
 def _add_once(problems: list[Problem], problem: Problem) -> None:
@@ -682,23 +685,27 @@ def _add_once(problems: list[Problem], problem: Problem) -> None:
 
 
 def _check_merge(lora: Lora, settings: _Settings, problems: list[Problem]) -> None:
-    """A LoRA's own ``merge`` weights, at the line of its ``merge`` key (the project's kind
-    defaults and presets were checked at their own lines when project.toml was read)."""
-    if lora.merge is None:
-        return
-    if isinstance(lora.merge, str) and lora.merge.strip() in settings.broken_presets:
+    """Resolve ``lora``'s block weights into ``lora.merge_weights``: its own ``merge``, else its
+    kind's project default. An error of its own ``merge`` is reported at that key's line (the
+    project's kind defaults and presets were checked at their own lines when project.toml was read)."""
+    spec = merge_spec(lora, settings.merge)
+    if isinstance(spec, str) and spec.strip() in settings.broken_presets:
         return
     try:
-        resolve_merge_weights(lora.merge, {"merge": settings.merge, "model": settings.model})
+        lora.merge_weights = resolve_merge_weights(spec, {"merge": settings.merge, "model": settings.model})
     except ValueError as exc:
-        line = lora.origin.line("merge") if lora.origin else lora.line
-        problems.append(Problem(lora.source, f"LoRA {lora.name!r} merge weights: {exc}", line))
+        if lora.merge is not None:
+            line = lora.origin.line("merge") if lora.origin else lora.line
+            problems.append(Problem(lora.source, f"LoRA {lora.name!r} merge weights: {exc}", line))
+        return
+    lora.merge_label = spec.strip() if isinstance(spec, str) else "custom block weights"
 
 
 def _check_continue_from(root: Path, loras: dict[str, Lora], variant_names: dict[str, list[str]],
                          problems: list[Problem]) -> None:
     """``continue_from``: an existing .safetensors file, or ``<lora>/<variant>`` of this project
-    (no LoRA may, through such references, continue from itself)."""
+    (no LoRA may, through such references, continue from itself). Sets each LoRA's
+    ``continue_path`` (absolute) and, for a variant of this project, ``continue_task``."""
     targets: dict[str, str] = {}  # lora -> the lora it continues from
     for lora in loras.values():
         value = lora.continue_from
@@ -706,11 +713,13 @@ def _check_continue_from(root: Path, loras: dict[str, Lora], variant_names: dict
             continue
         line = lora.origin.line("continue_from") if lora.origin else lora.line
         if value.strip().lower().endswith(".safetensors"):
-            if not under_root(root, value.strip()).is_file():
+            path = under_root(root, value.strip())
+            if not path.is_file():
                 problems.append(Problem(lora.source, f"'continue_from' file {value!r} does not exist; give a .safetensors "
                                         f"LoRA relative to {root.name}/ or an absolute path, or \"<lora>/<variant>\"", line))
+            lora.continue_path = str(path)
             continue
-        name, sep, variant = value.partition("/")
+        name, sep, variant = value.replace("\\", "/").partition("/")
         if not sep or name not in loras:
             close = closest(name, loras)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -724,6 +733,8 @@ def _check_continue_from(root: Path, loras: dict[str, Lora], variant_names: dict
             problems.append(Problem(lora.source, f"'continue_from' = {value!r}: LoRA {name!r} has no variant {variant!r}{hint}", line))
             continue
         targets[lora.name] = name
+        lora.continue_path = str(root / layout.raw_lora(name, variant))
+        lora.continue_task = f"train:{name}/{variant}"
     for start in targets:
         seen = [start]
         while seen[-1] in targets:

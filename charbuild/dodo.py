@@ -47,7 +47,6 @@ def graph(root: Path | None = None):
         try:
             project = load_project(root)
             g = Graph(project)
-            g.check()
         except CharbuildError as exc:
             for problem in exc.problems():
                 print(problem, file=sys.stderr)

@@ -6,7 +6,9 @@ key is ever mixed into a settings dict.
 
 Pure: no I/O. ``Project.model``, ``Project.trainer`` and the other project tables stay
 plain dicts of the user's (validated, defaulted) values for now; the graph builds typed
-job specs from them.
+job specs from them. What follows from a LoRA's settings (its variants' training parameters,
+its merge weights, the file it continues from) is resolved once by the loader and kept on
+the :class:`Lora`; nothing downstream resolves it again.
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ class Lora:
     line: int | None = None         # line of its table in ``source``
     continue_from: str | None = None  # raw user string: a .safetensors path or "<lora>/<variant>"
     origin: Origin | None = field(default=None, compare=False, repr=False)  # its table's key lines
+    # resolved once by the loader (config.py); the graph, the report and the backends read these
+    variant_params: tuple = field(default=(), compare=False, repr=False)  # TrainParams of each variant
+    merge_weights: dict | None = field(default=None, compare=False, repr=False)  # {block: weight}
+    merge_label: str = field(default="", compare=False, repr=False)  # preset name, or "custom block weights"
+    continue_path: str | None = field(default=None, compare=False, repr=False)  # absolute LoRA file to start from
+    continue_task: str | None = field(default=None, compare=False, repr=False)  # train task that makes it, if any
 
 
 @dataclass

@@ -26,10 +26,9 @@ from typing import Iterator
 from doit.tools import config_changed
 
 from . import layout
-from .config import (Lora, Part, Project, SourceImage, merge_spec, prepared_sizes, resolve_merge_weights, subset_for,
-                     training_defaults, variant_entries)
+from .model import Lora, Part, Project, SourceImage
+from .prepared import prepared_sizes, subset_for
 from .errors import doit_action
-from .fsutil import under_root
 from .layout import Layout
 
 GROUP_DOCS = {
@@ -302,16 +301,8 @@ class Graph:
             }
 
     def variants(self, lora: Lora):
-        """The resolved training variants of ``lora`` (computed once)."""
-        if lora.name not in self._variants:
-            from .train.variants import resolve_variant
-
-            training = self.project.training
-            self._variants[lora.name] = [
-                resolve_variant(e, defaults=training_defaults(training), overrides=lora.training, steps=lora.steps)
-                for e in variant_entries(lora, training)
-            ]
-        return self._variants[lora.name]
+        """The training variants of ``lora`` (TrainParams, resolved by the loader)."""
+        return list(lora.variant_params)
 
     def model_signature(self) -> dict:
         if self._model_sig is None:
@@ -346,47 +337,9 @@ class Graph:
         return deps
 
     def continue_from(self, lora: Lora) -> tuple[str | None, str | None]:
-        """(absolute path of the LoRA file ``lora`` continues from, the train task that makes it)
-        for its ``continue_from`` setting: ``"<lora>/<variant>"`` (another LoRA's raw file; its
-        training runs first) or a file path (relative to the project root). ``(None, None)``
-        when it starts from scratch. ConfigError naming the setting's file and line otherwise.
-        """
-        value = getattr(lora, "continue_from", None)  # Lora.continue_from: the raw user string
-        if not value:
-            return None, None
-        where = f"continue_from = {value!r}"
-        head, sep, tail = value.replace("\\", "/").partition("/")
-        if sep and "/" not in tail and head in self.project.loras:
-            if head == lora.name:
-                self._fail(lora, f"{where}: a LoRA cannot continue from itself; name another LoRA's variant or a file")
-            other = self.project.loras[head]
-            names = [p.name for p in self.variants(other)]
-            if tail not in names:
-                self._fail(lora, f"{where}: LoRA {head!r} has no variant {tail!r}; its variants: {', '.join(names)}")
-            chain, seen = other, {lora.name}
-            while chain is not None:  # A -> B -> A would be a cycle of trainings
-                if chain.name in seen:
-                    self._fail(lora, f"{where}: the LoRAs continue from each other in a circle ({chain.name})")
-                seen.add(chain.name)
-                nxt = (getattr(chain, "continue_from", None) or "").replace("\\", "/").split("/")[0]
-                chain = self.project.loras.get(nxt) if nxt != chain.name else None
-            return str(self.layout.path(layout.raw_lora(head, tail))), f"train:{head}/{tail}"
-        path = under_root(self.layout.root, value)
-        if not path.is_file():
-            hint = f"; and there is no LoRA named {head!r} (a LoRA is named '<lora>/<variant>')" if sep else ""
-            self._fail(lora, f"{where}: no such file {path}{hint}")
-        return str(path), None
-
-    @staticmethod
-    def _fail(lora: Lora, message: str):
-        from .errors import ConfigError, Problem
-
-        raise ConfigError([Problem(lora.source, message, getattr(lora, "line", None))])
-
-    def check(self) -> None:
-        """Settings only the graph can judge (a LoRA's ``continue_from``): ConfigError when wrong."""
-        for lora in self.project.loras.values():
-            self.continue_from(lora)
+        """(absolute path of the LoRA file ``lora`` continues from, the train task that makes it),
+        as the loader resolved its ``continue_from``; ``(None, None)`` when it starts from scratch."""
+        return lora.continue_path, lora.continue_task
 
     def train_job(self, lora: Lora, params):
         """The :class:`~charbuild.train.job.TrainJob` of one variant of ``lora`` (absolute paths)."""
@@ -456,11 +409,9 @@ class Graph:
     def merge_tasks(self):
         yield {"basename": "merge", "name": None, "doc": GROUP_DOCS["merge"]}
         for lora in self.project.loras.values():
-            spec = merge_spec(lora, self.project.merge)
-            weights = resolve_merge_weights(spec, self.project)
+            weights, note = lora.merge_weights, lora.merge_label
             for params in self.variants(lora):
                 raw, merged = layout.raw_lora(lora.name, params.name), layout.merged_lora(lora.name, params.name)
-                note = spec if isinstance(spec, str) else "custom block weights"
                 name = layout.deliverable_stem(lora.name, params.name)
                 yield {
                     "basename": "merge",

@@ -295,21 +295,31 @@ def test_a_raw_file_named_before_names_were_unique_is_renamed_by_the_merge(tmp_p
 V = "Lora1x1A1-AdamW8"
 
 
+#: The character folder of each LoRA of make_project's project that the tests below continue.
+_FOLDER = {"alc": "alice", "bbo": "bob"}
+
+
+def _set_continue_from(root: Path, **continue_from) -> None:
+    """Write ``continue_from = …`` into the [face] table of the LoRAs named (their character.toml)."""
+    for name, value in continue_from.items():
+        toml = root / "characters" / _FOLDER[name] / "character.toml"
+        text = toml.read_text(encoding="utf-8")
+        toml.write_text(text.replace("[face]\n", f"[face]\ncontinue_from = {value!r}\n".replace("'", '"'), 1),
+                        encoding="utf-8")
+
+
 def _graph(root: Path, **continue_from):
-    """The graph of ``root`` with ``continue_from`` set on LoRAs (what config.Lora.continue_from holds)."""
+    """The graph of ``root`` with ``continue_from`` set on LoRAs in their character.toml."""
     from charbuild.config import load_project
     from charbuild.tasks import Graph
 
-    project = load_project(root)
-    for name, value in continue_from.items():
-        project.loras[name].continue_from = value
-    return Graph(project)
+    _set_continue_from(root, **continue_from)
+    return Graph(load_project(root))
 
 
 def test_continue_from_a_variant_depends_on_its_training_and_hashes_its_file(tmp_path):
     root = make_project(tmp_path / "p")
     g = _graph(root, bbo=f"alc/{V}")
-    g.check()
     lora = g.project.loras["bbo"]
     (params,) = g.variants(lora)
     job = g.train_job(lora, params)
@@ -329,22 +339,19 @@ def test_continue_from_a_file_relative_to_the_root(tmp_path):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("alc/Nope", "continue_from = 'alc/Nope': LoRA 'alc' has no variant 'Nope'; its variants: Lora1x1A1-AdamW8"),
-    ("zzz/V", "continue_from = 'zzz/V': no such file "),
-    ("gone.safetensors", "continue_from = 'gone.safetensors': no such file "),
-    (f"bbo/{V}", "a LoRA cannot continue from itself"),
-])
+    ("alc/Nope", "'continue_from' = 'alc/Nope': LoRA 'alc' has no variant 'Nope'; its variants: Lora1x1A1-AdamW8"),
+    ("zzz/V", "'continue_from' = 'zzz/V' names no LoRA of this project"),
+    ("gone.safetensors", "'continue_from' file 'gone.safetensors' does not exist"),
+    (f"bbo/{V}", "'continue_from' makes LoRA 'bbo' continue from itself"),
+], ids=["no-such-variant", "no-such-lora", "no-such-file", "itself"])
 def test_bad_continue_from_names_the_file_and_the_setting(tmp_path, value, message):
     from charbuild.errors import ConfigError
 
     root = make_project(tmp_path / "p")
-    g = _graph(root, bbo=value)
     with pytest.raises(ConfigError) as err:
-        g.check()
+        _graph(root, bbo=value)
     (problem,) = err.value.problems()
-    assert problem.path == g.project.loras["bbo"].source and message in problem.message
-    if value.startswith("zzz"):
-        assert "there is no LoRA named 'zzz'" in problem.message
+    assert problem.path.endswith("bob/character.toml") and problem.line is not None and message in problem.message
 
 
 def test_loras_that_continue_from_each_other_are_an_error(tmp_path):
@@ -352,22 +359,14 @@ def test_loras_that_continue_from_each_other_are_an_error(tmp_path):
 
     root = make_project(tmp_path / "p")
     with pytest.raises(ConfigError, match="error"):
-        _graph(root, bbo=f"alc/{V}", alc=f"bbo/{V}").check()
+        _graph(root, bbo=f"alc/{V}", alc=f"bbo/{V}")
 
 
-def test_a_continued_training_runs_after_its_source_and_follows_its_content(tmp_path, monkeypatch):
-    import charbuild.config as config
+def test_a_continued_training_runs_after_its_source_and_follows_its_content(tmp_path):
     from graphtools import build, groups
 
-    load = config.load_project
-
-    def load_with_continue(root, *a, **kw):
-        project = load(root, *a, **kw)
-        project.loras["bbo"].continue_from = f"alc/{V}"
-        return project
-
-    monkeypatch.setattr(config, "load_project", load_with_continue)
     root = make_project(tmp_path / "p")
+    _set_continue_from(root, bbo=f"alc/{V}")
     assert {f"alc/{V}", f"bbo/{V}"} <= groups(build(root, f"train:bbo/{V}"))["train"]
     build(root)
     assert build(root) == set()  # a continued training is fresh while its source is unchanged
@@ -399,11 +398,10 @@ def test_continue_from_in_a_character_toml(tmp_path):
     text = toml.read_text(encoding="utf-8")
     toml.write_text(text.replace("[face]\n", f'[face]\ncontinue_from = "alc/{V}"\n'), encoding="utf-8")
     g = Graph(load_project(root))
-    g.check()
     assert f"train:alc/{V}" in g.train_deps(g.project.loras["bbo"])
     toml.write_text(text.replace("[face]\n", '[face]\ncontinue_from = "alc/Nope"\n'), encoding="utf-8")
     with pytest.raises(ConfigError) as err:  # the loader knows the variants and says so first
-        Graph(load_project(root)).check()
+        Graph(load_project(root))
     (problem,) = err.value.problems()
     assert problem.path.endswith("character.toml") and problem.line is not None
 

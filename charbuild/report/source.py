@@ -1,9 +1,10 @@
 """The one adapter between the report and the rest of charbuild.
 
-Everything the report knows about a project comes through here, from the public names
-``charbuild.config`` (``Project``, ``Lora``, ``Part``, ``merge_spec``, ``resolve_merge_weights``,
-``subset_for``), ``charbuild.tasks`` (``Graph``), ``charbuild.layout``, ``charbuild.dataset_toml`` and
-``charbuild.status``. When those move, this file is the one to adapt.
+Everything the report knows about a project comes through here, from the public names of
+``charbuild.model`` (``Project``, ``Lora`` with its resolved variants and merge weights,
+``Part``), ``charbuild.prepared`` (``subset_for``), the task ``Graph`` it is handed,
+``charbuild.layout`` and ``charbuild.dataset_toml``. When those move, this file is the one to
+adapt. What is stale comes from the check :func:`charbuild.report.tasks.report_tasks` is given.
 
 :func:`report_plan` turns a project into the *plan*: plain JSON-ready data (strings, numbers,
 lists, dicts; paths relative to the project root, POSIX), which doubles as the doit
@@ -42,7 +43,7 @@ def template_grid(kind_letter: str, pictures: dict[str, list[str]], symmetric: b
 
 
 def _dataset_rows(graph, lora) -> list[dict]:
-    from charbuild.config import subset_for
+    from charbuild.prepared import subset_for
     from charbuild.dataset_toml import class_resolution, folder_class
 
     arch = graph.project.model["arch"]
@@ -66,17 +67,16 @@ def _dataset_rows(graph, lora) -> list[dict]:
 
 
 def _merge_blocks(graph, lora) -> dict:
-    from charbuild.config import merge_spec, resolve_merge_weights
     from charbuild.lora.blocks import block_names
 
-    spec = merge_spec(lora, graph.project.merge)
-    weights = resolve_merge_weights(spec, graph.project)
+    weights = lora.merge_weights
     arch = graph.project.model["arch"]
     short = block_names(arch, 17 if arch == "sd15" else 12)
     full = block_names(arch, 26 if arch == "sd15" else 20)
     # the short list when the blocks it leaves out are all 0 (a plain LoRA touches only those)
     names = short if all(weights.get(b, 0) == 0 for b in full if b not in short) else full
-    return {"preset": spec if isinstance(spec, str) else "custom", "arch": arch,
+    label = lora.merge_label
+    return {"preset": "custom" if label == "custom block weights" else label, "arch": arch,
             "blocks": [[b, float(weights.get(b, 0.0))] for b in names]}
 
 
