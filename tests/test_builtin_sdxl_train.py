@@ -293,7 +293,7 @@ def test_loss_options_change_the_loss_as_the_formulas_say(project, base):
         got = float(batch_loss(setup, prep, batch))
 
     # the same draws by hand: noise, offset (one per image and channel), timestep
-    from charbuild.train.builtin.trainer import conditioning
+    from charbuild.train.builtin.conditioning import conditioning
 
     torch.manual_seed(7)
     lat = torch.stack([prep.latents[k] for k in batch])

@@ -10,7 +10,7 @@ device type.
 
 It must not change what is trained: the global torch random state is saved and restored around
 every rendering (``torch.random.fork_rng``), the modules' train/eval modes are restored, and
-nothing has gradients. SD1.x prompts are encoded by the trainer's own :func:`encode_text`
+nothing has gradients. SD1.x prompts are encoded by the trainer's own :func:`.conditioning.encode_text`
 (its clip skip); SDXL through ``StableDiffusionXLPipeline`` with both encoders (its penultimate
 layer, as sd-scripts' SDXL). The latents are decoded by the VAE in float32 (an fp16 SDXL VAE
 overflows), each picture written atomically as ``samples/<step>/<name>.png`` with its prompt
@@ -138,7 +138,7 @@ class SampleRenderer:
             if self.sdxl:
                 latents = pipe(prompt=prompts, negative_prompt=[""] * len(chunk), **kwargs).images
             else:
-                from .trainer import encode_text
+                from .conditioning import encode_text
 
                 cond = encode_text(prep.tokenizer, prep.text_encoder, prompts + [""], self.setup.clip_skip, prep.device)
                 negative = cond[-1:].expand(len(chunk), -1, -1)

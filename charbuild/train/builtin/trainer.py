@@ -35,6 +35,7 @@ from typing import Any, Callable
 from charbuild.errors import TrainingError
 
 from ..job import TrainJob, adafactor_relative_step, as_job, optimizer_kwargs, scheduler_in_effect
+from .conditioning import conditioning, frozen_conditioning, predict_noise
 from .models import UnsupportedError
 from .network import NetworkSpec
 
@@ -309,21 +310,6 @@ def seed_everything(seed: int) -> None:
 
 
 
-def encode_text(tokenizer, text_encoder, captions: list[str], clip_skip: int | None, device):
-    """SD1.x conditioning as sd-scripts: ``hidden_states[-clip_skip]`` + final layer norm."""
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    if not clip_skip or clip_skip <= 1:
-        return text_encoder(ids, return_dict=True).last_hidden_state
-    out = text_encoder(ids, output_hidden_states=True, return_dict=True)
-    n = len(out.hidden_states) - 1
-    if clip_skip > n:
-        raise TrainingError(f"clip_skip {clip_skip} is more than the text encoder's {n} layers")
-    h = out.hidden_states[-clip_skip]
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(h)
-
-
 # --------------------------------------------------------------------------- 2. prepare
 
 
@@ -447,7 +433,7 @@ def prepare(setup: Setup) -> Prepared:
         captions = list(dict.fromkeys(it.caption for it in dataset.items))
         with _autocast(weight_dtype):
             for k in range(0, len(captions), 8):
-                _frozen_conditioning(setup, prep, captions[k : k + 8])
+                frozen_conditioning(setup, prep, captions[k : k + 8])
         if setup.job.params.sample_every:
             for te in encoders:  # as sd-scripts: not needed on the GPU any more (a sampler moves them back)
                 te.to("cpu", torch.float32)
@@ -564,59 +550,6 @@ def batch_loss(setup: Setup, prep: Prepared, batch: list[tuple[int, bool]]):
     per_image = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     weights = min_snr_weights(t, snr_table(sched.alphas_cumprod), prep.loss.min_snr_gamma, prep.loss.v_prediction)
     return (per_image * weights).mean()
-
-
-def conditioning(setup: Setup, prep: Prepared, batch: list[tuple[int, bool]], captions: list[str]):
-    """(encoder hidden states, SDXL's ``added_cond_kwargs`` or None) of a batch of (item index,
-    flipped): :func:`text_conditioning` of its captions, and for SDXL each picture's size/crop ids
-    (:func:`.data.sdxl_size_conditioning`)."""
-    text = text_conditioning(setup, prep, captions)
-    if prep.arch != "sdxl":
-        return unet_conditioning(prep, text, None)
-    from .data import sdxl_size_conditioning
-    from .sdxl import sdxl_time_ids
-
-    sizes = [sdxl_size_conditioning(prep.dataset.items[i], flipped) for i, flipped in batch]
-    return unet_conditioning(prep, text, sdxl_time_ids(*zip(*sizes), device=prep.device))
-
-
-def text_conditioning(setup: Setup, prep: Prepared, captions: list[str]):
-    """The text encoders' output of ``captions``: SD1.x hidden states, SDXL an :class:`.sdxl.SDXLPromptEmbeds`.
-
-    The encoders run with gradients when their adapters train; else each caption is encoded
-    once and kept (:func:`_frozen_conditioning`).
-    """
-    if prep.arch != "sdxl":
-        if prep.train_text_encoder:
-            return encode_text(prep.tokenizer, prep.text_encoder, captions, setup.clip_skip, prep.device)
-        return _cached_cond(prep, captions, setup.clip_skip)
-    if not prep.train_text_encoder:
-        return _frozen_conditioning(setup, prep, captions)
-    from .sdxl import encode_sdxl_prompts, tokenize_sdxl
-
-    ids1, ids2 = tokenize_sdxl(captions, prep.tokenizer, prep.tokenizer_2)
-    return encode_sdxl_prompts(ids1, ids2, prep.text_encoder, prep.text_encoder_2, prep.tokenizer_2.eos_token_id)
-
-
-def unet_conditioning(prep: Prepared, text, time_ids):
-    """(hidden states, ``added_cond_kwargs`` or None) for the UNet from :func:`text_conditioning`'s
-    ``text`` and, for SDXL, the size/crop ``time_ids`` (:func:`.sdxl.sdxl_time_ids`)."""
-    if prep.arch != "sdxl":
-        return text, None
-    from .sdxl import sdxl_added_cond_kwargs
-
-    added = sdxl_added_cond_kwargs(text, time_ids)
-    added = {k: v.to(prep.device, prep.weight_dtype) for k, v in added.items()}
-    return text.hidden_states.to(prep.device), added
-
-
-def predict_noise(prep: Prepared, noisy, t, cond, added):
-    """The UNet's output (noise or velocity, as the model predicts) for ``noisy`` latents at
-    timesteps ``t`` with :func:`unet_conditioning`'s ``cond`` and ``added``."""
-    noisy, cond = noisy.to(prep.weight_dtype), cond.to(prep.weight_dtype)
-    if added is None:
-        return prep.unet(noisy, t, cond).sample
-    return prep.unet(noisy, t, cond, added_cond_kwargs=added).sample
 
 
 class Progress:
@@ -939,40 +872,6 @@ def _load_continue_from(network, path: Path) -> int:
             break
     note(f"continuing from {path} ({prior} steps): {len(missing)} missing, {len(unexpected)} unexpected keys")
     return prior
-
-
-def _cached_cond(prep: Prepared, captions, clip_skip):
-    """SD1.x: the frozen text encoder's states of ``captions``, each caption encoded once."""
-    import torch
-
-    cache = prep.text_cache
-    todo = [c for c in dict.fromkeys(captions) if c not in cache]
-    if todo:
-        with torch.no_grad():
-            enc = encode_text(prep.tokenizer, prep.text_encoder, todo, clip_skip, prep.device)
-        for c, e in zip(todo, enc):
-            cache[c] = e
-    return torch.stack([cache[c] for c in captions])
-
-
-def _frozen_conditioning(setup: Setup, prep: Prepared, captions):
-    """The frozen encoders' output of ``captions`` (SD1.x: states; SDXL: :class:`.sdxl.SDXLPromptEmbeds`),
-    each caption encoded once and kept in ``prep.text_cache`` (sd-scripts' cached outputs)."""
-    if prep.arch != "sdxl":
-        return _cached_cond(prep, captions, setup.clip_skip)
-    import torch
-
-    from .sdxl import SDXLPromptEmbeds, encode_sdxl_prompts, tokenize_sdxl
-
-    cache = prep.text_cache
-    todo = [c for c in dict.fromkeys(captions) if c not in cache]
-    if todo:
-        ids1, ids2 = tokenize_sdxl(todo, prep.tokenizer, prep.tokenizer_2)
-        with torch.no_grad():
-            emb = encode_sdxl_prompts(ids1, ids2, prep.text_encoder, prep.text_encoder_2, prep.tokenizer_2.eos_token_id)
-        for c, h, p in zip(todo, emb.hidden_states, emb.pooled):
-            cache[c] = (h.to(prep.device), p.to(prep.device))
-    return SDXLPromptEmbeds(torch.stack([cache[c][0] for c in captions]), torch.stack([cache[c][1] for c in captions]))
 
 
 def _current_lrs(optimizer, lr_scheduler) -> list[float]:

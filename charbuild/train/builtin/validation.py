@@ -112,12 +112,12 @@ class ValidationSet:
 
 
 def training_predict(setup, prep) -> Predict:
-    """The training's own model call (:func:`.trainer.text_conditioning`, ``unet_conditioning``,
+    """The training's own model call (:func:`.conditioning.text_conditioning`, ``unet_conditioning``,
     ``predict_noise``): the same encoders, caption cache and casts as a training step. SDXL's
     size ids: original = target = the picture's bucket size, no crop (a validation case is
     never cropped or flipped)."""
     from .sdxl import sdxl_time_ids
-    from .trainer import predict_noise, text_conditioning, unet_conditioning
+    from .conditioning import predict_noise, text_conditioning, unet_conditioning
 
     def predict(noisy, t, captions, sizes_hw):
         time_ids = None
