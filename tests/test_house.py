@@ -1,0 +1,120 @@
+"""The package's shape: no import cycles, and the LoRA toolkit stays free of project rules.
+
+The imports are read with ``ast`` (nothing is imported), function-local and
+``TYPE_CHECKING`` imports included: a cycle hidden in a function is still a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "charbuild"
+
+#: What the toolkit (``charbuild.lora``) may import of the rest of the package: leaf helpers only.
+TOOLKIT_MAY_IMPORT = ("charbuild.lora", "charbuild.errors", "charbuild.fsutil", "charbuild.checks")
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path, name: str, modules: set[str]) -> set[str]:
+    """The package's modules that ``path`` (module ``name``) imports, anywhere in its code."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # `from pkg import mod` imports the module pkg.mod; `from mod import name` the module mod
+            targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:  # charbuild.x.y.name -> charbuild.x.y
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
+    paths = {module_name(p, root): p for p in root.rglob("*.py")}
+    modules = set(paths)
+    return {name: imports_of(path, name, modules) for name, path in paths.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_package_has_no_import_cycles():
+    graph = import_graph()
+    problems = []
+    for component in cycles(graph):
+        edges = [f"{a} -> {b}" for a in component for b in sorted(graph[a]) if b in component]
+        problems.append("cycle: " + "; ".join(edges))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_lora_toolkit_imports_no_project_rules():
+    graph = import_graph()
+    wrong = [f"{a} -> {b}" for a in sorted(graph) if a.startswith("charbuild.lora")
+             for b in sorted(graph[a]) if not b.startswith(TOOLKIT_MAY_IMPORT)]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from . import b\n", [["pkg.a", "pkg.b"]]),                 # b imports a back
+    ("def f():\n    from .b import g\n", [["pkg.a", "pkg.b"]]),  # hidden in a function
+    ("import os\n", []),
+], ids=["module-level", "function-local", "no-cycle"])
+def test_the_cycle_finder_sees_function_local_imports(tmp_path, source, expected):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text(source)
+    (pkg / "b.py").write_text("from .a import x\n")
+    assert cycles(import_graph(pkg)) == expected
