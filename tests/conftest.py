@@ -100,3 +100,20 @@ def example_copy(tmp_path) -> Path:
     dst = tmp_path / "example"
     shutil.copytree(REPO / "characters", dst / "characters")
     return dst
+
+
+#: Test modules that build projects, train on the CPU, sleep on purpose or start services:
+#: marked ``slow``, so ``pytest -m "not slow"`` is the quick loop (about a minute and a half on
+#: 2 cores) and plain ``pytest`` runs everything.
+SLOW_MODULES = {
+    "test_end_to_end", "test_graph", "test_report_graph", "test_stop", "test_gpulock", "test_train_runner",
+    "test_observed", "test_builtin_trainer", "test_builtin_observe", "test_builtin_sdxl_train",
+    "test_builtin_sdxl_step", "test_builtin_sdxl_network", "test_builtin_single_file", "test_ray_executor",
+    "test_report_browser", "test_sd_scripts_real", "test_sd_scripts_sdxl_real", "test_lora_compress",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
