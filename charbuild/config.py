@@ -16,7 +16,9 @@ Layout (see README): ``<root>/characters/project.toml`` (optional),
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -270,7 +272,8 @@ def _load_merge(c: Collector, mg: dict, settings: _Settings) -> None:
     presets = {}
     for name, value in c.get(mg, "presets", is_table, {}, kp).items():
         try:
-            presets[name] = preset_values(value, arch)
+            with _lbw_notes(lambda note: c.warning(f"[merge.presets] {name}: {note}", kp + ("presets", name))):
+                presets[name] = preset_values(value, arch)
         except ValueError as exc:
             c.error(f"[merge.presets] {name}: {exc}", kp + ("presets", name))
             settings.broken_presets.add(name)
@@ -283,9 +286,22 @@ def _load_merge(c: Collector, mg: dict, settings: _Settings) -> None:
         if isinstance(spec, str) and spec.strip() in settings.broken_presets:
             continue
         try:
-            resolve_merge_weights(spec, {"merge": settings.merge, "model": settings.model})
+            with _lbw_notes(lambda note: c.warning(f"'merge.{kind}': {note}", kp + (kind,))):
+                resolve_merge_weights(spec, {"merge": settings.merge, "model": settings.model})
         except ValueError as exc:
             c.error(f"'merge.{kind}': {exc}", kp + (kind,))
+
+
+@contextlib.contextmanager
+def _lbw_notes(report):
+    """Hand each :class:`~charbuild.lora.blocks.SdxlListWarning` raised inside to ``report`` (once each)."""
+    from .lora.blocks import SdxlListWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SdxlListWarning)
+        yield
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SdxlListWarning)):
+        report(message)
 
 
 def _load_captions(c: Collector, caps: dict, settings: _Settings) -> None:
@@ -691,11 +707,14 @@ def _check_merge(lora: Lora, settings: _Settings, problems: list[Problem]) -> No
     spec = merge_spec(lora, settings.merge)
     if isinstance(spec, str) and spec.strip() in settings.broken_presets:
         return
+    line = lora.origin.line("merge") if lora.origin else lora.line
+    own_notes = (lambda note: problems.append(Problem(lora.source, f"LoRA {lora.name!r} merge weights: {note}", line,
+                                                      "warning"))) if lora.merge is not None else (lambda note: None)
     try:
-        lora.merge_weights = resolve_merge_weights(spec, {"merge": settings.merge, "model": settings.model})
+        with _lbw_notes(own_notes):  # the project's defaults said theirs when project.toml was read
+            lora.merge_weights = resolve_merge_weights(spec, {"merge": settings.merge, "model": settings.model})
     except ValueError as exc:
         if lora.merge is not None:
-            line = lora.origin.line("merge") if lora.origin else lora.line
             problems.append(Problem(lora.source, f"LoRA {lora.name!r} merge weights: {exc}", line))
         return
     lora.merge_label = spec.strip() if isinstance(spec, str) else "custom block weights"

@@ -183,6 +183,15 @@ def test_sdxl_user_presets_named_face_win(tmp_path):
     assert face["IN04"] == 0.5 and face["BASE"] == 1.0
 
 
-def test_an_sd15_face_list_on_sdxl_is_still_an_error(tmp_path):
-    root = _project(tmp_path, 'base = "tiny-sdxl"\n', '[merge]\nface = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1,0,1,1,1,0,1,1,1,0,0,1"\n')
-    assert any("'merge.face': 26 block weights given; sdxl takes 12 or 20" in m for m in _errors(root))
+def test_an_sd15_list_on_sdxl_is_applied_as_lbw_does_with_one_warning(tmp_path):
+    from charbuild.lora.blocks import sd15_list_on_sdxl
+
+    face26 = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1,0,1,1,1,0,1,1,1,0,0,1"
+    root = _project(tmp_path, 'base = "tiny-sdxl"\n', f'[merge]\nface = "{face26}"\nbody = "ALL"\n')
+    project = load_project(root)
+    warned = [str(w) for w in project.warnings if "SD1.5 list on an SDXL LoRA" in w.message]
+    assert len(warned) == 2 and all("project.toml:" in w for w in warned)  # once per setting, at its line
+    assert "IN00, IN03, IN06, OUT00-OUT02 get 0" in warned[1]
+    lora = next(lo for lo in project.loras.values() if lo.kind == "face")
+    with pytest.warns(UserWarning):
+        assert lora.merge_weights == sd15_list_on_sdxl([float(x) for x in face26.split(",")])

@@ -12,6 +12,7 @@ from charbuild.lora.blocks import (
     block_of,
     parse_preset_file,
     resolve_block_weights,
+    sdxl_form,
 )
 from charbuild.lora.keysets import layer_shapes, sd15_modules, sdxl_modules
 
@@ -92,7 +93,7 @@ def test_resolve_presets_lists_and_strings():
     assert resolve_block_weights("face") == face
     assert resolve_block_weights(",".join(["0.5"] * 17))["IN03"] == 0.0
     assert resolve_block_weights([1.0] * 12, "sdxl")["IN00"] == 0.0
-    assert set(resolve_block_weights("ALL", "sdxl").values()) == {1.0}
+    assert resolve_block_weights("FACE", "sdxl") == resolve_block_weights(sdxl_form(resolve_block_weights("FACE")), "sdxl")
     assert resolve_block_weights("MINE", presets={"MINE": [2.0] * 26})["OUT11"] == 2.0
     assert resolve_block_weights("FACE", presets={"FACE": [0.0] * 26})["IN01"] == 0.0
 
@@ -121,7 +122,7 @@ def test_resolve_dict_defaults_to_one():
         ("FCAE", "sd15", "Did you mean FACE"),
         ("nothing_like_it", "sd15", "Presets: ALL, ALL0.5, BODY"),
         ([1.0] * 5, "sd15", "5 block weights given; sd15 takes 17 or 26"),
-        ("FACE", "sdxl", "preset FACE has 26 values, but sdxl takes 12 or 20"),
+        ([1.0] * 26 + [1.0], "sdxl", "27 block weights given; sdxl takes 12 or 20"),
         ({"IN12": 1}, "sd15", "unknown block name.*IN12"),
         ("1,x,1", "sd15", "'x' is not a number"),
         ("1", "xl", "unknown arch"),
@@ -152,3 +153,21 @@ def test_parse_preset_file():
 def test_parse_preset_file_errors(text, message):
     with pytest.raises(ValueError, match=message):
         parse_preset_file(text, "f.txt")
+
+
+def test_an_sd15_list_on_sdxl_is_applied_as_lbw_does_and_says_so():
+    """LBW's ALL (17 ones) leaves IN00, IN03, IN06 and OUT00-OUT02 of an SDXL LoRA at 0."""
+    from charbuild.lora.blocks import SdxlListWarning
+
+    with pytest.warns(SdxlListWarning, match=r"IN00, IN03, IN06, OUT00-OUT02 get 0.*give 20 values"):
+        w = resolve_block_weights("ALL", "sdxl")
+    assert [b for b, v in w.items() if v == 0.0] == ["IN00", "IN03", "IN06", "OUT00", "OUT01", "OUT02"]
+    with pytest.warns(SdxlListWarning, match="values for IN09-IN11, OUT09-OUT11 reach no SDXL block"):
+        w = resolve_block_weights([float(i) for i in range(1, 27)], "sdxl")
+    assert w["IN08"] == 10.0 and w["M00"] == 14.0 and w["OUT00"] == 15.0 and w["OUT08"] == 23.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(resolve_block_weights("NONE", "sdxl").values()) == {0.0}  # nothing to warn about
+        resolve_block_weights([1.0] * 20, "sdxl")

@@ -156,3 +156,17 @@ def test_cli_compress_and_combine(files):
     assert r.exit_code == 1 and "no such LoRA file" in r.output and not (tmp / "x.safetensors").exists()
     r = CliRunner().invoke(inspect_cmd, [str(tmp / "nothing.safetensors")])
     assert r.exit_code == 1 and "nothing.safetensors: error: no such LoRA file" in r.output
+
+
+def test_merge_of_an_sdxl_file_with_lbws_all_warns_and_zeroes_what_lbw_zeroes(tmp_path):
+    """`--weights ALL` on an SDXL file gives LBW's output (IN00, IN03, IN06, OUT00-OUT02 at 0) and says so."""
+    stems = [("lora_unet_input_blocks_4_1_proj_in", 640, 640, 0), ("lora_unet_output_blocks_1_1_proj_in", 1280, 1280, 0)]
+    xl = write_lora(tmp_path / "xl.safetensors", *make_lora("sdxl", "lora", modules=stems))
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(merge_cmd, [str(xl), str(out), "--weights", "ALL"])
+    assert result.exit_code == 0, result.output
+    assert "charbuild: warning: a 17-value SD1.5 list on an SDXL LoRA" in result.stderr
+    assert "IN00, IN03, IN06, OUT00-OUT02 get 0" in result.stderr and "Traceback" not in result.output
+    merged = load_lora(out)
+    assert "lora_unet_input_blocks_4_1_proj_in" in merged.modules
+    assert "lora_unet_output_blocks_1_1_proj_in" not in merged.modules  # OUT01 at 0: dropped, as LBW gives it 0

@@ -129,8 +129,10 @@ def _distinct(n: int, seed: int) -> list[float]:
     return [round(rng.uniform(-1.5, 2.0), 3) + i * 1e-3 for i in range(n)]  # no two blocks alike
 
 
-@pytest.mark.parametrize("arch,n", [("sdxl", 12), ("sdxl", 20), ("sd15", 17), ("sd15", 26)])
+@pytest.mark.parametrize("arch,n", [("sdxl", 12), ("sdxl", 20), ("sd15", 17), ("sd15", 26), ("sdxl", 17), ("sdxl", 26)])
+@pytest.mark.filterwarnings("ignore::charbuild.lora.blocks.SdxlListWarning")
 def test_lists_equal_lbw_for_every_module(arch, n):
+    """Every list length LBW takes, on every module, SD1.5 lists on SDXL included (LBW maps them by name)."""
     values = _distinct(n, n)
     ours = resolve_block_weights(",".join(map(str, values)), arch)
     lwei = to26(values) if n != 26 else values

@@ -217,8 +217,8 @@ def test_combine_sdxl_to_rank_equals_truncated_svd(two_xl):
 
 def test_combine_block_weight_errors_name_the_input(two_xl):
     tmp, a, b = two_xl
-    with pytest.raises(LoraFileError, match=r"b\.safetensors.*block weights: preset FACE has 26 values, but sdxl takes 12 or 20"):
-        combine_files([(a, 1.0), (b, 1.0)], tmp / "x.safetensors", block_weights=[None, "FACE"])
+    with pytest.raises(LoraFileError, match=r"b\.safetensors.*block weights: 3 block weights given; sdxl takes 12 or 20"):
+        combine_files([(a, 1.0), (b, 1.0)], tmp / "x.safetensors", block_weights=[None, "1,0,1"])
     with pytest.raises(LoraFileError, match="1 block-weight specs for 2 inputs"):
         combine_files([(a, 1.0), (b, 1.0)], tmp / "x.safetensors", block_weights=["ALL"])
     assert not (tmp / "x.safetensors").exists()

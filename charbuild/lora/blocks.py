@@ -13,7 +13,10 @@ A weights spec (:func:`resolve_block_weights`) is one of
   part, the ratio); later entries win, unnamed blocks keep 1.0, as in LBW.
 
 A short list (17 for SD1.5, 12 for SDXL) maps into the full set by block name; blocks it does
-not name get 0, as in the LBW extension. The result always names every block of the arch.
+not name get 0, as in the LBW extension. On SDXL a 17- or 26-value SD1.5 list is applied as LBW
+applies it, by SD1.5 block names, with a warning (:func:`sd15_list_on_sdxl`); the presets FACE
+and BODY by name mean their SDXL forms there (:func:`arch_presets`). The result always names
+every block of the arch.
 
 Modules that belong to no block (``conv_out``, the time embedding: :func:`block_of` returns
 ``None``) stay at ×1 whatever the weights, as the inference-time extension does.
@@ -33,6 +36,12 @@ SDXL_12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i
 
 _NAMES = {("sd15", 26): SD15_26, ("sd15", 17): SD15_17, ("sdxl", 20): SDXL_20, ("sdxl", 12): SDXL_12}
 _FULL = {"sd15": 26, "sdxl": 20}
+#: SD1.5 list lengths LBW also applies to an SDXL LoRA (by block name: :func:`sd15_list_on_sdxl`).
+_SD15_ON_SDXL = {"sdxl": [17, 26]}
+
+
+class SdxlListWarning(UserWarning):
+    """An SD1.5 (17/26-value) list was applied to an SDXL LoRA the way LBW applies it."""
 
 
 def _v(text: str) -> list[float]:
@@ -122,13 +131,15 @@ def resolve_block_weights(
 ) -> dict[str, float]:
     """Turn a weights spec into ``{block: weight}`` over every block of ``arch``.
 
-    ``spec``: a preset name (``presets`` override and extend :data:`BUILTIN_PRESETS`; a preset is a
-    list, or any string or table form below), a list of
-    12/17/20/26 numbers or a comma string of them, or a dict block -> value (unnamed blocks
-    1.0). Raises ``ValueError`` naming the valid presets/lengths/blocks.
+    ``spec``: a preset name (``presets`` override and extend :data:`BUILTIN_PRESETS` and, for
+    SDXL, the SDXL forms of FACE and BODY; a preset is a list, or any string or table form
+    below), a list of 12/17/20/26 numbers or a comma string of them (17/26 on SDXL: as LBW,
+    :func:`sd15_list_on_sdxl`), or a dict block -> value (unnamed blocks 1.0). Raises
+    ``ValueError`` naming the valid presets/lengths/blocks.
     """
     _check_arch(arch)
-    table = {**BUILTIN_PRESETS, **{k: v if isinstance(v, (str, Mapping)) else list(v) for k, v in (presets or {}).items()}}
+    table = {**BUILTIN_PRESETS, **arch_presets(arch),
+             **{k: v if isinstance(v, (str, Mapping)) else list(v) for k, v in (presets or {}).items()}}
     full = all_blocks(arch)
     lengths = sorted(n for (a, n) in _NAMES if a == arch)
     if isinstance(spec, Mapping):
@@ -169,14 +180,14 @@ def resolve_block_weights(
                 except ValueError as exc:
                     raise ValueError(f"preset {text}: {exc}") from None
             values = list(preset)
-            if len(values) not in lengths and len(set(values)) == 1:
-                values = values[:1] * _FULL[arch]  # uniform presets (NONE, ALL, ALL0.5) fit any arch
-            if len(values) not in lengths:
+            if len(values) not in lengths + _SD15_ON_SDXL.get(arch, []):
                 raise ValueError(
                     f"preset {text} has {len(values)} values, but {arch} takes {' or '.join(map(str, lengths))}"
                 )
     else:
         values = [_number(x, "block weight") for x in spec]
+    if arch == "sdxl" and len(values) in (17, 26):
+        return sd15_list_on_sdxl(values)
     if len(values) not in lengths:
         raise ValueError(
             f"{len(values)} block weights given; {arch} takes {' or '.join(map(str, lengths))} values "
@@ -186,6 +197,48 @@ def resolve_block_weights(
     out = {b: 0.0 for b in full}
     out.update(zip(names, values))
     return out
+
+
+def sd15_list_on_sdxl(values: Sequence[float]) -> dict[str, float]:
+    """A 17- or 26-value SD1.5 list applied to an SDXL LoRA exactly as the LBW extension does.
+
+    LBW spreads any list over its 26 SD1.5 slots by block name (``to26``; slots the list does
+    not name get 0) and gives an SDXL module of ``input_blocks_i`` slot IN(i), of
+    ``output_blocks_i`` slot OUT(i). So a 17-value list gives IN00, IN03, IN06 and OUT00-OUT02
+    0 on SDXL (``ALL`` is not every block there), and a 26-value list's IN09-IN11 and
+    OUT09-OUT11 reach nothing. Warns (:class:`SdxlListWarning`) naming what that leaves out,
+    since the 20-value form is the one that weighs every SDXL block.
+    """
+    names = block_names("sd15", len(values))
+    slots = dict(zip(names, (float(v) for v in values)))
+    out = {b: slots.get(b, 0.0) for b in SDXL_20}
+    zeroed = [b for b in SDXL_20 if b not in slots]
+    dropped = [b for b in names if b not in out and slots[b] != 0.0]
+    if any(out.values()) and (zeroed or dropped):
+        said = []
+        if zeroed:
+            said.append(f"{_span(zeroed)} get 0 (the list has no value for them)")
+        if dropped:
+            said.append(f"its values for {_span(dropped)} reach no SDXL block")
+        import warnings
+
+        warnings.warn(SdxlListWarning(
+            f"a {len(values)}-value SD1.5 list on an SDXL LoRA is applied as the LBW extension applies it, by "
+            f"SD1.5 block names: {'; '.join(said)}. To weigh every SDXL block, give 20 values (BASE, IN00-IN08, "
+            f"M00, OUT00-OUT08), e.g. \"{','.join(['1'] * 20)}\" for all"), stacklevel=3)
+    return out
+
+
+def _span(blocks: list[str]) -> str:
+    """``IN00, IN03, IN06, OUT00-OUT02``: runs of consecutive block names shortened."""
+    order = SD15_26
+    runs: list[list[str]] = []
+    for b in blocks:
+        if runs and order.index(b) == order.index(runs[-1][-1]) + 1 and b[:2] == runs[-1][-1][:2]:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ", ".join(r[0] if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def parse_named_weights(text: str, arch: str = "sd15") -> dict[str, float]:

@@ -24,10 +24,21 @@ class LoraCommandError(click.ClickException):
 
 
 def _user_errors(fn):
+    """Turn the toolkit's errors into one-line messages, and its SDXL-list notes into warning lines."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import warnings
+
+        from charbuild.lora.blocks import SdxlListWarning
+
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", SdxlListWarning)
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SdxlListWarning)):
+                        click.echo(f"charbuild: warning: {message}", err=True)
         except CharbuildError as err:
             raise LoraCommandError(str(err), err.exit_code) from None
         except ValueError as err:
