@@ -1,7 +1,11 @@
-"""Shared fixtures: small projects made on the fly (no model weights, no network)."""
+"""Shared fixtures: small projects made on the fly (no model weights, no network), and the
+``extras`` marker: a test that needs an optional part skips, saying what to install, where it is
+missing (the README installs only ``[test]``; ``.ci/run`` then adds the extras and runs
+``pytest -m extras``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +15,33 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _chromium_installed() -> bool:
+    from chromium_cdp import find_chromium
+
+    return find_chromium() is not None
+
+
+#: ``@pytest.mark.extras(name)``: the optional parts tests may need, each with its check and how to get it
+EXTRAS = {
+    "ray": (lambda: importlib.util.find_spec("ray") is not None, "pip install -e \".[ray]\""),
+    "chromium": (_chromium_installed, "Debian: apt-get install chromium; or set CHROMIUM=/path/to/chromium"),
+}
+
+
+def missing_extras(names) -> list[str]:
+    """The names of ``EXTRAS`` that are not installed here (KeyError for an unknown name)."""
+    return [name for name in names if not EXTRAS[name][0]()]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip, with what to install, every test marked ``extras(name, ...)`` whose extra is missing."""
+    for item in items:
+        for mark in item.iter_markers("extras"):
+            for name in missing_extras(mark.args):
+                item.add_marker(pytest.mark.skip(reason=f"needs the optional {name!r}, which is not installed "
+                                                        f"({EXTRAS[name][1]})"))
 
 
 def draw_picture(path: Path, code: str, size=(96, 96), seed: int = 0, mode: str = "RGBA") -> Path:
