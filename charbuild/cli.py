@@ -100,8 +100,9 @@ def build(targets, jobs, for_file, with_training, keep_going, root):
 
 def targets_for_file(root: Path, file: Path, with_training: bool = False) -> list[str]:
     """doit task names that depend on ``file`` (a source picture or a TOML of the project)."""
-    from .dodo import graph
-    g = graph(root)
+    from .dodo import project_graph
+
+    g = project_graph(root)
     project = g.project
     file = file.resolve()
     names: list[str] = []
@@ -133,9 +134,11 @@ def targets_for_file(root: Path, file: Path, with_training: bool = False) -> lis
 @click.option("--all", "show_all", is_flag=True, help="List every stale task, not the first few per group.")
 def status(root, show_all):
     """Targets out of date, and why."""
+    from .dodo import project_graph
     from .status import stale_tasks
 
     root_path = _root(root)
+    project_graph(root_path)  # a project with errors: its path:line lines, exit 2
     stale = stale_tasks(root_path)
     if not stale:
         click.echo("everything is up to date")
@@ -211,10 +214,10 @@ def tags(folder, keyword, tags, overwrite):
 @click.option("-n", "--jobs", type=int, default=1, help="Parallel tasks (trainings still one per GPU).")
 def train(loras, dry_run, root, jobs):
     """Train LORAS (default: every stale one), or print the commands with --dry-run."""
-    from .dodo import graph, run_doit
+    from .dodo import project_graph, run_doit
 
     root_path = _root(root)
-    g = graph(root_path)
+    g = project_graph(root_path)
     unknown = [n for n in loras if n not in g.project.loras]
     if unknown:
         raise CharbuildError(f"no LoRA named {', '.join(unknown)}; known: {', '.join(g.project.loras)}")
