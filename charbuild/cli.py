@@ -239,6 +239,12 @@ def _register_lora_commands() -> None:
 _register_lora_commands()
 
 
+def _say_stopped() -> None:
+    from .buildlock import STOPPED
+
+    click.echo(STOPPED, err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: the one handler for every CharbuildError."""
     try:
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(str(warning), err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("stopped", err=True)
+        _say_stopped()
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -258,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+        _say_stopped()
         sys.exit(130)
 
 

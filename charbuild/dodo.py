@@ -140,9 +140,10 @@ def _guard_plain_doit() -> None:
     # doit opens its state database (build/.doit.db) before loading any task
     build_dir = Layout(Path.cwd()).build_dir
     build_dir.mkdir(exist_ok=True)
-    from .buildlock import build_lock, install_sigterm_handler
+    from .buildlock import build_lock, install_quiet_interrupts, install_sigterm_handler
 
     install_sigterm_handler()
+    install_quiet_interrupts()
     if command in READ_ONLY_COMMANDS:
         return
     try:
