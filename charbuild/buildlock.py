@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +28,30 @@ class BuildLocked(CharbuildError):
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+STOPPED = "charbuild: stopped; the tasks that finished are recorded (run the build again to go on)"
+
+
+def _quiet_interrupt_hook(previous):
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print(STOPPED, file=sys.stderr)  # Python still exits as interrupted (status 130 / SIGINT)
+        else:
+            previous(kind, value, tb)
+
+    return hook
+
+
+def install_quiet_interrupts() -> None:
+    """A plain ``doit`` stopped by Ctrl-C or SIGTERM says :data:`STOPPED` instead of printing
+    the traceback of the ``KeyboardInterrupt`` that doit lets through (``charbuild`` commands
+    catch it themselves); every other uncaught exception keeps its traceback."""
+    if getattr(sys.excepthook, "charbuild_quiet", False):
+        return
+    hook = _quiet_interrupt_hook(sys.excepthook)
+    hook.charbuild_quiet = True
+    sys.excepthook = hook
 
 
 def install_sigterm_handler() -> None:

@@ -15,29 +15,7 @@ import click
 
 from .errors import CharbuildError
 
-CHARACTER_TEMPLATE = '''# Character "{name}". Pictures: face/f00.png ... (face images, nude upper body),
-# outfits/<outfit>/b00.png ... (full body in that outfit). Codes: f/b, then 0 horizontal /
-# 1 from above / 2 from below, then 0 front .. 4 behind (5-7: mirrored 3-1).
-keyword = "{keyword}"        # trigger word, also the face LoRA's name
-class = "girl"               # class_tokens = "{keyword} girl"
-tags = []                    # extra caption tags after the keyword, e.g. ["short hair", "choker"]
-background = "black"         # transparent areas filled "black" (dark hair) or "white" (light hair)
-symmetric = true             # left-right symmetric: flip_aug; false needs the codes 5-7 too
-
-[face]                       # the face LoRA
-repeats = 4
-steps = 1000
-# variants = ["Lora3x3A50p-AdamW8", "LohaA50p-AdamW8"]
-# merge = "FACE"             # block weights: preset name, 17/26 values, or a block table
-{outfit_block}'''
-
-OUTFIT_TEMPLATE = '''
-[outfits.{outfit}]            # a body LoRA: face pictures + outfits/{outfit}/b??.png
-keyword = "{keyword}{short}"
-tags = []
-repeats = 2
-steps = 1200
-'''
+ROOT_HELP = "Project folder, the one holding characters/ (default: found from here upwards)."
 
 
 def _root(root: str | None) -> Path:
@@ -53,7 +31,7 @@ def cli():
 
 
 @cli.command()
-@click.option("--root", type=click.Path(file_okay=False), help="Project folder (default: found from here upwards).")
+@click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
 @click.option("--quick", is_flag=True, help="Read picture headers only (skip decoding every picture).")
 def check(root, quick):
     """Validate the project; list every problem as path:line: message."""
@@ -77,7 +55,7 @@ def check(root, quick):
 @click.option("--for", "for_file", type=click.Path(exists=True, dir_okay=False), help="Build what depends on this file.")
 @click.option("--train/--no-train", "with_training", default=False, help="With --for: also train, merge and compress.")
 @click.option("--continue", "keep_going", is_flag=True, help="Go on past failed tasks; summary at the end.")
-@click.option("--root", type=click.Path(file_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
 def build(targets, jobs, for_file, with_training, keep_going, root):
     """Build TARGETS (default: everything): task names, groups, characters or LoRA names."""
     from .dodo import run_doit
@@ -100,8 +78,9 @@ def build(targets, jobs, for_file, with_training, keep_going, root):
 
 def targets_for_file(root: Path, file: Path, with_training: bool = False) -> list[str]:
     """doit task names that depend on ``file`` (a source picture or a TOML of the project)."""
-    from .dodo import graph
-    g = graph(root)
+    from .dodo import project_graph
+
+    g = project_graph(root)
     project = g.project
     file = file.resolve()
     names: list[str] = []
@@ -129,13 +108,15 @@ def targets_for_file(root: Path, file: Path, with_training: bool = False) -> lis
 
 
 @cli.command()
-@click.option("--root", type=click.Path(file_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
 @click.option("--all", "show_all", is_flag=True, help="List every stale task, not the first few per group.")
 def status(root, show_all):
     """Targets out of date, and why."""
+    from .dodo import project_graph
     from .status import stale_tasks
 
     root_path = _root(root)
+    project_graph(root_path)  # a project with errors: its path:line lines, exit 2
     stale = stale_tasks(root_path)
     if not stale:
         click.echo("everything is up to date")
@@ -153,7 +134,7 @@ def status(root, show_all):
 
 
 @cli.command()
-@click.option("--root", type=click.Path(file_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
 @click.option("--build", "build_all", is_flag=True, help="Bring every LoRA up to date first (trains), as `doit report` does.")
 def report(root, build_all):
     """Write the project report build/report/index.html (trains nothing unless --build)."""
@@ -166,7 +147,7 @@ def report(root, build_all):
 @click.argument("name")
 @click.option("--keyword", help="Trigger word (default: the name without spaces).")
 @click.option("--outfit", "outfits", multiple=True, help="Add an outfit (repeatable).")
-@click.option("--root", type=click.Path(file_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
 def new(name, keyword, outfits, root):
     """Scaffold characters/NAME with a commented character.toml."""
     root_path = Path(root) if root else Path.cwd()
@@ -178,8 +159,9 @@ def new(name, keyword, outfits, root):
     if (folder / "character.toml").exists():
         raise CharbuildError(f"{name!r} already exists; nothing was changed", path=folder / "character.toml")
     keyword = keyword or "".join(name.split())
-    outfit_block = "".join(OUTFIT_TEMPLATE.format(outfit=o, keyword=keyword, short=o[:2]) for o in outfits)
-    text = CHARACTER_TEMPLATE.format(name=name, keyword=keyword, outfit_block=outfit_block)
+    from .scaffold import character_toml, project_base
+
+    text = character_toml(name, keyword, list(outfits), project_base(root_path))
     (folder / "face").mkdir(parents=True, exist_ok=True)
     for o in outfits:
         (folder / "outfits" / o).mkdir(parents=True, exist_ok=True)
@@ -207,14 +189,14 @@ def tags(folder, keyword, tags, overwrite):
 @cli.command()
 @click.argument("loras", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the training commands; run nothing.")
-@click.option("--root", type=click.Path(file_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
 @click.option("-n", "--jobs", type=int, default=1, help="Parallel tasks (trainings still one per GPU).")
 def train(loras, dry_run, root, jobs):
     """Train LORAS (default: every stale one), or print the commands with --dry-run."""
-    from .dodo import graph, run_doit
+    from .dodo import project_graph, run_doit
 
     root_path = _root(root)
-    g = graph(root_path)
+    g = project_graph(root_path)
     unknown = [n for n in loras if n not in g.project.loras]
     if unknown:
         raise CharbuildError(f"no LoRA named {', '.join(unknown)}; known: {', '.join(g.project.loras)}")
@@ -235,7 +217,7 @@ def train(loras, dry_run, root, jobs):
 
 
 @cli.command()
-@click.option("--root", type=click.Path(file_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
 @click.option("--port", type=int, default=6006, show_default=True)
 def tensorboard(root, port):
     """Show the training logs of every LoRA in TensorBoard."""
@@ -257,6 +239,12 @@ def _register_lora_commands() -> None:
 _register_lora_commands()
 
 
+def _say_stopped() -> None:
+    from .buildlock import STOPPED
+
+    click.echo(STOPPED, err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: the one handler for every CharbuildError."""
     try:
@@ -268,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(str(warning), err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("stopped", err=True)
+        _say_stopped()
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -276,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+        _say_stopped()
         sys.exit(130)
 
 

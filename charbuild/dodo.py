@@ -34,29 +34,39 @@ READ_ONLY_COMMANDS = {"list", "info", "help", "dumpdb", "tabcompletion", "strace
 _graphs: dict[Path, object] = {}
 
 
-def graph(root: Path | None = None):
-    """The task graph of the project at ``root`` (default: the working directory), loaded once."""
-    from doit.exceptions import InvalidDodoFile
+def project_graph(root: Path | None = None):
+    """The task graph of the project at ``root`` (default: the working directory), loaded once.
 
+    A project with errors raises :class:`~charbuild.errors.ConfigError` (the ``charbuild``
+    commands print it as ``path:line: error:`` lines and exit 2).
+    """
     from .config import load_project
     from .tasks import Graph
 
     root = (root or Path.cwd()).resolve()
     if root not in _graphs:
         Layout(root).build_dir.mkdir(exist_ok=True)
-        try:
-            project = load_project(root)
-            g = Graph(project)
-        except CharbuildError as exc:
-            for problem in exc.problems():
-                print(problem, file=sys.stderr)
-            for problem in getattr(exc, "warnings", []):
-                print(problem, file=sys.stderr)
-            raise InvalidDodoFile(f"{exc.message}; fix them (`charbuild check` lists them again)") from None
+        project = load_project(root)
+        g = Graph(project)
         if project.warnings:
             print(f"charbuild: {len(project.warnings)} warning(s); `charbuild check` lists them", file=sys.stderr)
         _graphs[root] = g
     return _graphs[root]
+
+
+def graph(root: Path | None = None):
+    """:func:`project_graph` for doit's task creators: a project with errors prints its problems
+    and raises doit's ``InvalidDodoFile`` (one line under a plain ``doit``, no traceback)."""
+    from doit.exceptions import InvalidDodoFile
+
+    try:
+        return project_graph(root)
+    except CharbuildError as exc:
+        for problem in exc.problems():
+            print(problem, file=sys.stderr)
+        for problem in getattr(exc, "warnings", []):
+            print(problem, file=sys.stderr)
+        raise InvalidDodoFile(f"{exc.message}; fix them (`charbuild check` lists them again)") from None
 
 
 def forget_loaded_projects() -> None:
@@ -153,9 +163,10 @@ def _guard_plain_doit() -> None:
     # doit opens its state database (build/.doit.db) before loading any task
     build_dir = Layout(Path.cwd()).build_dir
     build_dir.mkdir(exist_ok=True)
-    from .buildlock import build_lock, install_sigterm_handler
+    from .buildlock import build_lock, install_quiet_interrupts, install_sigterm_handler
 
     install_sigterm_handler()
+    install_quiet_interrupts()
     if command in READ_ONLY_COMMANDS:
         return
     try:
@@ -175,7 +186,9 @@ def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = N
     """Run doit on the project at ``root`` in this process, holding the build lock for runs.
 
     ``argv`` is doit's command line (``["run", "-n", "4", "krnk"]``, ``["list"]``).
-    Returns doit's exit code.
+    Returns doit's exit code, except for doit's own errors before any task runs (an unknown
+    target, a bad option: doit's ``ERROR: …`` line, exit 3), which are printed as
+    ``charbuild: error: …`` and return 2. A project with errors raises ConfigError.
     """
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
@@ -199,14 +212,47 @@ def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = N
         # doit binds its output stream when it is imported; use the current one
         config = {"outfile": sys.stdout, **(extra_config or {})}
         main = DoitMain(ModuleTaskLoader(namespace), extra_config={"GLOBAL": config})
+        main.BIN_NAME = "doit"  # doit's hints ("Type "doit list" …") name a command that exists
+        project_graph(root)  # a project with errors: ConfigError here, for the caller to print
         if command in READ_ONLY_COMMANDS:
-            return main.run(argv)
+            return _run_main(main, argv)
         build_dir = Layout(root).build_dir
         build_dir.mkdir(exist_ok=True)
         with build_lock(build_dir):
-            return main.run(argv)
+            return _run_main(main, argv)
     finally:
         os.chdir(old)
         # leave the caller's process as it was (a Pool made later inherits the handler)
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(signal.SIGTERM, old_sigterm)
+
+
+class _DoitErrorLines:
+    """``sys.stderr`` while doit runs: doit's own user errors, which it writes as one
+    ``ERROR: <message>`` line before returning 3, become ``charbuild: error: <message>``."""
+
+    PREFIX = "ERROR: "
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.seen = False
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.PREFIX):
+            self.seen = True
+            text = "charbuild: error: " + text[len(self.PREFIX):]
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _run_main(main, argv: list[str]) -> int:
+    """``main.run(argv)`` with doit's own errors as charbuild's (exit 2 instead of doit's 3)."""
+    stream = sys.stderr
+    sys.stderr = lines = _DoitErrorLines(stream)
+    try:
+        code = main.run(argv)
+    finally:
+        sys.stderr = stream
+    return 2 if code == 3 and lines.seen else code

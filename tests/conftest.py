@@ -1,7 +1,11 @@
-"""Shared fixtures: small projects made on the fly (no model weights, no network)."""
+"""Shared fixtures: small projects made on the fly (no model weights, no network), and the
+``extras`` marker: a test that needs an optional part skips, saying what to install, where it is
+missing (the README installs only ``[test]``; ``.ci/run`` then adds the extras and runs
+``pytest -m extras``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +15,47 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _chromium_installed() -> bool:
+    from chromium_cdp import find_chromium
+
+    return find_chromium() is not None
+
+
+#: ``@pytest.mark.extras(name)``: the optional parts tests may need, each with its check and how to get it
+EXTRAS = {
+    "ray": (lambda: importlib.util.find_spec("ray") is not None, "pip install -e \".[ray]\""),
+    "chromium": (_chromium_installed, "Debian: apt-get install chromium; or set CHROMIUM=/path/to/chromium"),
+}
+
+
+#: Test modules that build projects, train on the CPU, sleep on purpose or start services:
+#: marked ``slow``, so ``pytest -m "not slow"`` is the quick loop (about a minute and a half on
+#: 2 cores) and plain ``pytest`` runs everything.
+SLOW_MODULES = {
+    "test_end_to_end", "test_graph", "test_report_graph", "test_stop", "test_gpulock", "test_train_runner",
+    "test_observed", "test_builtin_trainer", "test_builtin_observe", "test_builtin_sdxl_train",
+    "test_builtin_sdxl_step", "test_builtin_sdxl_network", "test_builtin_single_file", "test_ray_executor",
+    "test_report_browser", "test_sd_scripts_real", "test_sd_scripts_sdxl_real", "test_lora_compress",
+}
+
+
+def missing_extras(names) -> list[str]:
+    """The names of ``EXTRAS`` that are not installed here (KeyError for an unknown name)."""
+    return [name for name in names if not EXTRAS[name][0]()]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests of ``SLOW_MODULES`` slow; skip, with what to install, every test marked
+    ``extras(name, ...)`` whose extra is missing."""
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        for mark in item.iter_markers("extras"):
+            for name in missing_extras(mark.args):
+                item.add_marker(pytest.mark.skip(reason=f"needs the optional {name!r}, which is not installed "
+                                                        f"({EXTRAS[name][1]})"))
 
 
 def draw_picture(path: Path, code: str, size=(96, 96), seed: int = 0, mode: str = "RGBA") -> Path:
@@ -101,19 +146,3 @@ def example_copy(tmp_path) -> Path:
     shutil.copytree(REPO / "characters", dst / "characters")
     return dst
 
-
-#: Test modules that build projects, train on the CPU, sleep on purpose or start services:
-#: marked ``slow``, so ``pytest -m "not slow"`` is the quick loop (about a minute and a half on
-#: 2 cores) and plain ``pytest`` runs everything.
-SLOW_MODULES = {
-    "test_end_to_end", "test_graph", "test_report_graph", "test_stop", "test_gpulock", "test_train_runner",
-    "test_observed", "test_builtin_trainer", "test_builtin_observe", "test_builtin_sdxl_train",
-    "test_builtin_sdxl_step", "test_builtin_sdxl_network", "test_builtin_single_file", "test_ray_executor",
-    "test_report_browser", "test_sd_scripts_real", "test_sd_scripts_sdxl_real", "test_lora_compress",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)

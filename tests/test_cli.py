@@ -90,7 +90,9 @@ def test_build_for_one_picture(project, capsys):
     code, out, err = run(capsys, "build", "--root", str(project), "--for", str(picture))
     assert code == 0, err
     ran = [line[3:] for line in out.splitlines() if line.startswith(".  ")]
-    assert sorted(ran) == ["image:bob/face/f03@64", "image:bob/face/f03@96", "preview:bbo"]
+    pictures = [line.split(": ")[2].split(" (")[0] for line in err.splitlines() if line.startswith("charbuild: picture ")]
+    assert ran == ["preview:bbo"]  # a picture says itself once, in its own line
+    assert sorted(pictures) == ["build/images/bob/face/64/f03.png", "build/images/bob/face/96/f03.png"]
 
 
 def test_train_dry_run_prints_commands(project, capsys):
@@ -124,3 +126,25 @@ def test_a_second_build_is_refused_while_one_runs(project, capsys):
     with build_lock(project / "build"):
         code, _, err = run(capsys, "build", "--root", str(project), "image")
     assert code == 3 and "another build of this project is running" in err
+
+
+def test_new_scaffolds_steps_that_suit_the_project_s_model(project, capsys):
+    """The demo model learns in a few dozen steps (minutes on a CPU); a real model gets the original's."""
+    code, _, _ = run(capsys, "new", "carol", "--outfit", "casual", "--root", str(project))
+    text = (project / "characters/carol/character.toml").read_text(encoding="utf-8")
+    assert code == 0 and text.endswith("\n") and not text.endswith("\n\n")
+    assert text.count("steps = 40") == 2 and "the built-in 'tiny' model needs few; a real model: 1000" in text
+    toml = project / "characters/project.toml"
+    toml.write_text('[model]\nbase = "models/real.safetensors"\n' + toml.read_text(encoding="utf-8"), encoding="utf-8")
+    code, _, _ = run(capsys, "new", "dave", "--outfit", "casual", "--root", str(project))
+    text = (project / "characters/dave/character.toml").read_text(encoding="utf-8")
+    assert code == 0 and "steps = 1000" in text and "steps = 1200" in text and "a real SD1.5/SDXL model" in text
+
+
+def test_every_project_command_explains_root(capsys):
+    from charbuild.cli import cli
+
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if param.name == "root":
+                assert param.help and "characters/" in param.help, name

@@ -155,7 +155,7 @@ def test_lycoris_input_becomes_kohya_lora(kind):
         assert m.kind == "lora" and not m.tucker
         full = reference_delta(tensors, stem)
         if kind == "locon_tucker":
-            assert m.rank == min(4 + 1, 128)  # folded exactly: rank 4 (+1 of the legacy rule)
+            assert m.rank == 4  # folded exactly: rank 4 (the legacy +1 never goes above a module's own rank)
         assert rel_err(m.delta(), full) < 1e-4, stem
         if k == 3:
             assert m.params["lora_down.weight"].shape == (m.rank, i, 3, 3)
@@ -349,3 +349,25 @@ def test_loha_through_its_factors_equals_the_full_delta_svd(method, param):
         assert rel_err(up @ down, ref_up @ ref_down) < 1e-4, stem
     narrow = make_lora("sd15", "loha", modules=[("lora_unet_conv_out", 4, 320, 3)], rank=6)[0]
     assert loha_factors(build_lora(narrow, {}).modules["lora_unet_conv_out"]) is None  # 36 > 4/2: full SVD
+
+
+@pytest.mark.parametrize("method, param", [("sv_ratio", 16.0), ("sv_fro", 0.999999), ("sv_cumulative", 0.999999),
+                                           ("rank", None)])
+def test_compression_never_raises_a_module_s_rank_above_its_own(tmp_path, method, param):
+    """resize_lora.py's ``+ 1`` made a dim-8 LoRA's modules rank 9 (a zero direction padded in), so
+    the "compressed" file was larger than the merged one; charbuild caps at the module's rank."""
+    tensors, meta = make_lora("sd15", "lora", rank=8, alpha=4.0, seed=3)  # random factors: all 8 directions count
+    src = write_lora(tmp_path / "in.safetensors", tensors, meta)
+    dst = tmp_path / "out.safetensors"
+    compress_file(src, dst, method=None if method == "rank" else method, param=param, new_rank=128,
+                  save_precision="float")
+    before, after = load_lora(src), load_lora(dst)
+    assert 8 in {m.rank for m in before.modules.values()}
+    for stem, m in after.modules.items():
+        own = before.modules[stem]
+        assert m.rank <= own.rank, stem
+        if method != "rank":  # every direction counts, none is added
+            assert m.rank == min(own.rank, *own.delta().shape), stem
+        assert rel_err(m.delta(), before.modules[stem].delta()) < 1e-4, stem
+    numel = lambda lora: sum(t.numel() for m in lora.modules.values() for t in m.params.values())  # noqa: E731
+    assert numel(after) <= numel(before)  # the weights are never bigger (the header says more)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray")
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="the test cluster and signals are POSIX here")
+pytestmark = [pytest.mark.extras("ray"),
+              pytest.mark.skipif(os.name != "posix", reason="the test cluster and signals are POSIX here")]
+pytest.importorskip("ray", reason='needs the optional \'ray\', which is not installed (pip install -e ".[ray]")')
 
 from conftest import make_project  # noqa: E402
 from graphtools import build  # noqa: E402

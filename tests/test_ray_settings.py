@@ -32,6 +32,7 @@ def test_defaults_are_the_local_executor_and_live_in_trainer_spec(tmp_path):
     assert trainer == TrainerSpec(gpus=trainer.gpus, lock_dir=trainer.lock_dir, backend="fake")
 
 
+@pytest.mark.extras("ray")  # executor = "ray" without Ray is a configuration error (tested below)
 def test_ray_settings_are_read_into_the_trainer_spec(tmp_path):
     root = make_project(tmp_path / "p", project_extra='executor = "ray"\nray_address = "ray://head:10001"\n'
                         'retries = 2\nshared_model = true\nworker_cache = "/var/cache/cb"\n'

@@ -196,3 +196,24 @@ def test_the_plan_of_an_sdxl_project_uses_sdxl_classes_and_blocks(tmp_path):
     loras = {lo["name"]: lo for lo in plan["loras"]}
     assert {tuple(r["resolution"]) for r in loras["alc"]["dataset"]} == {(1024, 1024)}
     assert loras["alc"]["merge"]["arch"] == "sdxl" and len(loras["alc"]["merge"]["blocks"]) in (12, 20)
+
+
+def test_the_legacy_hash_of_a_lora_under_1_mib_is_not_shown(tmp_path):
+    """sd-scripts' legacy hash reads from 1 MiB on: every smaller file's is the hash of nothing."""
+    from lora_fixtures import make_lora
+
+    from charbuild.lora.io import build_lora, save_lora
+    from charbuild.report.build import _inspect
+
+    small = tmp_path / "small.safetensors"
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors, meta = make_lora("sd15", "lora", rank=2, modules=[(stem, 320, 320, 0)])
+    lora = build_lora(tensors, meta)
+    save_lora(small, lora.tensors, lora.metadata)
+    info = _inspect(small)
+    assert info["size"] < 2**20 and list(info["hashes"]) == ["sshs_model_hash"], info["hashes"]
+    big = tmp_path / "big.safetensors"
+    tensors, meta = make_lora("sd15", "lora", rank=128, modules=[(stem, 1280, 1280, 0)])  # 1.3 MB of float32
+    save_lora(big, tensors, meta)
+    hashes = _inspect(big)["hashes"]
+    assert set(hashes) == {"sshs_model_hash", "sshs_legacy_hash"} and hashes["sshs_legacy_hash"] != "e3b0c442"

@@ -20,8 +20,7 @@ V = "Lora1x1A1-AdamW8"
 
 CHROMIUM = find_chromium()
 pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium; "
-                                                "or set CHROMIUM=/path/to/chromium)"),
+    pytest.mark.extras("chromium"),
     pytest.mark.skipif(not posix_pipes_available(), reason="the DevTools pipe needs POSIX file descriptors"),
 ]
 

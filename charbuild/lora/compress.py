@@ -10,8 +10,12 @@ singular values S (descending, length ``min(out, in·kh·kw)``):
   carry, lora-formats.md §4). ``rank_rule="current"`` is an alternative without the off-by-one
   (rank = n clamped to [1, len(S)]), for users who want exactly the threshold count.
   ``method=None`` (CLI ``rank``): rank = ``new_rank``.
-* then capped at ``new_rank`` (``new_conv_rank`` for 1x1 and 3x3 conv modules); a module with
-  S[0] ≤ 1e-6 gets rank 1.
+* then capped at ``new_rank`` (``new_conv_rank`` for 1x1 and 3x3 conv modules) **and at the
+  module's own rank** (a LoRA/LoCon module; LoHa/LoKr deltas have no such rank); a module with
+  S[0] ≤ 1e-6 gets rank 1. The own-rank cap is a deliberate deviation from resize_lora.py,
+  whose ``+ 1`` gives a rank-r module rank r + 1 (a zero direction padded in) whenever all r
+  singular values pass the threshold: a "compressed" dim-8 LoRA came out larger than its input.
+  The kept directions and the delta are the same; only the zero padding is gone.
 * ``new_up = U[:, :k]·diag(S[:k])``, ``new_down = Vh[:k]``, ``new_alpha = alpha / r · k``
   (computed in float32 as sd-scripts does, stored in the save dtype like every tensor).
 
@@ -389,6 +393,7 @@ def _compress_module(module: LoraModule, arch: str, new_rank: int, conv_rank: in
     conv = len(shape) == 4
     cap = conv_rank if conv else new_rank
     if module.kind == "lora":
+        cap = min(cap, module.rank)  # never above the module's own rank (deviation from resize_lora.py)
         new_up, new_down, alpha, k, stats = resize_factors(*module.factors(), _scale_of(module), cap, method, param, rank_rule)
     elif (factors := loha_factors(module)) is not None:
         new_up, new_down, alpha, k, stats = resize_factors(*factors, 1.0, cap, method, param, rank_rule)

@@ -97,7 +97,15 @@ def _inspect(path: Path) -> dict:
     meta = info["metadata"]
     return {"size": info["file_size"], "ranks": info["ranks"], "modules": info["modules"], "arch": info["arch"],
             "format": info["format"], "trigger_words": info["trigger_words"],
-            "hashes": {k: meta[k] for k in ("sshs_model_hash", "sshs_legacy_hash") if k in meta}}
+            "hashes": {k: meta[k] for k in _meaningful_hashes(info["file_size"]) if k in meta}}
+
+
+def _meaningful_hashes(file_size: int) -> tuple[str, ...]:
+    """The sshs hashes worth showing: sd-scripts' legacy hash reads the file from 1 MiB on, so a
+    smaller file's is the hash of nothing (``e3b0c442``, the same for every small LoRA)."""
+    from charbuild.lora.io import LEGACY_HASH_OFFSET
+
+    return ("sshs_model_hash", "sshs_legacy_hash") if file_size > LEGACY_HASH_OFFSET else ("sshs_model_hash",)
 
 
 class _Files:

@@ -1,4 +1,5 @@
-"""One line per LoRA a doit run built, printed when the run ends (issue 13 item 5, summary).
+"""One line per LoRA a doit run built, printed when the run ends (issue 13 item 5, summary);
+no line per up-to-date task, and ``nothing to do`` when a run ran nothing.
 
 ``SummaryReporter`` is doit's console reporter plus that summary; ``DOIT_CONFIG["reporter"]``
 names it, so a plain ``doit``, ``charbuild build`` and ``charbuild train`` all print, e.g.::
@@ -43,12 +44,32 @@ def summary_lines(paths: list[str]) -> list[str]:
     return lines
 
 
+#: Task groups whose action prints its own line (``charbuild: picture k/N: …``, images.py):
+#: doit's ``.  image:…`` title would say the same again.
+SELF_REPORTING_GROUPS = ("image",)
+
+
 class SummaryReporter(ConsoleReporter):
-    """doit's console reporter, plus one line per LoRA built in the run when it ends."""
+    """doit's console reporter, less its noise, plus one line per LoRA built in the run when it ends.
+
+    Up-to-date tasks print nothing (doit prints a ``--`` line each: hundreds on a no-op build);
+    a run that ran nothing says so in one line.
+    """
 
     def __init__(self, outstream, options):
         super().__init__(outstream, options)
         self.built: list[str] = []
+        self.executed = 0
+        self.up_to_date = 0
+
+    def execute_task(self, task):
+        if task.actions:
+            self.executed += 1
+        if task.name.split(":", 1)[0] not in SELF_REPORTING_GROUPS:
+            super().execute_task(task)
+
+    def skip_uptodate(self, task):
+        self.up_to_date += 1
 
     def add_success(self, task):
         super().add_success(task)
@@ -57,5 +78,7 @@ class SummaryReporter(ConsoleReporter):
 
     def complete_run(self):
         super().complete_run()
+        if not self.executed and not self.failures and not self.runtime_errors:
+            self.write(f"nothing to do: everything is up to date ({self.up_to_date} task(s) checked)\n")
         if self.built:
             self.write("\n".join(summary_lines(self.built)) + "\n")

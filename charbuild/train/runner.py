@@ -51,6 +51,7 @@ from ..fsutil import replace_file, write_text_atomic
 from ..layout import Layout
 from ..signature import compute_signature, write_sidecar
 from . import observed, run_cache
+from .hardware import where_it_trains
 from .backends import check_capabilities, collect_outputs, get_backend, prepare_files
 from .executors import RAY
 from .freshness import Freshness, is_up_to_date, sidecar_path
@@ -244,7 +245,7 @@ def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launch
                 fds = tuple(fd for fd in (lease.lock_fd if lease else None, variant_fd) if fd is not None)
                 log = log_path(job)
                 with open(log, "wb") as log_fh:
-                    where = f"on GPU {gpu}" if lease is not None else f"with executor {_launcher_name(launcher, job)}"
+                    where = where_it_trains(gpu) if lease is not None else f"with executor {_launcher_name(launcher, job)}"
                     say(f"training {job.label} {where} ({job.backend})", log_fh, echo)
                     rc = launcher(Launch(bjob, job_file, gpu, log_fh, console_writer(echo), fds))
                 raw = Path(bjob.output)
