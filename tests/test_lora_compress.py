@@ -10,7 +10,8 @@ import torch
 from lora_fixtures import make_lora, reference_delta, rel_err, write_lora
 
 from charbuild.errors import OptionError
-from charbuild.lora.compress import choose_rank, compress_file, compress_lora, report_json
+from charbuild.lora.compress import compress_file, compress_lora, report_json
+from charbuild.lora.svd import choose_rank
 from charbuild.lora.io import build_lora, load_lora, sd_scripts_hashes
 
 # real SD1.5 layers: linear, cross-attention, 1x1, 3x3 (incl. a wide up-block conv), text encoder
@@ -203,7 +204,7 @@ def _fp16_factors(out_dim, n, r, seed, decay=0.97):
 
 @pytest.mark.parametrize("method,param", [("sv_ratio", 16.0), ("sv_ratio", 4.0), ("sv_fro", 0.9), ("sv_cumulative", 0.7)])
 def test_fast_path_matches_float64_path(method, param):
-    from charbuild.lora.compress import _resize_fast, _resize_precise
+    from charbuild.lora.svd import _resize_fast, _resize_precise
 
     used = 0
     for seed, (o, n) in enumerate([(320, 2880), (1280, 11520), (768, 768), (320, 320), (1280, 1280)]):
@@ -221,7 +222,7 @@ def test_fast_path_matches_float64_path(method, param):
 
 def test_rank_near_threshold_falls_back_to_float64():
     """A singular value within the fast path's error bound of the sv_ratio threshold: float64 decides."""
-    from charbuild.lora import compress
+    from charbuild.lora import svd as compress
 
     g = torch.Generator().manual_seed(3)
     qu, _ = torch.linalg.qr(torch.randn(320, 8, generator=g, dtype=torch.float64))
@@ -243,7 +244,7 @@ def test_ill_conditioned_factors_get_float64_grams(side, gap):
     """Nearly (or exactly) collinear factor columns: float32 Grams lose them. The fast route
     takes that side's Gram in float64 (or hands over to the float64 route); the result is
     the full SVD's either way."""
-    from charbuild.lora import compress
+    from charbuild.lora import svd as compress
 
     g = torch.Generator().manual_seed(4)
     up = torch.randn(640, 16, generator=g)
@@ -264,7 +265,7 @@ def test_ill_conditioned_factors_get_float64_grams(side, gap):
 
 def test_trained_like_up_factor_stays_on_the_fast_route():
     """kohya starts up at zero, so a trained up spans few directions plus small ones."""
-    from charbuild.lora import compress
+    from charbuild.lora import svd as compress
 
     g = torch.Generator().manual_seed(7)
     basis = torch.randn(1280, 4, generator=g)
@@ -332,7 +333,8 @@ def test_a_failing_writer_stops_the_workers_and_restores_torch_threads(tmp_path)
 @pytest.mark.parametrize("method,param", [("sv_ratio", 16.0), ("sv_fro", 0.9), ("sv_cumulative", 0.7), (None, 0.0)])
 def test_loha_through_its_factors_equals_the_full_delta_svd(method, param):
     """Plain LoHa goes through its Khatri-Rao factors; the ranks and deltas are the full SVD's."""
-    from charbuild.lora.compress import loha_factors, resize_factors, resize_full
+    from charbuild.lora.compress import loha_factors
+    from charbuild.lora.svd import resize_factors, resize_full
 
     modules = [("lora_unet_down_blocks_0_resnets_0_conv1", 320, 320, 3),
                ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 768, 0)]  # fmt: skip

@@ -41,7 +41,8 @@ from typing import Mapping, Sequence
 import torch
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.compress import loha_factors, pad_to_rank, resize_factors, resize_full, target_shape
+from charbuild.lora.compress import loha_factors, target_shape
+from charbuild.lora.svd import pad_to_rank, resize_factors, resize_full
 from charbuild.lora.blocks import resolve_block_weights
 from charbuild.lora.io import LoraFile, load_lora, save_lora
 from charbuild.lora.merge import module_weight
