@@ -16,9 +16,7 @@ Layout (see README): ``<root>/characters/project.toml`` (optional),
 
 from __future__ import annotations
 
-import contextlib
 import re
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from .errors import CharbuildError, ConfigError, Problem
 from .fsutil import under_root
 from .model import Character, Lora, LoraTable, Part, Project, SourceImage
 from .prepared import image_dir, prepared_sizes, subset_for
+from .resolve import lbw_notes, resolve_loras
 from .train import BACKENDS
 from .train.executors.settings import (EXECUTOR_CHECKS, EXECUTOR_KEYS, missing_ray_message, normal_resources,
                                        ray_installed)
@@ -272,7 +271,7 @@ def _load_merge(c: Collector, mg: dict, settings: _Settings) -> None:
     presets = {}
     for name, value in c.get(mg, "presets", is_table, {}, kp).items():
         try:
-            with _lbw_notes(lambda note: c.warning(f"[merge.presets] {name}: {note}", kp + ("presets", name))):
+            with lbw_notes(lambda note: c.warning(f"[merge.presets] {name}: {note}", kp + ("presets", name))):
                 presets[name] = preset_values(value, arch)
         except ValueError as exc:
             c.error(f"[merge.presets] {name}: {exc}", kp + ("presets", name))
@@ -286,22 +285,10 @@ def _load_merge(c: Collector, mg: dict, settings: _Settings) -> None:
         if isinstance(spec, str) and spec.strip() in settings.broken_presets:
             continue
         try:
-            with _lbw_notes(lambda note: c.warning(f"'merge.{kind}': {note}", kp + (kind,))):
+            with lbw_notes(lambda note: c.warning(f"'merge.{kind}': {note}", kp + (kind,))):
                 resolve_merge_weights(spec, {"merge": settings.merge, "model": settings.model})
         except ValueError as exc:
             c.error(f"'merge.{kind}': {exc}", kp + (kind,))
-
-
-@contextlib.contextmanager
-def _lbw_notes(report):
-    """Hand each :class:`~charbuild.lora.blocks.SdxlListWarning` raised inside to ``report`` (once each)."""
-    from .lora.blocks import SdxlListWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SdxlListWarning)
-        yield
-    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SdxlListWarning)):
-        report(message)
 
 
 def _load_captions(c: Collector, caps: dict, settings: _Settings) -> None:
@@ -627,7 +614,7 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
         chars = list(dict.fromkeys(p.character for p in parts))
         add(_make_lora(gname, "group", all_parts, table, keywords, chars), f"{table.origin.file} [{gname}]")
 
-    _check_loras(root, settings, characters, loras, problems)
+    resolve_loras(root, settings, characters, loras, problems)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise ConfigError(problems)
@@ -639,131 +626,3 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
 def _make_lora(name: str, kind: str, parts: list[Part], t: LoraTable, keywords: list[str], chars: list[str]) -> Lora:
     return Lora(name, kind, parts, t.repeats, t.steps, t.variants, t.training, t.merge, t.compress, keywords, chars,
                 t.origin.file, t.origin.line(), t.continue_from, t.origin)
-
-
-def _check_loras(root: Path, settings: _Settings, characters: dict, loras: dict[str, Lora], problems: list[Problem]) -> None:
-    """Cross-checks that need the whole project: variants, merge weights, continue_from, size classes."""
-    from .dataset_toml import MixedSizeClassError, folder_class
-
-    variant_names: dict[str, list[str]] = {}
-    if settings.readable:  # else every LoRA would be blamed for what project.toml may have said
-        for lora in loras.values():
-            variant_names[lora.name] = _check_variants(lora, settings, problems)
-            _check_merge(lora, settings, problems)
-        _check_continue_from(root, loras, variant_names, problems)
-    # every prepared folder's images must share one size class (the original's rule)
-    for ch in characters.values():
-        for part in [ch.face, *ch.outfits.values()]:
-            for size in settings.dataset["sizes"]:
-                subset = subset_for(part, size)
-                if subset is None:
-                    continue
-                try:
-                    folder_class(subset, settings.model["arch"])
-                except MixedSizeClassError as exc:
-                    problems.append(Problem(show_path(root, ch.dir / ("face" if part.kind == "face" else f"outfits/{part.name}")),
-                                            f"{exc}; crop the pictures to similar proportions"))
-
-
-def _check_variants(lora: Lora, settings: _Settings, problems: list[Problem]) -> list[str]:
-    """Resolve ``lora``'s variants into ``lora.variant_params``; report each failure at the line of
-    the list it comes from (once: a bad entry of the project's list is not repeated for every
-    LoRA). Returns its variant names."""
-    from .train.variants import resolve_variant
-
-    defaults = training_defaults(settings.training)
-    if lora.variants:
-        where = (lora.source, lora.origin.line("variants") if lora.origin else lora.line)
-    else:
-        where = (settings.origin.file, settings.origin.line("training", "variants"))
-    resolved = []
-    for entry in variant_entries(lora, settings.training):
-        try:
-            params = resolve_variant(entry, defaults=defaults, overrides=lora.training, steps=lora.steps)
-        except (ValueError, TypeError) as exc:
-            _add_once(problems, Problem(where[0], f"LoRA {lora.name!r}: {exc}", where[1]))
-            continue
-        if params.name in {p.name for p in resolved}:
-            problems.append(Problem(where[0], f"LoRA {lora.name!r}: variant {params.name!r} listed twice; give one a \"name\"", where[1]))
-            continue
-        resolved.append(params)
-    lora.variant_params = tuple(resolved)
-    return [p.name for p in resolved]
-
-
-def _add_once(problems: list[Problem], problem: Problem) -> None:
-    """Add ``problem`` unless the same complaint (whatever LoRA it names) is already there."""
-    same = problem.message.split(": ", 1)[-1]
-    for p in problems:
-        if p.path == problem.path and p.line == problem.line and p.message.split(": ", 1)[-1] == same:
-            return
-    problems.append(problem)
-
-
-def _check_merge(lora: Lora, settings: _Settings, problems: list[Problem]) -> None:
-    """Resolve ``lora``'s block weights into ``lora.merge_weights``: its own ``merge``, else its
-    kind's project default. An error of its own ``merge`` is reported at that key's line (the
-    project's kind defaults and presets were checked at their own lines when project.toml was read)."""
-    spec = merge_spec(lora, settings.merge)
-    if isinstance(spec, str) and spec.strip() in settings.broken_presets:
-        return
-    line = lora.origin.line("merge") if lora.origin else lora.line
-    own_notes = (lambda note: problems.append(Problem(lora.source, f"LoRA {lora.name!r} merge weights: {note}", line,
-                                                      "warning"))) if lora.merge is not None else (lambda note: None)
-    try:
-        with _lbw_notes(own_notes):  # the project's defaults said theirs when project.toml was read
-            lora.merge_weights = resolve_merge_weights(spec, {"merge": settings.merge, "model": settings.model})
-    except ValueError as exc:
-        if lora.merge is not None:
-            problems.append(Problem(lora.source, f"LoRA {lora.name!r} merge weights: {exc}", line))
-        return
-    lora.merge_label = spec.strip() if isinstance(spec, str) else "custom block weights"
-
-
-def _check_continue_from(root: Path, loras: dict[str, Lora], variant_names: dict[str, list[str]],
-                         problems: list[Problem]) -> None:
-    """``continue_from``: an existing .safetensors file, or ``<lora>/<variant>`` of this project
-    (no LoRA may, through such references, continue from itself). Sets each LoRA's
-    ``continue_path`` (absolute) and, for a variant of this project, ``continue_task``."""
-    targets: dict[str, str] = {}  # lora -> the lora it continues from
-    for lora in loras.values():
-        value = lora.continue_from
-        if value is None:
-            continue
-        line = lora.origin.line("continue_from") if lora.origin else lora.line
-        if value.strip().lower().endswith(".safetensors"):
-            path = under_root(root, value.strip())
-            if not path.is_file():
-                problems.append(Problem(lora.source, f"'continue_from' file {value!r} does not exist; give a .safetensors "
-                                        f"LoRA relative to {root.name}/ or an absolute path, or \"<lora>/<variant>\"", line))
-            lora.continue_path = str(path)
-            continue
-        name, sep, variant = value.replace("\\", "/").partition("/")
-        if not sep or name not in loras:
-            close = closest(name, loras)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            problems.append(Problem(lora.source, f"'continue_from' = {value!r} names no LoRA of this project{hint}; write "
-                                    "\"<lora>/<variant>\" or the path of a .safetensors file", line))
-            continue
-        known = variant_names.get(name, [])
-        if variant not in known:
-            close = closest(variant, known)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; its variants: {', '.join(known) or 'none'}"
-            problems.append(Problem(lora.source, f"'continue_from' = {value!r}: LoRA {name!r} has no variant {variant!r}{hint}", line))
-            continue
-        targets[lora.name] = name
-        lora.continue_path = str(root / layout.raw_lora(name, variant))
-        lora.continue_task = f"train:{name}/{variant}"
-    for start in targets:
-        seen = [start]
-        while seen[-1] in targets:
-            nxt = targets[seen[-1]]
-            if nxt in seen:
-                if nxt == start:
-                    lora = loras[start]
-                    chain = " -> ".join(seen + [nxt])
-                    problems.append(Problem(lora.source, f"'continue_from' makes LoRA {start!r} continue from itself "
-                                            f"({chain}); continue from another LoRA or a file",
-                                            lora.origin.line("continue_from") if lora.origin else lora.line))
-                break
-            seen.append(nxt)
