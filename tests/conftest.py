@@ -71,11 +71,13 @@ def make_project(root: Path, *, sizes=(64, 96), characters=None, groups=None, pr
 
 @pytest.fixture(scope="module")
 def reproducible_training():
-    """A module's trainings repeat byte for byte: fixed metadata timestamps (``SOURCE_DATE_EPOCH``)
-    and one CPU thread (the trainer would take its threads from the load, and float sums with them)."""
+    """A module's trainings repeat byte for byte: fixed metadata timestamps (``SOURCE_DATE_EPOCH``),
+    one CPU thread (the trainer would take its threads from the load, and float sums with them),
+    and the CPU even where a GPU is (``CHARBUILD_DEVICE``: GPU kernels need not repeat bit for bit)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
     mp.setenv("CHARBUILD_TORCH_THREADS", "1")
+    mp.setenv("CHARBUILD_DEVICE", "cpu")
     yield
     mp.undo()
 

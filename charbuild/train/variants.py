@@ -98,13 +98,14 @@ TRAINING_KEYS = (
     "sample_size",
     "sample_steps",
     "validation_every",
+    "save_every",
 )
 #: Training keys added after the first release: a field at its default is left out of a
 #: training's signature, so a LoRA trained before the key existed does not become stale.
 LATER_KEYS = ("data_loader_workers", "noise_offset", "min_snr_gamma", "v_prediction", "zero_terminal_snr",
               "cache_text_encoder_outputs", "no_half_vae")
 #: Training keys that only observe a training (samples, validation loss): never in its signature.
-OBSERVING_KEYS = ("sample_every", "sample_prompts", "sample_size", "sample_steps", "validation_every")
+OBSERVING_KEYS = ("sample_every", "sample_prompts", "sample_size", "sample_steps", "validation_every", "save_every")
 #: Keys of a variant dict beside the training keys.
 VARIANT_KEYS = ("name", "preset")
 
@@ -191,12 +192,13 @@ class TrainParams:
     v_prediction: bool = False
     zero_terminal_snr: bool = False
     cache_text_encoder_outputs: bool = False
-    no_half_vae: bool = False
+    no_half_vae: bool | None = None  # None: the architecture's default (no_half_vae_in_effect)
     sample_every: int | None = None
     sample_prompts: tuple[str, ...] = field(default_factory=tuple)
     sample_size: int | None = None
     sample_steps: int | None = None
     validation_every: int | None = None
+    save_every: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with exactly the documented keys (the job's ``params``).
@@ -216,11 +218,13 @@ class TrainParams:
         (0: off); ``min_snr_gamma`` (None: off); ``v_prediction`` (the model predicts v, as
         NoobAI-XL v-pred); ``zero_terminal_snr`` (rescale the noise schedule to zero terminal
         SNR); ``cache_text_encoder_outputs`` (UNet-only: encode every caption once);
-        ``no_half_vae`` (keep the VAE in fp32 under fp16/bf16); ``sample_every`` (steps between
+        ``no_half_vae`` (keep the VAE in fp32 under fp16/bf16; None: true for SDXL, see
+        :func:`no_half_vae_in_effect`); ``sample_every`` (steps between
         sample images; None: off); ``sample_prompts`` (extra sample prompts); ``sample_size``
         (px, square; None: the training resolution on a GPU, 128 on a CPU, sd-scripts 512/1024);
         ``sample_steps`` (denoising steps; None: 20, 4 on a CPU);
-        ``validation_every`` (steps between validation-loss evaluations; None: off).
+        ``validation_every`` (steps between validation-loss evaluations; None: off);
+        ``save_every`` (steps between saves of the LoRA before the end, to continue from; None: off).
         """
         d = asdict(self)
         d["optimizer_args"] = list(self.optimizer_args)
@@ -244,6 +248,13 @@ class TrainParams:
     def with_values(self, **changes: Any) -> "TrainParams":
         """A copy with some fields replaced (no re-derivation)."""
         return replace(self, **changes)
+
+
+def no_half_vae_in_effect(no_half_vae: bool | None, arch: str) -> bool:
+    """Whether the VAE stays in fp32 under fp16/bf16: as set, else (None) for SDXL, whose VAE
+    overflows in fp16. sd-scripts then replaces the NaN latents with zeros and trains on them;
+    in fp32 the latents are right, and cached once they cost no time per step."""
+    return no_half_vae if no_half_vae is not None else arch == "sdxl"
 
 
 def steps_for_kind(kind: str) -> int:
@@ -343,6 +354,7 @@ TRAINING_CHECKS: dict[str, Checker] = {
     "sample_size": is_int(64),
     "sample_steps": is_int(1),
     "validation_every": is_int(1),
+    "save_every": is_int(1),
 }
 
 
@@ -488,12 +500,13 @@ def _derive(name: str, logic: Logic, s: dict[str, Any], kind_steps: int) -> Trai
     workers = _get(s, "data_loader_workers", DEFAULT_DATA_LOADER_WORKERS)
     loss = {key: _get(s, key, default) for key, default in (
         ("noise_offset", 0.0), ("min_snr_gamma", None), ("v_prediction", False), ("zero_terminal_snr", False),
-        ("cache_text_encoder_outputs", False), ("no_half_vae", False))}
+        ("cache_text_encoder_outputs", False), ("no_half_vae", None))}
     observing = {"sample_every": _get(s, "sample_every", None),
                  "sample_prompts": tuple(_get(s, "sample_prompts", ())),
                  "sample_size": _get(s, "sample_size", None),
                  "sample_steps": _get(s, "sample_steps", None),
-                 "validation_every": _get(s, "validation_every", None)}
+                 "validation_every": _get(s, "validation_every", None),
+                 "save_every": _get(s, "save_every", None)}
 
     return TrainParams(
         name=name,
