@@ -258,3 +258,79 @@ def test_peak_memory_lands_in_metrics_lines(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert lines == [{"step": 1, "loss": 0.5, "lr": 1e-4, "peak_allocated_mib": 5120.0, "peak_reserved_mib": 6144.0}]
     assert read_metrics(tmp_path / "metrics.jsonl").loss == [(1, 0.5)]
+
+
+# --------------------------------------------------------------------------- what a GPU run does differently
+
+
+def test_adamw8bit_on_a_gpu_without_bitsandbytes_stops_with_the_fix(sd15_project):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    setup = trainer.resolve_setup(sd15_case._job(sd15_project, "Lora1x1", "bnb", steps=1))
+    network = torch.nn.Linear(2, 2)
+    network.param_groups = lambda lr, te_lr: [{"params": list(network.parameters()), "lr": lr}]
+    with pytest.raises(UnsupportedError, match=r"pip install 'charbuild\[gpu\]'"):
+        trainer.make_optimizer(setup, network, is_cuda=True)
+    assert type(trainer.make_optimizer(setup, network, is_cuda=False)[0]).__name__ == "AdamW"  # a CPU: 32-bit, noted
+
+
+def test_cuda_speed_flags():
+    from charbuild.train.builtin import device
+
+    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cuda.matmul, "allow_tf32")]
+    saved = [getattr(obj, name) for obj, name in flags]
+    try:
+        for obj, name in flags:
+            setattr(obj, name, False)
+        device.configure_cuda(choose_precision("fp16", {DEVICE_ENV: "cpu", CPU_HALF_ENV: "1"}))
+        assert not any(getattr(obj, name) for obj, name in flags)  # a CPU: untouched
+        device.configure_cuda(device.Precision(torch.device("cuda"), torch.float16))
+        assert all(getattr(obj, name) for obj, name in flags)
+    finally:
+        for (obj, name), value in zip(flags, saved):
+            setattr(obj, name, value)
+
+
+def test_sdxl_size_ids_stay_float32_in_bf16():
+    from types import SimpleNamespace
+
+    from charbuild.train.builtin.conditioning import unet_conditioning
+    from charbuild.train.builtin.sdxl import SDXLPromptEmbeds, sdxl_time_ids
+
+    prep = SimpleNamespace(arch="sdxl", device=torch.device("cpu"), weight_dtype=torch.bfloat16)
+    text = SDXLPromptEmbeds(torch.zeros(1, 77, 8, dtype=torch.bfloat16), torch.zeros(1, 4, dtype=torch.bfloat16))
+    _, added = unet_conditioning(prep, text, sdxl_time_ids([(1365, 2048)], [(0, 0)], [(1024, 1536)]))
+    assert added["time_ids"].dtype == torch.float32 and added["time_ids"][0].tolist()[:2] == [1365.0, 2048.0]
+    assert added["text_embeds"].dtype == torch.bfloat16
+    assert torch.tensor(1365.0).to(torch.bfloat16).item() == 1368.0  # what bf16 made of it
+
+
+def test_settings_the_builtin_ignores_and_torch_compile(sd15_project):
+    from charbuild.train.job import TrainJob
+
+    job = TrainJob.from_dict(sd15_case._job(sd15_project, "Lora1x1", "n", data_loader_workers=0))
+    assert trainer.ignored_settings_notes(job)[0].startswith("data_loader_workers = 0 is ignored")
+    job = TrainJob.from_dict({**sd15_case._job(sd15_project, "Lora1x1", "n"),
+                              "trainer": {"backend": "builtin", "xformers": True, "extra": {"torch_compile": "yes"}}})
+    assert [n.split(" =")[0] for n in trainer.ignored_settings_notes(job)] == ["xformers"]
+    with pytest.raises(UnsupportedError, match="torch_compile must be true or false"):
+        trainer.torch_compile_requested(job)
+
+
+def test_latents_one_picture_at_a_time_and_no_color_aug_note(sd15_project):
+    from charbuild.train.builtin.data import cache_latents, read_dataset_toml
+    from charbuild.train.builtin.models import load_base_model
+
+    toml = sd15_project / "build" / "loras" / "krnk" / "dataset.toml"
+    assert "color_aug = true" in toml.read_text(encoding="utf-8")
+    dataset = read_dataset_toml(toml, sd15_project)
+    assert not [n for n in dataset.notes if "color_aug" in n]  # charbuild wrote it: nothing to tell the user
+    vae = load_base_model({"base": "tiny", "vae": None, "arch": "sd15", "clip_skip": 2}, sd15_project).vae
+    batches = []
+    real_encode = vae.encode
+    vae.encode = lambda x: batches.append(x.shape[0]) or real_encode(x)
+    latents = cache_latents(dataset, vae, torch.device("cpu"), 0)
+    assert batches and set(batches) == {1} and len(latents) == len(batches)
