@@ -33,6 +33,7 @@ from .resolve import lbw_notes, resolve_loras
 from .train import BACKENDS
 from .train.executors.settings import (EXECUTOR_CHECKS, EXECUTOR_KEYS, missing_ray_message, normal_resources,
                                        ray_installed)
+from .train.advice import settings_warnings
 from .train.builtin.checkpoint import CheckpointError
 from .train.variants import KIND_STEPS, TRAINING_CHECKS, TRAINING_KEYS, training_defaults, variant_entries
 
@@ -136,6 +137,8 @@ def _load_project_toml(root: Path, chars_dir: Path, problems: list[Problem]) -> 
     _load_dataset(c, data.get("dataset", {}), settings)
     _load_training(c, data.get("training", {}), settings)
     _load_trainer(c, root, data.get("trainer", {}), data.get("model", {}), settings)
+    for message, keypath in settings_warnings(settings.model, settings.trainer, data.get("training", {})):
+        c.warning(message, keypath)
     _load_merge(c, data.get("merge", {}), settings)
     settings.compress.update(_compress_table(c, data.get("compress", {}), ("compress",)))
     _load_captions(c, data.get("captions", {}), settings)

@@ -10,6 +10,11 @@ else HIGH, buckets 1024 / 1536 / 2048, and ``[general]`` also sets the bucket ra
 checks a dataset's resolution against (``max_bucket_reso`` >= the largest resolution; its
 default of 1024 would refuse the 1536 and 2048 buckets). SD1.5 output is the original's, byte
 for byte. See :data:`SIZE_CLASSES`.
+
+An SDXL TOML has no ``color_aug = true``: with it sd-scripts cannot cache latents and runs the
+VAE every step, and the SDXL VAE overflows in fp16 (sd-scripts replaces the NaN latents by
+zeros and trains on them). Without it the sd-scripts command caches the latents
+(``--cache_latents``, see :func:`writes_color_aug`), as the builtin trainer always does.
 """
 
 from __future__ import annotations
@@ -28,20 +33,28 @@ CLASS_RESOLUTION = {"LOW": 512, "MID": 768, "HIGH": 1024}
 @dataclass(frozen=True)
 class SizeClasses:
     """An architecture's size classes: the largest side of LOW and MID, each class's bucket
-    resolution, and the extra ``[general]`` bucket lines of its dataset TOML."""
+    resolution, the extra ``[general]`` bucket lines of its dataset TOML, and whether it
+    writes ``color_aug = true`` (the original generator did; SDXL does not)."""
 
     low_max: int
     mid_max: int
     resolution: Mapping[str, int]
     general: tuple[str, ...] = ()
+    color_aug: bool = True
 
 
 #: Per architecture; SDXL is SD1.5 scaled by 2 (1024-class training).
 SIZE_CLASSES: dict[str, SizeClasses] = {
     "sd15": SizeClasses(512, 768, CLASS_RESOLUTION),
     "sdxl": SizeClasses(1024, 1536, {"LOW": 1024, "MID": 1536, "HIGH": 2048},
-                        ("min_bucket_reso = 256", "max_bucket_reso = 2048", "bucket_reso_steps = 64")),
+                        ("min_bucket_reso = 256", "max_bucket_reso = 2048", "bucket_reso_steps = 64"), color_aug=False),
 }
+
+
+def writes_color_aug(arch: str) -> bool:
+    """Whether ``arch``'s dataset TOML turns sd-scripts' ``color_aug`` on (then sd-scripts cannot
+    cache latents): SD1.5 yes, as the original; SDXL no."""
+    return _classes(arch).color_aug
 
 #: The batch-size keys ``<width class>_<height class>``, width-major, LOW < MID < HIGH.
 BATCH_KEYS: tuple[str, ...] = tuple(f"{w}_{h}" for w in CLASSES for h in CLASSES)
@@ -179,7 +192,7 @@ def render_dataset_toml(num_repeats: int, subsets: Iterable[Subset], batch_sizes
 
     lines = [
         "[general]",
-        "color_aug = true",
+        *(("color_aug = true",) if classes.color_aug else ()),
         "enable_bucket = true",
         "bucket_no_upscale = true",
         "caption_extension = '.txt'",

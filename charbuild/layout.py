@@ -45,6 +45,7 @@ MERGED_NAME = "merged.safetensors"
 LOG_NAME = "train.log"
 METRICS_NAME = "metrics.jsonl"  # the format: charbuild/report/metrics.py
 SAMPLES_DIR = "samples"
+SAVES_DIR = "saves"  # save_every's LoRAs of a training before its end (builtin trainer)
 
 
 # ---------------------------------------------------------------- relative POSIX strings (the graph's)

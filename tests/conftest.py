@@ -36,7 +36,8 @@ EXTRAS = {
 SLOW_MODULES = {
     "test_end_to_end", "test_graph", "test_report_graph", "test_stop", "test_gpulock", "test_train_runner",
     "test_observed", "test_builtin_trainer", "test_builtin_observe", "test_builtin_sdxl_train",
-    "test_builtin_sdxl_step", "test_builtin_sdxl_network", "test_builtin_single_file", "test_ray_executor",
+    "test_builtin_sdxl_step", "test_builtin_sdxl_network", "test_builtin_single_file", "test_builtin_precision",
+    "test_ray_executor",
     "test_report_browser", "test_sd_scripts_real", "test_sd_scripts_sdxl_real", "test_lora_compress",
 }
 
@@ -116,11 +117,13 @@ def make_project(root: Path, *, sizes=(64, 96), characters=None, groups=None, pr
 
 @pytest.fixture(scope="module")
 def reproducible_training():
-    """A module's trainings repeat byte for byte: fixed metadata timestamps (``SOURCE_DATE_EPOCH``)
-    and one CPU thread (the trainer would take its threads from the load, and float sums with them)."""
+    """A module's trainings repeat byte for byte: fixed metadata timestamps (``SOURCE_DATE_EPOCH``),
+    one CPU thread (the trainer would take its threads from the load, and float sums with them),
+    and the CPU even where a GPU is (``CHARBUILD_DEVICE``: GPU kernels need not repeat bit for bit)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
     mp.setenv("CHARBUILD_TORCH_THREADS", "1")
+    mp.setenv("CHARBUILD_DEVICE", "cpu")
     yield
     mp.undo()
 

@@ -29,6 +29,7 @@ def cluster_env() -> dict[str, str]:
     # a builtin training on a node picks its torch threads from the load; a fixed count makes its
     # bytes comparable with a local training's (tests set the same there)
     env["CHARBUILD_TORCH_THREADS"] = "1"
+    env["CHARBUILD_DEVICE"] = "cpu"  # and the CPU where a GPU is (GPU kernels need not repeat bit for bit)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
 

@@ -357,8 +357,9 @@ def test_loss_and_vae_rules(project):
     assert resolve_loss(plain, "epsilon", True).zero_terminal_snr  # the checkpoint's ztsnr marker
     with pytest.raises(TrainingError, match="cache_text_encoder_outputs needs network_train_unet_only"):
         resolve_setup(_job(project, "Lora1x1", "c", cache_text_encoder_outputs=True))
-    # VAE: fp32 unless SDXL on a GPU in fp16/bf16 with a separate (fixed fp16) VAE and no_half_vae off
+    # VAE: fp32 unless SDXL on a GPU in fp16/bf16 with a separate (fixed fp16) VAE and no_half_vae = false
     assert vae_dtype_for("sdxl", True, True, False) == "half"
+    assert vae_dtype_for("sdxl", True, True, None) == "float32"  # left out: SDXL's safe default
     assert vae_dtype_for("sdxl", True, False, False) == "float32"
     assert vae_dtype_for("sdxl", True, True, True) == "float32"
     assert vae_dtype_for("sdxl", False, True, False) == "float32"

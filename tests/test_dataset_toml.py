@@ -206,7 +206,6 @@ def test_sdxl_size_classes_are_sd15_scaled_by_two(px, cls):
 
 GOLDEN_SDXL = """\
 [general]
-color_aug = true
 enable_bucket = true
 bucket_no_upscale = true
 caption_extension = '.txt'
@@ -252,6 +251,8 @@ def test_sdxl_dataset_toml_golden():
     # the same pictures as an SD1.5 project: the original's classes and no bucket lines
     sd15 = render_dataset_toml(2, subsets, BATCH_SIZE_TABLES["default"])
     assert "max_bucket_reso" not in sd15 and "resolution = [1024, 1024]" in sd15 and "resolution = [1024, 1024]\nbatch_size = 1" in sd15
+    # color_aug: the original's on SD1.5; not on SDXL, so that sd-scripts can cache its latents
+    assert "color_aug = true" in sd15 and "color_aug" not in GOLDEN_SDXL
 
 
 def test_sdxl_mixed_classes_message_names_sdxl_limits():

@@ -184,6 +184,7 @@ def test_builtin_tiny_training_is_byte_identical_to_local(cluster, tmp_path, mon
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # the metadata's timestamps; the driver forwards it
     # float sums depend on the thread count, which the trainer takes from the load: the nodes have 1
     monkeypatch.setenv("CHARBUILD_TORCH_THREADS", cluster.env["CHARBUILD_TORCH_THREADS"])
+    monkeypatch.setenv("CHARBUILD_DEVICE", cluster.env["CHARBUILD_DEVICE"])
     chars = {"bob": {"keyword": "bbo", "face": ["f00", "f03"], "outfits": {}}}
     local = make_project(tmp_path / "local", sizes=(64,), characters=chars)
     remote = ray_project(tmp_path / "remote", cluster, sizes=(64,), characters=chars)

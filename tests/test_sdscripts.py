@@ -57,6 +57,7 @@ EXPECTED_LORA3X3 = [
     "--clip_skip=2",
     f"--logging_dir={LOG_DIR}",
     f"--log_prefix={NAME}",
+    "--sdpa",  # the original's --xformers is xformers = true; PyTorch's attention otherwise
     "--save_model_as=safetensors",
     "--mixed_precision=fp16",
     "--save_precision=fp16",
@@ -105,9 +106,11 @@ def test_sdxl_uses_its_script_and_has_no_clip_skip():
     cmd = build_command(job(arch="sdxl"))
     assert cmd[4] == SDXL_SCRIPT
     assert not [a for a in cmd if a.startswith("--clip_skip")]
+    # safe by default: the fp32 VAE (the SDXL VAE overflows in fp16) and cached latents (no color_aug)
     assert [a for a in cmd if a != SDXL_SCRIPT] == [
         a for a in EXPECTED_LORA3X3 if a not in (SCRIPT, "--clip_skip=2")
-    ]
+    ] + ["--no_half_vae", "--cache_latents"]
+    assert "--no_half_vae" not in build_command(job({"preset": "Lora3x3A50p-AdamW8", "no_half_vae": False}, arch="sdxl"))
 
 
 def test_vae_continue_from_xformers_and_extra_args():
@@ -126,7 +129,7 @@ def test_vae_continue_from_xformers_and_extra_args():
         "--seed=31337", "--network_weights=/old/prev.safetensors", "--network_train_unet_only",
         "--resolution=512,768", "--noise_offset=0.05", "--max_data_loader_n_workers=0",
     ]
-    assert "--xformers" not in build_command(job())
+    assert "--xformers" not in build_command(job()) and "--sdpa" not in cmd
 
 
 def test_without_accelerate_python_runs_the_script():
@@ -222,7 +225,8 @@ def test_loss_and_vae_flags(arch):
                             "--zero_terminal_snr", "--no_half_vae"]
     assert cmd[-1] == "--max_data_loader_n_workers=2"  # the user's extra arguments stay last
     plain = build_command(job(arch=arch))
-    assert not [a for a in plain if a.startswith(("--noise_offset", "--min_snr", "--v_param", "--zero_term", "--no_half"))]
+    assert not [a for a in plain if a.startswith(("--noise_offset", "--min_snr", "--v_param", "--zero_term"))]
+    assert ("--no_half_vae" in plain) == (arch == "sdxl")  # left out: SDXL's VAE in fp32
 
 
 def test_the_fake_sdxl_script_runs_the_sdxl_command(tmp_path):

@@ -25,7 +25,7 @@ PARAM_KEYS = {
     "network_train_unet_only", "resolution", "min_bucket_reso", "max_bucket_reso", "extra_args",
     "data_loader_workers", "noise_offset", "min_snr_gamma", "v_prediction", "zero_terminal_snr",
     "cache_text_encoder_outputs", "no_half_vae", "sample_every", "sample_prompts", "sample_size", "sample_steps",
-    "validation_every",
+    "validation_every", "save_every",
 }
 
 ADAFACTOR_ARGS = ["relative_step=True", "scale_parameter=True", "warmup_init=False"]
@@ -202,6 +202,7 @@ def test_every_training_key_is_accepted_in_a_variant_table():
         "noise_offset": 0.0357, "min_snr_gamma": 5.0, "v_prediction": True, "zero_terminal_snr": True,
         "cache_text_encoder_outputs": True, "no_half_vae": True, "sample_every": 100,
         "sample_prompts": ["1girl, smile"], "sample_size": 768, "sample_steps": 28, "validation_every": 50,
+        "save_every": 200,
     }
     assert set(values) == set(TRAINING_KEYS)
     p = resolve_variant({"preset": "Lora3x3A1-AdamW8", **values}, steps=1000).to_dict()

@@ -1,7 +1,8 @@
 """The trainer side of ``metrics.jsonl``: one JSON line per training step and per validation.
 
 The format is the report's (:mod:`charbuild.report.metrics`): ``{"step", "loss", "lr"?}`` and
-``{"step", "val_loss"}``. A trainer writes the file beside its output, which the runner points
+``{"step", "val_loss"}``; on a GPU the builtin adds ``peak_allocated_mib`` and
+``peak_reserved_mib`` (the peak GPU memory so far) to each training line. A trainer writes the file beside its output, which the runner points
 into its temp folder, so the log lands in the variant folder together with the LoRA it
 describes (:func:`charbuild.train.observed.land`) and a stopped training leaves none.
 Each line is one ``O_APPEND`` write: a reader of a running log sees whole lines only (a line
@@ -56,8 +57,9 @@ class MetricsWriter:
             return
         os.write(self._fd, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
 
-    def step(self, step: int, loss: float, lr: float | None = None) -> None:
-        self.write(training_line(step, loss, lr))
+    def step(self, step: int, loss: float, lr: float | None = None, extra: dict | None = None) -> None:
+        """A training line; ``extra``: more keys for it (the builtin's peak GPU memory in MiB)."""
+        self.write({**(extra or {}), **training_line(step, loss, lr)})
 
     def validation(self, step: int, val_loss: float) -> None:
         self.write(validation_line(step, val_loss))

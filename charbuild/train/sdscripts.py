@@ -16,10 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..dataset_toml import writes_color_aug
 from ..errors import TrainingError
 from ..fsutil import under_root
 from .job import TrainJob, as_job, scheduler_in_effect
-from .variants import DEFAULT_DATA_LOADER_WORKERS, DEFAULT_SCHEDULER, format_lr
+from .variants import DEFAULT_DATA_LOADER_WORKERS, DEFAULT_SCHEDULER, format_lr, no_half_vae_in_effect
 
 
 def _script(job: TrainJob) -> Path:
@@ -69,7 +70,10 @@ def loss_and_precision_flags(job: TrainJob) -> list[str]:
     """The flags of the noise schedule, the loss weighting and the VAE precision, for both scripts.
 
     ``--noise_offset``, ``--min_snr_gamma``, ``--v_parameterization`` (``params.v_prediction``),
-    ``--zero_terminal_snr`` and ``--no_half_vae`` as the params say. SDXL UNet-only training
+    ``--zero_terminal_snr`` as the params say, and ``--no_half_vae`` as
+    :func:`~charbuild.train.variants.no_half_vae_in_effect` says (left out: SDXL yes, SD1.5 no).
+    ``--cache_latents`` where the dataset TOML allows it (no ``color_aug``: SDXL, see
+    :func:`charbuild.dataset_toml.writes_color_aug`), as the builtin always does. SDXL UNet-only training
     also gets ``--cache_text_encoder_outputs`` (the frozen encoders give every caption the same
     output, so sd-scripts encodes each once and frees them); ``cache_text_encoder_outputs = true``
     brings ``--network_train_unet_only`` with it, which sd-scripts requires. train_network.py
@@ -84,8 +88,10 @@ def loss_and_precision_flags(job: TrainJob) -> list[str]:
         flags.append("--v_parameterization")
     if params.zero_terminal_snr:
         flags.append("--zero_terminal_snr")
-    if params.no_half_vae:
+    if no_half_vae_in_effect(params.no_half_vae, job.model.arch):
         flags.append("--no_half_vae")
+    if not writes_color_aug(job.model.arch):
+        flags.append("--cache_latents")
     if job.model.arch == "sdxl" and (params.network_train_unet_only or params.cache_text_encoder_outputs):
         if not params.network_train_unet_only:
             flags.append("--network_train_unet_only")
@@ -162,8 +168,9 @@ def build_command(job: TrainJob | Mapping[str, Any]) -> list[str]:
     if model.arch != "sdxl":
         cmd.append(f"--clip_skip={params.clip_skip}")
     cmd += [f"--logging_dir={variant_dir / 'logs'}", f"--log_prefix={name}"]
-    if trainer.xformers:
-        cmd.append("--xformers")
+    # PyTorch's memory-efficient attention unless xformers is asked for (sd-scripts' default is
+    # the plain attention: slower, and O(n²) memory at 1024 px)
+    cmd.append("--xformers" if trainer.xformers else "--sdpa")
     cmd += [
         "--save_model_as=safetensors",
         f"--mixed_precision={params.mixed_precision}",

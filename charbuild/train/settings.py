@@ -143,7 +143,8 @@ class TrainParams:
                                       signature="later")
     cache_text_encoder_outputs: bool = setting(is_bool, "UNet-only: encode every caption once", default=False,
                                                signature="later")
-    no_half_vae: bool = setting(is_bool, "keep the VAE in fp32 under fp16/bf16", default=False, signature="later")
+    no_half_vae: bool | None = setting(is_bool, "keep the VAE in fp32 under fp16/bf16", default=None, signature="later",
+                                       shown="true for SDXL, false for SD1.5")
     sample_every: int | None = setting(is_int(1), "steps between sample images", default=None, signature="never",
                                        shown="off")
     sample_prompts: tuple[str, ...] = setting(is_string_list, "extra sample prompts", default=(), signature="never")
@@ -153,6 +154,8 @@ class TrainParams:
                                        shown="20 (CPU: 4)")
     validation_every: int | None = setting(is_int(1), "steps between validation-loss evaluations", default=None,
                                            signature="never", shown="off")
+    save_every: int | None = setting(is_int(1), "builtin: save the LoRA every N steps into <variant>/saves/ "
+                                     "(to continue_from)", default=None, signature="never", shown="off")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (tuples as lists): the job's ``params``."""
@@ -174,6 +177,13 @@ class TrainParams:
     def with_values(self, **changes: Any) -> "TrainParams":
         """A copy with some fields replaced (no re-derivation)."""
         return replace(self, **changes)
+
+
+def no_half_vae_in_effect(no_half_vae: bool | None, arch: str) -> bool:
+    """Whether the VAE stays in fp32 under fp16/bf16: as set, else (None) for SDXL, whose VAE
+    overflows in fp16. sd-scripts then replaces the NaN latents with zeros and trains on them;
+    in fp32 the latents are right, and cached once they cost no time per step."""
+    return no_half_vae if no_half_vae is not None else arch == "sdxl"
 
 
 def declared() -> tuple[Field, ...]:

@@ -47,11 +47,12 @@ from .settings import (
     declared,
     default_of,
     is_learning_rate,
+    no_half_vae_in_effect,
 )
 
 __all__ = ["ALL_LOGICS", "DEFAULT_DATA_LOADER_WORKERS", "DEFAULT_SCHEDULER", "KIND_STEPS", "LATER_KEYS", "Logic",
            "NETWORKS", "OBSERVING_KEYS", "TRAINING_CHECKS", "TRAINING_KEYS", "TrainParams", "canonical_params_text",
-           "format_lr", "lr_to_units", "output_name", "parse_logic", "resolve_variant", "steps_for_kind",
+           "format_lr", "lr_to_units", "no_half_vae_in_effect", "output_name", "parse_logic", "resolve_variant", "steps_for_kind",
            "training_defaults", "variant_entries"]
 
 #: Default ``max_train_steps`` per LoRA kind (charframework-rules.md §5).

@@ -42,6 +42,8 @@ def parser(sdxl: bool) -> argparse.ArgumentParser:
     p.add_argument("--logging_dir", required=True)
     p.add_argument("--log_prefix", required=True)
     p.add_argument("--xformers", action="store_true")
+    p.add_argument("--sdpa", action="store_true")
+    p.add_argument("--cache_latents", action="store_true")
     p.add_argument("--save_model_as", required=True, choices=["safetensors"])
     p.add_argument("--mixed_precision", required=True, choices=["no", "fp16", "bf16"])
     p.add_argument("--save_precision", required=True, choices=["fp16", "bf16", "float"])
@@ -96,6 +98,16 @@ def fail(msg: str) -> None:
     sys.exit(3)
 
 
+def _color_aug(dataset_config: str) -> bool:
+    """Whether the dataset TOML turns color_aug on anywhere (sd-scripts' is_latent_cacheable)."""
+    import tomllib
+
+    data = tomllib.loads(Path(dataset_config).read_text(encoding="utf-8"))
+    tables = [data.get("general", {})] + [d for d in data.get("datasets", [])]
+    tables += [s for d in data.get("datasets", []) for s in d.get("subsets", [])]
+    return any(t.get("color_aug") for t in tables)
+
+
 def main(sdxl: bool) -> int:
     if os.environ.get("FAKE_SD_ARGV"):
         with open(os.environ["FAKE_SD_ARGV"], "a", encoding="utf-8") as fh:
@@ -126,6 +138,8 @@ def main(sdxl: bool) -> int:
             fail(f"adafactor optimizer_args {args.optimizer_args}")
     elif args.learning_rate is None:
         fail("AdamW needs --learning_rate")
+    if args.cache_latents and _color_aug(args.dataset_config):  # train_network.py's assert
+        fail("when caching latents, either color_aug or random_crop cannot be used")
     if sdxl and args.cache_text_encoder_outputs and not args.network_train_unet_only:  # sdxl_train_network.py's assert
         fail("network for Text Encoder cannot be trained with caching Text Encoder outputs")
     if not sdxl and args.cache_text_encoder_outputs:  # accepted but ignored by train_network.py: charbuild never passes it

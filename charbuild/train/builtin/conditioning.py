@@ -64,10 +64,13 @@ def unet_conditioning(prep, text, time_ids):
     ``text`` and, for SDXL, the size/crop ``time_ids`` (:func:`.sdxl.sdxl_time_ids`)."""
     if prep.arch != "sdxl":
         return text, None
+    import torch
+
     from .sdxl import sdxl_added_cond_kwargs
 
     added = sdxl_added_cond_kwargs(text, time_ids)
-    added = {k: v.to(prep.device, prep.weight_dtype) for k, v in added.items()}
+    # the pooled prompt in the weight dtype; the size ids in fp32 (sdxl_added_cond_kwargs)
+    added = {k: v.to(prep.device, prep.weight_dtype if k == "text_embeds" else torch.float32) for k, v in added.items()}
     return text.hidden_states.to(prep.device), added
 
 

@@ -14,6 +14,11 @@ cover, centre-cropped). Without ``enable_bucket`` every image is resized/cropped
 ``resolution``.
 
 Batches never mix buckets or datasets, and hold at most the dataset's ``batch_size``.
+
+Latents are cached once (sd-scripts' ``--cache_latents``), so ``color_aug`` (which the SD1.x
+dataset TOML keeps from the original generator) does not apply: it is read and ignored without
+a note, since charbuild wrote it and the user cannot change it. ``random_crop`` and
+``shuffle_caption`` are ignored with a note.
 """
 
 from __future__ import annotations
@@ -264,8 +269,6 @@ def read_dataset_toml(toml_path: str | Path, project_root: str | Path, overrides
                 info.items.append(ImageItem(img, caption, bucket, resized, repeats, bool(sub["flip_aug"]), di, size))
             d = info.dirs.setdefault(dir_name, {"n_repeats": repeats, "img_count": 0})
             d["img_count"] += len(images)
-            if sub.get("color_aug"):
-                notes.append("color_aug is ignored: the builtin trainer caches latents (as sd-scripts with --cache_latents)")
             if sub.get("random_crop"):
                 notes.append("random_crop is ignored: the builtin trainer caches latents (centre crop)")
             if sub.get("shuffle_caption"):
@@ -306,9 +309,11 @@ def load_image_tensor(path: Path, bucket: tuple[int, int], resized: tuple[int, i
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def cache_latents(dataset: Dataset, vae, device, seed: int, batch_size: int = 4, progress=None) -> dict:
+def cache_latents(dataset: Dataset, vae, device, seed: int, batch_size: int = 1, progress=None) -> dict:
     """Encode every image once (and its mirror image for flip_aug subsets).
 
+    ``batch_size`` pictures go through the VAE at a time: one, as sd-scripts' ``--vae_batch_size``
+    default (an SDXL VAE in fp32 takes ~10 GiB for four 1024 px pictures).
     Returns {(item index, flipped): latent (4, h, w) float32 on the CPU}. Latents are sampled
     from the VAE's distribution with a generator seeded from ``seed`` (deterministic) and
     multiplied by the VAE's scaling factor.

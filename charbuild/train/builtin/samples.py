@@ -131,7 +131,7 @@ class SampleRenderer:
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         kwargs: dict[str, Any] = dict(height=self.size, width=self.size, num_inference_steps=self.steps,
                                       guidance_scale=GUIDANCE_SCALE, generator=generators, output_type="latent")
-        autocast = (torch.autocast("cuda", dtype=prep.weight_dtype)
+        autocast = (torch.autocast(prep.device.type, dtype=prep.weight_dtype)
                     if prep.weight_dtype != torch.float32 else nullcontext())
         prompts = [s.prompt for s in chunk]
         with autocast:

@@ -101,8 +101,12 @@ def sdxl_time_ids(
 
 
 def sdxl_added_cond_kwargs(embeds: SDXLPromptEmbeds, time_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``added_cond_kwargs`` for diffusers' SDXL UNet call (``text_time`` conditioning)."""
-    return {"text_embeds": embeds.pooled, "time_ids": time_ids.to(embeds.pooled.device, embeds.pooled.dtype)}
+    """``added_cond_kwargs`` for diffusers' SDXL UNet call (``text_time`` conditioning).
+
+    The size/crop ids stay float32 whatever the pooled prompt's dtype: bf16 would round them
+    (1365 -> 1368); sd-scripts embeds them in fp32 too.
+    """
+    return {"text_embeds": embeds.pooled, "time_ids": time_ids.to(embeds.pooled.device, torch.float32)}
 
 
 def size_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -38,10 +38,10 @@ from ..job import TrainJob, adafactor_relative_step, as_job, optimizer_kwargs, s
 from .conditioning import conditioning, frozen_conditioning, predict_noise
 from .models import UnsupportedError
 from .network import NetworkSpec
+from .stepping import MAX_GRAD_NORM
 
 #: sd-scripts' default --learning_rate, used when a job gives none to an optimizer that needs one.
 SD_SCRIPTS_DEFAULT_LR = 2e-6
-MAX_GRAD_NORM = 1.0  # sd-scripts' default --max_grad_norm
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
@@ -97,7 +97,7 @@ class Setup:
     v_prediction: bool = False  # the model predicts v (also when the model's scheduler says so)
     zero_terminal_snr: bool = False  # rescale the betas (also when the checkpoint says "ztsnr")
     cache_text_encoder_outputs: bool = False  # UNet-only: encode every caption before the loop
-    no_half_vae: bool = False  # keep a given VAE in fp32 under fp16/bf16 (see vae_dtype_for)
+    no_half_vae: bool | None = None  # keep the VAE in fp32 under fp16/bf16 (None: the arch's default; vae_dtype_for)
 
 
 def resolve_setup(job: TrainJob | dict) -> Setup:
@@ -159,7 +159,7 @@ def resolve_setup(job: TrainJob | dict) -> Setup:
         v_prediction=bool(params.v_prediction),
         zero_terminal_snr=bool(params.zero_terminal_snr),
         cache_text_encoder_outputs=bool(params.cache_text_encoder_outputs),
-        no_half_vae=bool(params.no_half_vae),
+        no_half_vae=params.no_half_vae,
     )
 
 
@@ -189,15 +189,18 @@ def resolve_loss(setup: Setup, model_prediction_type: str, model_zero_terminal_s
     return LossSetup(prediction, ztsnr, setup.min_snr_gamma, setup.noise_offset)
 
 
-def vae_dtype_for(arch: str, mixed_precision_on_gpu: bool, vae_given: bool, no_half_vae: bool) -> str:
+def vae_dtype_for(arch: str, mixed_precision_on_gpu: bool, vae_given: bool, no_half_vae: bool | None) -> str:
     """The dtype the VAE encodes the (cached) latents in: "float32" or "half" (the weight dtype).
 
     Latents are encoded once, so fp32 costs memory only while they are cached. SD1.x: always
-    fp32 (as the builtin has always done). SDXL: its VAE overflows in fp16 (sd-scripts advises
-    ``--no_half_vae``), so fp32 unless a separate VAE is given (``[model] vae``, meant for a
-    fixed fp16 VAE such as sdxl-vae-fp16-fix) and ``no_half_vae`` is off.
+    fp32 (as the builtin has always done). SDXL: its VAE overflows in fp16, so fp32 unless a
+    separate VAE is given (``[model] vae``, meant for a fixed fp16 VAE such as
+    sdxl-vae-fp16-fix) and ``no_half_vae = false`` is set: the default (None) is the safe fp32,
+    as for sd-scripts (:func:`~charbuild.train.variants.no_half_vae_in_effect`).
     """
-    if not mixed_precision_on_gpu or no_half_vae or arch != "sdxl" or not vae_given:
+    from ..variants import no_half_vae_in_effect
+
+    if not mixed_precision_on_gpu or arch != "sdxl" or not vae_given or no_half_vae_in_effect(no_half_vae, arch):
         return "float32"
     return "half"
 
@@ -259,10 +262,10 @@ def make_optimizer(setup: Setup, network, is_cuda: bool):
             if is_cuda:
                 try:
                     import bitsandbytes as bnb
-
-                    opt = bnb.optim.AdamW8bit(groups, lr=lr, **kwargs)
-                except ImportError:
-                    note("bitsandbytes is not installed: AdamW8bit runs as torch AdamW (32-bit states)")
+                except ImportError:  # sd-scripts stops too: 32-bit states would cost +0.9 GiB (SD1.5), +2.9 GiB (SDXL)
+                    raise UnsupportedError("optimizer AdamW8bit needs bitsandbytes on a GPU: pip install 'charbuild[gpu]' "
+                                           "(or set optimizer = \"AdamW\" for 32-bit AdamW)") from None
+                opt = bnb.optim.AdamW8bit(groups, lr=lr, **kwargs)
             else:
                 note("AdamW8bit needs bitsandbytes on CUDA: using torch AdamW (32-bit states) on the CPU")
         if opt is None:
@@ -337,6 +340,8 @@ class Prepared:
     loss: LossSetup = LossSetup("epsilon", False, None, 0.0)
     text_cache: dict = field(default_factory=dict)  # caption -> frozen encoders' output (UNet-only)
     vae: Any = None  # kept (on the CPU) only when the training renders samples
+    precision: Any = None  # the .device.Precision (device, weight dtype) it trains in
+    skipped_steps: list = field(default_factory=list)  # 1-based steps skipped for a non-finite loss or gradient
 
 
     @property
@@ -351,21 +356,22 @@ def prepare(setup: Setup) -> Prepared:
     """
     import torch
 
-    from .data import cache_latents, read_dataset_toml
+    from .data import read_dataset_toml
+    from .device import choose_precision, configure_cuda, require_torch
     from .models import load_base_model
     from .network import LoRANetwork
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    is_cuda = device.type == "cuda"
-    weight_dtype = torch.float32
-    if setup.mixed_precision in ("fp16", "bf16"):
-        if is_cuda:
-            weight_dtype = torch.float16 if setup.mixed_precision == "fp16" else torch.bfloat16
-        else:
-            note(f"mixed_precision {setup.mixed_precision} needs a GPU: training in float32 on the CPU")
-    if not is_cuda:
+    require_torch()
+    precision = choose_precision(setup.mixed_precision)
+    device, weight_dtype = precision.device, precision.weight_dtype
+    if precision.why:
+        note(precision.why)
+    if not precision.is_cuda:
         torch.set_num_threads(choose_cpu_threads())
-        note(f"CPU training with {torch.get_num_threads()} thread(s)")
+        note(f"CPU training with {torch.get_num_threads()} thread(s)" + (f" in {weight_dtype}" if precision.half else ""))
+    configure_cuda(precision)
+    for n in ignored_settings_notes(setup.job):
+        note(n)
     seed_everything(setup.seed)
     t0 = time.time()
     base = load_base_model(setup.job.model.to_dict(), setup.root, supported_archs=("sd15", "sdxl"))
@@ -377,21 +383,7 @@ def prepare(setup: Setup) -> Prepared:
         note(n)
     buckets = sorted({it.bucket for it in dataset.items})
     note(f"{len(dataset.items)} images ({dataset.num_train_images} with repeats) in buckets {buckets}")
-
-    # latents once; the VAE is not needed afterwards
-    t0 = time.time()
-    vae_half = vae_dtype_for(base.arch, weight_dtype != torch.float32, bool(setup.job.model.vae), setup.no_half_vae) == "half"
-    base.vae.to(device, weight_dtype if vae_half else torch.float32)
-    with _bar(sum(2 if it.flip_aug else 1 for it in dataset.items), "caching latents", "img") as bar:
-        latents = cache_latents(dataset, base.vae, device, setup.seed, progress=bar.update)
-    base.vae.to("cpu")
-    vae = base.vae if setup.job.params.sample_every else None  # else not needed afterwards
-    base.vae = None
-    if vae_half and not all(bool(torch.isfinite(x).all()) for x in latents.values()):
-        raise TrainingError(f"the VAE gave non-finite latents in {setup.mixed_precision}: it is not an fp16-safe VAE; "
-                            "set no_half_vae = true (or give a fixed fp16 VAE)", path=setup.job.model.vae)
-    note(f"cached {len(latents)} latents in {time.time() - t0:.1f}s"
-         + (f" (VAE in {setup.mixed_precision})" if vae_half else ""))
+    latents, vae = _encode_latents(setup, base, dataset, precision)
 
     unet, text_encoder, text_encoder_2 = base.unet, base.text_encoder, base.text_encoder_2
     encoders = [te for te in (text_encoder, text_encoder_2) if te is not None]
@@ -414,8 +406,9 @@ def prepare(setup: Setup) -> Prepared:
          + (f"; conv_dim {spec.conv_dim} conv_alpha {spec.conv_alpha}" if spec.conv_dim else ""))
     if setup.gradient_checkpointing:
         _enable_gradient_checkpointing(unet, encoders if n_te else [])
+    _compile_unet(setup, precision, unet)
 
-    optimizer, lr_scheduler, opt_desc = make_optimizer(setup, network, is_cuda)
+    optimizer, lr_scheduler, opt_desc = make_optimizer(setup, network, precision.is_cuda)
     note(f"optimizer {opt_desc}; scheduler {setup.job.params.scheduler}; seed {setup.seed}")
     if loss != LossSetup("epsilon", False, None, 0.0):
         note(f"loss: {loss.prediction_type}" + ("; zero terminal SNR" if loss.zero_terminal_snr else "")
@@ -426,22 +419,91 @@ def prepare(setup: Setup) -> Prepared:
         unet=unet, text_encoder=text_encoder, tokenizer=base.tokenizer, noise_scheduler=noise_scheduler,
         network=network, optimizer=optimizer, lr_scheduler=lr_scheduler, optimizer_desc=opt_desc,
         prior_steps=prior_steps, arch=base.arch, text_encoder_2=text_encoder_2, tokenizer_2=base.tokenizer_2, loss=loss,
-        vae=vae,
+        vae=vae, precision=precision,
     )
     if setup.cache_text_encoder_outputs:
-        t0 = time.time()
-        captions = list(dict.fromkeys(it.caption for it in dataset.items))
-        with _autocast(weight_dtype):
-            for k in range(0, len(captions), 8):
-                frozen_conditioning(setup, prep, captions[k : k + 8])
-        if setup.job.params.sample_every:
-            for te in encoders:  # as sd-scripts: not needed on the GPU any more (a sampler moves them back)
-                te.to("cpu", torch.float32)
-        else:  # nothing encodes again: the loop's and the validation's captions are cached (sd-scripts keeps them)
-            prep.text_encoder = prep.text_encoder_2 = None
-        note(f"cached the text encoders' outputs of {len(captions)} captions in {time.time() - t0:.1f}s"
-             + ("" if prep.text_encoder is not None else "; the text encoders are released"))
+        _cache_text_encoder_outputs(setup, prep, encoders)
     return prep
+
+
+def _encode_latents(setup: Setup, base, dataset, precision) -> tuple[dict, Any]:
+    """The dataset's latents, encoded once, one picture at a time (as sd-scripts' default
+    ``--vae_batch_size``); the VAE goes back to the CPU and is kept only when samples need it."""
+    import torch
+
+    from .data import cache_latents
+    from .device import free_memory
+
+    t0 = time.time()
+    vae_half = vae_dtype_for(base.arch, precision.half, bool(setup.job.model.vae), setup.no_half_vae) == "half"
+    base.vae.to(precision.device, precision.weight_dtype if vae_half else torch.float32)
+    with _bar(sum(2 if it.flip_aug else 1 for it in dataset.items), "caching latents", "img") as bar:
+        latents = cache_latents(dataset, base.vae, precision.device, setup.seed, progress=bar.update)
+    base.vae.to("cpu", torch.float32)
+    vae = base.vae if setup.job.params.sample_every else None  # else not needed afterwards
+    base.vae = None
+    free_memory(precision)
+    if vae_half and not all(bool(torch.isfinite(x).all()) for x in latents.values()):
+        raise TrainingError(f"the VAE gave non-finite latents in {setup.mixed_precision}: it is not an fp16-safe VAE; "
+                            "set no_half_vae = true (or give a fixed fp16 VAE)", path=setup.job.model.vae)
+    note(f"cached {len(latents)} latents in {time.time() - t0:.1f}s"
+         + (f" (VAE in {setup.mixed_precision})" if vae_half else ""))
+    return latents, vae
+
+
+def _cache_text_encoder_outputs(setup: Setup, prep: Prepared, encoders: list) -> None:
+    """Encode every caption once (``cache_text_encoder_outputs``), then move the text encoders off
+    the GPU: to the CPU in fp32 when samples will need them again, else release them."""
+    import torch
+
+    from .device import autocast, free_memory
+
+    t0 = time.time()
+    captions = list(dict.fromkeys(it.caption for it in prep.dataset.items))
+    with autocast(prep.precision):
+        for k in range(0, len(captions), 8):
+            frozen_conditioning(setup, prep, captions[k : k + 8])
+    if setup.job.params.sample_every:
+        for te in encoders:  # as sd-scripts: not needed on the GPU any more (a sampler moves them back)
+            te.to("cpu", torch.float32)
+    else:  # nothing encodes again: the loop's and the validation's captions are cached (sd-scripts keeps them)
+        prep.text_encoder = prep.text_encoder_2 = None
+    free_memory(prep.precision)
+    note(f"cached the text encoders' outputs of {len(captions)} captions in {time.time() - t0:.1f}s"
+         + ("" if prep.text_encoder is not None else "; the text encoders are released"))
+
+
+def _compile_unet(setup: Setup, precision, unet) -> None:
+    """``torch.compile`` the UNet's forward when ``[trainer.extra] torch_compile = true`` (sd-scripts'
+    ``--torch_compile``): slower first steps, faster later ones on a GPU."""
+    import torch
+
+    if not torch_compile_requested(setup.job):
+        return
+    note("torch.compile: the UNet is compiled (the first steps take longer)")
+    unet.forward = torch.compile(unet.forward)
+
+
+def torch_compile_requested(job: TrainJob) -> bool:
+    """``[trainer.extra] torch_compile`` (a bool; UnsupportedError for anything else)."""
+    value = job.trainer.extra.get("torch_compile", False)
+    if not isinstance(value, bool):
+        raise UnsupportedError(f"[trainer.extra] torch_compile must be true or false, not {value!r}")
+    return value
+
+
+def ignored_settings_notes(job: TrainJob) -> list[str]:
+    """What the builtin trainer does not use of the job's settings, one note each."""
+    from ..variants import DEFAULT_DATA_LOADER_WORKERS
+
+    notes = []
+    if job.trainer.xformers:
+        notes.append("xformers = true is ignored: the builtin trainer uses PyTorch's scaled-dot-product attention "
+                     "(as sd-scripts' --sdpa)")
+    if job.params.data_loader_workers != DEFAULT_DATA_LOADER_WORKERS:
+        notes.append(f"data_loader_workers = {job.params.data_loader_workers} is ignored: the builtin trainer "
+                     "keeps the cached latents in memory and has no data loader")
+    return notes
 
 
 def _loss_scheduler(setup: Setup, base):
@@ -478,43 +540,44 @@ def _enable_gradient_checkpointing(unet, text_encoders) -> None:
 
 
 def train_loop(setup: Setup, prep: Prepared, on_step: StepCallback | None = None) -> list[float]:
-    """Run ``setup.steps`` optimizer steps; return the loss of each. Calls ``on_step`` after each."""
-    import torch
+    """Run ``setup.steps`` optimizer steps; return the loss of each. Calls ``on_step`` after each.
 
-    from .data import make_batches
+    A step whose loss or gradients are not finite is skipped (:class:`.stepping.Stepper`: no
+    weight and no learning rate changes), noted, and listed in ``prep.skipped_steps``; the
+    training goes on, as sd-scripts' does. ``on_step`` sees its loss as it was (inf or nan).
+    """
+    from .device import cpu_kernel_flags, grad_scaler
+    from .stepping import Stepper
 
-    device, weight_dtype, dataset = prep.device, prep.weight_dtype, prep.dataset
-    optimizer, lr_scheduler = prep.optimizer, prep.lr_scheduler
-    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and weight_dtype == torch.float16) else None
     trainable = [p for p in prep.network.parameters() if p.requires_grad]
+    stepper = Stepper(prep.optimizer, prep.lr_scheduler, trainable, grad_scaler(prep.precision))
+    prep.skipped_steps = stepper.skipped
     rng = random.Random(setup.seed)
     losses: list[float] = []
+    with cpu_kernel_flags(prep.precision):
+        _steps(setup, prep, stepper, rng, losses, on_step)
+    return losses
+
+
+def _steps(setup: Setup, prep: Prepared, stepper, rng: random.Random, losses: list[float],
+           on_step: StepCallback | None) -> None:
+    """:func:`train_loop`'s steps, appended to ``losses``."""
+    from .data import make_batches
+    from .device import autocast
+
     while len(losses) < setup.steps:
-        for batch in make_batches(dataset, rng):
+        for batch in make_batches(prep.dataset, rng):
             if len(losses) >= setup.steps:
                 break
-            with _autocast(weight_dtype):
+            with autocast(prep.precision):
                 loss = batch_loss(setup, prep, batch)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at step {len(losses) + 1}; "
-                                    "try mixed_precision = 'no' or a lower lr")
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-                optimizer.step()
-            if lr_scheduler is not None:
-                lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))  # also waits for the GPU: honest step times
+            value, stepped = stepper(loss)  # reads the loss: also waits for the GPU, honest step times
+            losses.append(value)
+            if not stepped:
+                note(f"step {len(losses)}: loss {value} or its gradients are not finite: step skipped"
+                     + (" (fp16 loss scale lowered)" if stepper.scaler is not None else ""))
             if on_step is not None:
-                on_step(len(losses), losses[-1], _current_lrs(optimizer, lr_scheduler))
-    return losses
+                on_step(len(losses), losses[-1], _current_lrs(prep.optimizer, prep.lr_scheduler))
 
 
 def _bar(total: int, desc: str, unit: str):
@@ -559,14 +622,17 @@ class Progress:
         self.bar = _bar(setup.steps, "steps", "step")
         self.writer = _summary_writer(setup.job)
         self.loss_sum = 0.0
+        self.finite_steps = 0
         self.started = time.time()
         self.step_ends: list[float] = []
         self.val_loss: float | None = None
 
     def __call__(self, step: int, loss: float, lrs: list) -> None:
         self.step_ends.append(time.time())
-        self.loss_sum += loss
-        avg = self.loss_sum / step
+        if math.isfinite(loss):  # a skipped step's inf/nan would spoil the average
+            self.loss_sum += loss
+            self.finite_steps += 1
+        avg = self.loss_sum / max(self.finite_steps, 1)
         self.bar.update(1)
         extra = {} if self.val_loss is None else {"val": f"{self.val_loss:.4f}"}
         self.bar.set_postfix(loss=f"{loss:.4f}", avg=f"{avg:.4f}", **extra, refresh=False)
@@ -609,6 +675,9 @@ class Observers:
         self.metrics = MetricsWriter(folder)
         self.validation = self.samples = None
         self.sample_every, self.validation_every = params.sample_every, params.validation_every
+        self.save_every = params.save_every
+        if self.save_every:
+            note(f"saving the LoRA every {self.save_every} steps into {saves_folder(setup.job)}")
         if self.validation_every:
             from .validation import ValidationSet
 
@@ -626,30 +695,56 @@ class Observers:
 
     def start(self) -> None:
         if self.validation is not None:
-            self._validate(0)
+            self._survive_oom("validation", 0, self._validate)
 
     def __call__(self, step: int, loss: float, lrs: list) -> None:
         from charbuild.sample_prompts import sample_steps_due
 
-        self.metrics.step(step, loss, lrs[0] if lrs else None)
+        from .device import peak_memory
+
+        self.metrics.step(step, loss, lrs[0] if lrs else None, extra=peak_memory(self.prep.precision))
         last = step == self.setup.steps
+        if self.save_every and step % self.save_every == 0 and not last:
+            path = save_intermediate(self.setup, self.prep, step)
+            note(f"step {step}: saved {path}")
         if self.validation is not None and (step % self.validation_every == 0 or last):
-            self._validate(step)
+            self._survive_oom("validation", step, self._validate)
         if self.samples is not None and sample_steps_due(step, self.sample_every, self.setup.steps):
-            t0 = time.time()
-            with self._encoders_on_device():
-                written = self.samples.render(step)
-            note(f"step {step}: {len(written)} samples in {time.time() - t0:.1f}s")
+            self._survive_oom("samples", step, self._render)
+
+    def _render(self, step: int) -> None:
+        t0 = time.time()
+        with self._encoders_on_device():
+            written = self.samples.render(step)
+        note(f"step {step}: {len(written)} samples in {time.time() - t0:.1f}s")
+
+    def _survive_oom(self, what: str, step: int, run: Callable[[int], None]) -> None:
+        """``run(step)``; a GPU (or CPU) out-of-memory error in it is a warning, not the end of the
+        training: samples and validation only watch it. The memory they held is given back."""
+        from .device import free_memory, out_of_memory_errors
+
+        try:
+            run(step)
+        except out_of_memory_errors() as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            note(f"warning: step {step}: {what} skipped, out of memory ({first}); the training goes on")
+            free_memory(self.prep.precision)
 
     @contextlib.contextmanager
-    def _encoders_on_device(self):
+    def _encoders_on_device(self, captions: list[str] | None = None):
         """The text encoders where the UNet is, for as long as a sample or validation needs them:
-        with ``cache_text_encoder_outputs`` they wait on the CPU in fp32 (as sd-scripts keeps them)."""
+        with ``cache_text_encoder_outputs`` they wait on the CPU in fp32 (as sd-scripts keeps them).
+        ``captions``: what will be encoded; when the frozen encoders' outputs of all of them are
+        cached, the encoders stay where they are."""
         import torch
 
         p = self.prep
+        if captions is not None and not p.train_text_encoder and all(c in p.text_cache for c in captions):
+            yield
+            return
         parked = [te for te in (p.text_encoder, p.text_encoder_2)
-                  if te is not None and next(te.parameters()).device != p.device]
+                  if te is not None and (next(te.parameters()).device, next(te.parameters()).dtype)
+                  != (p.device, p.weight_dtype)]
         for te in parked:
             te.to(p.device, p.weight_dtype)
         try:
@@ -659,16 +754,15 @@ class Observers:
                 te.to("cpu", torch.float32)
 
     def _validate(self, step: int) -> None:
-        with self._encoders_on_device():
+        with self._encoders_on_device([c.caption for c in self.validation.cases]):
             self._validate_here(step)
 
     def _validate_here(self, step: int) -> None:
-        import torch
-
+        from .device import autocast as device_autocast
         from .validation import training_predict
 
         p = self.prep
-        autocast = torch.autocast("cuda", dtype=p.weight_dtype) if p.weight_dtype != torch.float32 else None
+        autocast = device_autocast(p.precision) if p.precision.half else None
         modules = [m for m in (p.unet, p.text_encoder, getattr(p, "text_encoder_2", None)) if m is not None]
         value = self.validation.evaluate(training_predict(self.setup, p), p.noise_scheduler, p.device, modules, autocast)
         self.metrics.validation(step, value)
@@ -681,17 +775,36 @@ class Observers:
 # --------------------------------------------------------------------------- 4. the result
 
 
-def write_result(setup: Setup, prep: Prepared) -> int:
-    """Write the trained network to ``setup.output`` (kohya keys, sd-scripts metadata); its tensor count."""
+def write_result(setup: Setup, prep: Prepared, output: Path | None = None, steps_done: int | None = None) -> int:
+    """Write the trained network to ``output`` (default ``setup.output``; kohya keys, sd-scripts
+    metadata, ``steps_done`` of ``setup.steps`` for a save before the end); its tensor count."""
     import torch
 
     from charbuild.lora.io import save_lora
 
     tensors = prep.network.kohya_state_dict(getattr(torch, setup.save_dtype))
     metadata = build_metadata(setup, prep.model_name, prep.dataset, prep.optimizer_desc, prep.prior_steps,
-                              arch=prep.arch, loss=prep.loss)
-    save_lora(setup.output, tensors, metadata)
+                              arch=prep.arch, loss=prep.loss, steps_done=steps_done)
+    save_lora(output or setup.output, tensors, metadata)
     return len(tensors)
+
+
+def saves_folder(job: TrainJob) -> Path:
+    """Where ``save_every`` puts its files: ``<variant_dir>/saves/`` (outside the runner's temp
+    folder, so a training that fails or is stopped leaves them to continue from)."""
+    from charbuild.layout import SAVES_DIR
+
+    return Path(job.variant_dir) / SAVES_DIR
+
+
+def save_intermediate(setup: Setup, prep: Prepared, step: int) -> Path:
+    """Save the LoRA as it is after ``step`` as ``saves/<lora>-<variant>-step00000500.safetensors``
+    (sd-scripts' ``--save_every_n_steps`` name); its metadata counts ``step`` steps, so
+    ``continue_from`` on it adds the steps still to go. Written atomically."""
+    path = saves_folder(setup.job) / f"{setup.job.title}-step{step:08d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_result(setup, prep, path, steps_done=step)
+    return path
 
 
 def run_job(job: TrainJob | dict, on_step: StepCallback | None = None) -> dict:
@@ -702,6 +815,8 @@ def run_job(job: TrainJob | dict, on_step: StepCallback | None = None) -> dict:
     user can fix. ``on_step`` is called after every step, beside the progress bar.
     """
     import torch
+
+    from .device import describe_peak, peak_memory
 
     setup = resolve_setup(job)
     prep = prepare(setup)
@@ -723,9 +838,13 @@ def run_job(job: TrainJob | dict, on_step: StepCallback | None = None) -> dict:
         observers.close()
     steps = setup.steps
     train_s = time.time() - progress.started
-    average = sum(losses) / len(losses)
+    finite = [x for x in losses if math.isfinite(x)]
+    average = sum(finite) / len(finite) if finite else float("nan")
+    peak = peak_memory(prep.precision)
+    skipped = list(prep.skipped_steps)
     note(f"{steps} steps in {train_s:.1f}s ({steps / max(train_s, 1e-9):.2f} steps/s); final loss {losses[-1]:.4f}, "
-         f"average {average:.4f}")
+         f"average {average:.4f}" + (f"; {len(skipped)} step(s) skipped (non-finite): {skipped[:10]}" if skipped else "")
+         + describe_peak(peak))
     n_tensors = write_result(setup, prep)
     note(f"wrote {setup.output} ({n_tensors} tensors)")
     ends = progress.step_ends
@@ -734,9 +853,11 @@ def run_job(job: TrainJob | dict, on_step: StepCallback | None = None) -> dict:
         "final_loss": losses[-1],
         "average_loss": average,
         "losses": losses,
+        "skipped_steps": skipped,
         "steps_per_s": steps / max(train_s, 1e-9),
         "step_durations": [b - a for a, b in zip([progress.started] + ends[:-1], ends)],
-        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if prep.device.type == "cuda" else None,
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated(prep.device) if prep.device.type == "cuda" else None,
+        "peak_memory_mib": peak,
         "modules": len(prep.network.unet_loras) + len(prep.network.te_loras),
         "output": str(setup.output),
     }
@@ -759,6 +880,7 @@ def build_metadata(
     prior_steps: int | None = None,
     arch: str = "sd15",
     loss: LossSetup | None = None,
+    steps_done: int | None = None,
 ) -> dict[str, str]:
     """The safetensors header metadata (all strings), sd-scripts' ``ss_*`` and modelspec keys.
 
@@ -772,7 +894,8 @@ def build_metadata(
     A continued training (``prior_steps`` not None) counts like sd-scripts with
     ``--network_weights``: ``ss_steps``/``ss_max_train_steps`` are the steps of this run; it adds
     ``charbuild.continue_from`` (the file's name) and ``charbuild.total_steps`` (the steps in
-    that file plus this run's).
+    that file plus this run's). A save before the end (``steps_done``, ``save_every``) has
+    ``ss_steps`` = ``steps_done`` and counts those in ``charbuild.total_steps``.
     """
     job, params, spec = setup.job, setup.job.params, setup.network
     if loss is None:
@@ -784,6 +907,7 @@ def build_metadata(
     res = dataset.datasets[0].resolution
     lr, te_lr = params.lr, params.text_encoder_lr
     steps = setup.steps
+    done = steps if steps_done is None else steps_done
     md = {
         "ss_training_started_at": str(ts),
         "ss_output_name": name,
@@ -793,7 +917,7 @@ def build_metadata(
         "ss_num_train_images": str(dataset.num_train_images),
         "ss_num_batches_per_epoch": "",
         "ss_max_train_steps": str(steps),
-        "ss_steps": str(steps),
+        "ss_steps": str(done),
         "ss_lr_scheduler": str(params.scheduler),
         "ss_optimizer": opt_desc,
         "ss_network_module": setup.network_module,
@@ -842,7 +966,7 @@ def build_metadata(
         md["modelspec.encoder_layer"] = str(clip_skip)
     if prior_steps is not None:
         md["charbuild.continue_from"] = setup.continue_from.name
-        md["charbuild.total_steps"] = str(prior_steps + steps)
+        md["charbuild.total_steps"] = str(prior_steps + done)
     return md
 
 
@@ -891,14 +1015,3 @@ def _summary_writer(job: TrainJob):
         return None
     stamp = datetime.fromtimestamp(_timestamp()).strftime("%Y%m%d%H%M%S")
     return SummaryWriter(log_dir=str(Path(job.variant_dir) / "logs" / f"{job.lora}-{job.variant}-{stamp}" / "network_train"))
-
-
-def _autocast(weight_dtype):
-    """CUDA autocast to the half weight dtype; a no-op context in float32 (the CPU)."""
-    import contextlib
-
-    import torch
-
-    if weight_dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=weight_dtype)
