@@ -6,7 +6,7 @@ SDXL shapes (sd-scripts' own ``SdxlUNet2DConditionModel``, CLIP-L, OpenCLIP-bigG
 pictures, captions and dataset TOML, and the same job: UNet-only LoRA (linear, dim 4, alpha 1),
 AdamW, lr 1e-4, batch size 1, cached latents and cached text-encoder outputs, the same seed.
 sd-scripts runs ``sdxl_train_network.py`` through charbuild's own command
-(``charbuild.train.sdscripts.build_command``) with ``--cache_latents --sdpa`` added (the builtin
+(``charbuild.train.sdscripts_command.build_command``) with ``--cache_latents --sdpa`` added (the builtin
 always caches latents; ``--sdpa`` gives sd-scripts the attention kernel diffusers uses — without
 it sd-scripts falls back to a slower plain attention, which would flatter us); the builtin runs
 ``charbuild.train.builtin.trainer.run_job`` in a child process.
@@ -207,7 +207,7 @@ def run_builtin(work: Path, job: dict, env: dict, guard_gb: float, timeout: floa
 
 
 def run_sd_scripts(work: Path, sd, job: dict, guard_gb: float, timeout: float) -> dict:
-    from charbuild.train.sdscripts import build_command
+    from charbuild.train.sdscripts_command import build_command
 
     side = work / "sd-scripts"
     side.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ Run with the *project's* python; sd-scripts runs in its own venv as a subprocess
 
 Checks (PASS/FAIL lines; exit status 1 if any FAILs, 2 when sd-scripts is not configured):
 
-* ``command``  charbuild's SDXL command (``charbuild.train.sdscripts.build_command``) for UNet-only
+* ``command``  charbuild's SDXL command (``charbuild.train.sdscripts_command.build_command``) for UNet-only
   training with every loss option, parsed by ``sdxl_train_network.setup_parser()`` itself and
   passed through ``train_util.verify_training_args`` and ``sdxl_train_util.verify_sdxl_training_args``;
   the values sd-scripts ends up with are compared with the job's. Seconds.
@@ -205,7 +205,7 @@ def sdxl_job(sd: SdEnv, work: Path, base: Path, dataset_toml: Path, project: Pat
 
 
 def check_command(sd: SdEnv, work: Path) -> Result:
-    from charbuild.train.sdscripts import build_command
+    from charbuild.train.sdscripts_command import build_command
 
     res = Result("a. the SDXL command parsed and verified by sdxl_train_network.py")
     job = sdxl_job(sd, work, Path("/m/xl.safetensors"), Path("/d/dataset.toml"), work, 1000)
@@ -358,7 +358,7 @@ def run_guarded(cmd: list[str], *, cwd: Path, env: dict, log: Path, guard_gb: fl
 def check_train(sd: SdEnv, work: Path, steps: int, min_free_gb: float, guard_gb: float, project: Path | None) -> Result:
     from safetensors import safe_open
 
-    from charbuild.train.sdscripts import build_command, raw_output_path
+    from charbuild.train.sdscripts_command import build_command, raw_output_path
 
     res = Result("c. sdxl_train_network.py trains through charbuild's command (random SDXL weights, CPU)")
     free = mem_available_gb()

@@ -204,7 +204,7 @@ def run_side(case: str, side: str, job: dict, env: dict, timeout: float) -> dict
         (vdir / "job.json").write_text(json.dumps(job), encoding="utf-8")
         cmd = me + [str(vdir / "job.json")]
     else:
-        from charbuild.train.sdscripts import build_command
+        from charbuild.train.sdscripts_command import build_command
 
         cmd = me + build_command(job)[1:]  # [python, script, args...] -> script, args
     with open(vdir / "train.log", "wb") as log:

@@ -99,7 +99,7 @@ def test_train_dry_run_prints_commands(project, capsys):
     code, out, err = run(capsys, "train", "--dry-run", "--root", str(project), "alc")
     assert code == 0, err
     assert out.startswith("# train:alc/Lora1x1A1-AdamW8")
-    assert "charbuild.train.fake" in out
+    assert "charbuild.train.fake_trainer" in out
 
 
 def test_train_dry_run_sd_scripts_command(tmp_path, capsys):

@@ -21,7 +21,7 @@ from charbuild.sample_prompts import (
 )
 from charbuild.train.job import TrainJob
 from charbuild.train.runner import run_training
-from charbuild.train.sdscripts import build_command, collect_samples, sample_args, sample_prompts_path
+from charbuild.train.sdscripts_command import build_command, collect_samples, sample_args, sample_prompts_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train_runner import make_job  # noqa: E402

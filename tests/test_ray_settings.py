@@ -198,7 +198,7 @@ def test_a_launcher_without_local_gpu_runs_while_every_gpu_lock_is_held(tmp_path
     import threading
 
     from charbuild.train import runner
-    from charbuild.train.fake import write_fake_lora
+    from charbuild.train.fake_trainer import write_fake_lora
     from charbuild.train.gpulock import gpu_lease
 
     class Remote:

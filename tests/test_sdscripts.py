@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from charbuild.errors import TrainingError
-from charbuild.train.sdscripts import build_command, raw_output_path
+from charbuild.train.sdscripts_command import build_command, raw_output_path
 from charbuild.train.variants import ALL_LOGICS, resolve_variant
 
 FAKE_SD = Path(__file__).resolve().parent / "fake_sd_scripts"

@@ -109,7 +109,7 @@ def test_job_specs_make_model_and_trainer_paths_absolute(tmp_path):
 
 def _sd_scripts_settings(job: TrainJob) -> dict:
     """What sd-scripts would train with, read back from its command line (its own defaults applied)."""
-    from charbuild.train.sdscripts import build_command
+    from charbuild.train.sdscripts_command import build_command
 
     flags = dict(a[2:].split("=", 1) for a in build_command(job) if a.startswith("--") and "=" in a)
     i = build_command(job).index(f"--optimizer_type={job.params.optimizer}")
@@ -133,7 +133,7 @@ def _builtin_settings(job: TrainJob) -> dict:
 
 
 def _fake_settings(job: TrainJob) -> dict:
-    from charbuild.train.fake import fake_lora_metadata
+    from charbuild.train.fake_trainer import fake_lora_metadata
 
     md = fake_lora_metadata(job.params.to_dict(), name=job.title)
     return {"seed": int(md["ss_seed"]), "mixed_precision": md["ss_mixed_precision"],
@@ -190,7 +190,7 @@ def test_a_new_backend_trains_through_the_runner_without_touching_the_graph(tmp_
 
     script = tmp_path / "mytrainer.py"
     script.write_text(
-        "import sys\nfrom charbuild.train.job import TrainJob\nfrom charbuild.train.fake import main\n"
+        "import sys\nfrom charbuild.train.job import TrainJob\nfrom charbuild.train.fake_trainer import main\n"
         "job = TrainJob.from_json(sys.argv[1])\nprint('my trainer', job.label)\nsys.exit(main(sys.argv[1:]))\n",
         encoding="utf-8")
 
@@ -413,7 +413,7 @@ def test_a_registered_launcher_runs_the_training_somewhere_else(tmp_path):
     """What a cluster executor plugs into: it gets the job (output in the temp folder) and the
     log, hands back the raw file and an exit status; the runner does the rest."""
     from charbuild.train import runner
-    from charbuild.train.fake import write_fake_lora
+    from charbuild.train.fake_trainer import write_fake_lora
 
     seen = []
 

@@ -275,7 +275,7 @@ def test_inputs_are_hashed_once_per_training(tmp_path, monkeypatch):
 
 
 def test_dry_run_commands_per_backend(tmp_path):
-    for backend, expect in (("builtin", "-m charbuild.train.builtin"), ("fake", "-m charbuild.train.fake"),
+    for backend, expect in (("builtin", "-m charbuild.train.builtin"), ("fake", "-m charbuild.train.fake_trainer"),
                             ("sd-scripts", "train_network.py --pretrained_model_name_or_path=")):
         lines = dry_run_commands(make_job(tmp_path, backend=backend))
         assert lines[0].startswith("# k/Lora3x3A50p-AdamW8: backend " + backend)

@@ -3,7 +3,7 @@
 It parses its arguments strictly (an unknown or malformed flag exits with status 2,
 as argparse does in sd-scripts), checks what charbuild must pass, and writes
 ``<output_dir>/<output_name>.safetensors``: a small valid LoRA (via
-``charbuild.train.fake.write_fake_lora``). Environment knobs for tests:
+``charbuild.train.fake_trainer.write_fake_lora``). Environment knobs for tests:
 ``FAKE_SD_SECONDS`` (sleep, printing progress), ``FAKE_SD_FAIL`` (exit 1 after
 printing an error), ``FAKE_SD_ARGV`` (append argv and cwd as one JSON line to this file).
 """
@@ -72,7 +72,7 @@ def write_samples(args) -> int:
     import re
     import time as _time
 
-    from charbuild.train.fake import _png
+    from charbuild.train.fake_trainer import _png
 
     if not args.sample_prompts:
         return 0
@@ -156,7 +156,7 @@ def main(sdxl: bool) -> int:
         print("RuntimeError: CUDA out of memory (fake)", file=sys.stderr, flush=True)
         return 1
 
-    from charbuild.train.fake import write_fake_lora
+    from charbuild.train.fake_trainer import write_fake_lora
 
     params = {
         "network_module": args.network_module,

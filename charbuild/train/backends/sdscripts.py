@@ -1,6 +1,6 @@
 """The kohya-ss sd-scripts backend: ``train_network.py`` (``sdxl_train_network.py``) through accelerate.
 
-The command itself is :func:`charbuild.train.sdscripts.build_command`.
+The command itself is :func:`charbuild.train.sdscripts_command.build_command`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class SdScriptsBackend:
         return "<backend sd-scripts>"
 
     def command(self, job: TrainJob, job_file: Path) -> list[str]:
-        from ..sdscripts import build_command
+        from ..sdscripts_command import build_command
 
         return build_command(job)
 
@@ -31,13 +31,13 @@ class SdScriptsBackend:
 
     def prepare_files(self, job: TrainJob) -> None:
         """The ``--sample_prompts`` file (when the job samples)."""
-        from ..sdscripts import write_sample_prompts
+        from ..sdscripts_command import write_sample_prompts
 
         write_sample_prompts(job)
 
     def collect_outputs(self, job: TrainJob) -> None:
         """sd-scripts' ``sample/`` files as ``samples/<step>/<name>.png``."""
-        from ..sdscripts import collect_samples
+        from ..sdscripts_command import collect_samples
 
         collect_samples(job)
 

@@ -1,4 +1,4 @@
-"""A fake training backend for tests and demos: ``python -m charbuild.train.fake JOB.json``.
+"""A fake training backend for tests and demos: ``python -m charbuild.train.fake_trainer JOB.json``.
 
 It trains nothing; it behaves like a trainer from the outside (its knobs are in the job's
 opaque ``trainer.extra`` table, ``[trainer.extra]`` in a project):
@@ -343,12 +343,12 @@ def run_fake(job: "TrainJob | Mapping[str, Any]") -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``python -m charbuild.train.fake JOB.json``."""
+    """Entry point: ``python -m charbuild.train.fake_trainer JOB.json``."""
     from .job import TrainJob
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m charbuild.train.fake JOB.json", file=sys.stderr)
+        print("usage: python -m charbuild.train.fake_trainer JOB.json", file=sys.stderr)
         return 2
     return run_fake(TrainJob.from_json(argv[0]))
 
