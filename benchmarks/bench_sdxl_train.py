@@ -166,8 +166,9 @@ def measure_child(mem_file: str, cmd: list[str]) -> int:
 def builtin_child(job_file: str, result_file: str) -> None:
     """The builtin side's process: run the job, write its step timings."""
     from charbuild.train.builtin.trainer import run_job
+    from charbuild.train.job import TrainJob
 
-    summary = run_job(json.loads(Path(job_file).read_text(encoding="utf-8")))
+    summary = run_job(TrainJob.from_json(job_file))
     Path(result_file).write_text(json.dumps({"step_durations": summary["step_durations"],
                                              "peak_cuda_bytes": summary.get("peak_cuda_bytes"),
                                              "final_loss": summary.get("final_loss")}), encoding="utf-8")
@@ -208,11 +209,12 @@ def run_builtin(work: Path, job: dict, env: dict, guard_gb: float, timeout: floa
 
 def run_sd_scripts(work: Path, sd, job: dict, guard_gb: float, timeout: float) -> dict:
     from charbuild.train.sdscripts_command import build_command
+    from charbuild.train.job import TrainJob
 
     side = work / "sd-scripts"
     side.mkdir(parents=True, exist_ok=True)
     Path(job["output"]).parent.mkdir(parents=True, exist_ok=True)
-    cmd = build_command(job)
+    cmd = build_command(TrainJob.from_dict(job))
     env = sd.env()
     out = measure(cmd, cwd=Path(job["project_root"]), env=env, log=side / "train.log", guard_gb=guard_gb, timeout=timeout)
     text = (side / "train.log").read_text(encoding="utf-8", errors="replace")

@@ -122,8 +122,9 @@ def job_for(root: Path, toml: Path, base: str, steps: int, gc: bool, mp: str) ->
 def child(job_file: str) -> None:
     """Run one job in this process and print one JSON line of measurements."""
     from charbuild.train.builtin.trainer import run_job
+    from charbuild.train.job import TrainJob
 
-    summary = run_job(json.loads(Path(job_file).read_text(encoding="utf-8")))
+    summary = run_job(TrainJob.from_json(job_file))
     durs = summary["step_durations"][2:] or summary["step_durations"]
     print("BENCH " + json.dumps({
         "s_per_step": sum(durs) / len(durs),

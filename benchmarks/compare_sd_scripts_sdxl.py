@@ -206,10 +206,11 @@ def sdxl_job(sd: SdEnv, work: Path, base: Path, dataset_toml: Path, project: Pat
 
 def check_command(sd: SdEnv, work: Path) -> Result:
     from charbuild.train.sdscripts_command import build_command
+    from charbuild.train.job import TrainJob
 
     res = Result("a. the SDXL command parsed and verified by sdxl_train_network.py")
     job = sdxl_job(sd, work, Path("/m/xl.safetensors"), Path("/d/dataset.toml"), work, 1000)
-    cmd = build_command(job)
+    cmd = build_command(TrainJob.from_dict(job))
     res.check(Path(cmd[1]).name == "sdxl_train_network.py", f"script {Path(cmd[1]).name}")
     got = run_sdxl(sd, work / "sd_args", "args", {"argv": cmd[2:]})
     want = {"network_train_unet_only": True, "cache_text_encoder_outputs": True, "clip_skip": None, "no_half_vae": True,
@@ -360,6 +361,8 @@ def check_train(sd: SdEnv, work: Path, steps: int, min_free_gb: float, guard_gb:
 
     from charbuild.train.sdscripts_command import build_command, raw_output_path
 
+    from charbuild.train.job import TrainJob
+
     res = Result("c. sdxl_train_network.py trains through charbuild's command (random SDXL weights, CPU)")
     free = mem_available_gb()
     if free < min_free_gb:
@@ -383,7 +386,7 @@ def check_train(sd: SdEnv, work: Path, steps: int, min_free_gb: float, guard_gb:
     res.info(f"training on {sum(s['img_count'] for d in cmp_tok['results'][0]['datasets'] for s in d['subsets'])} pictures "
              f"of {toml.name} (256 px), {steps} steps")
     Path(job["output"]).parent.mkdir(parents=True, exist_ok=True)
-    cmd = build_command(job)
+    cmd = build_command(TrainJob.from_dict(job))
     res.info("command: " + " ".join(cmd))
     t0 = time.time()
     rc, why = run_guarded(cmd, cwd=project, env=sd.env(), log=work / "train.log", guard_gb=guard_gb, timeout=5400)

@@ -162,8 +162,9 @@ def child(side: str, result: str, rest: list[str]) -> int:
     try:
         if side == "builtin":
             from charbuild.train.builtin.trainer import run_job
+            from charbuild.train.job import TrainJob
 
-            summary = run_job(json.loads(Path(rest[0]).read_text(encoding="utf-8")))
+            summary = run_job(TrainJob.from_json(rest[0]))
             out.update(losses=summary["losses"], skipped=summary["skipped_steps"], step_durations=summary["step_durations"])
         else:
             sys.argv = rest
@@ -205,8 +206,9 @@ def run_side(case: str, side: str, job: dict, env: dict, timeout: float) -> dict
         cmd = me + [str(vdir / "job.json")]
     else:
         from charbuild.train.sdscripts_command import build_command
+        from charbuild.train.job import TrainJob
 
-        cmd = me + build_command(job)[1:]  # [python, script, args...] -> script, args
+        cmd = me + build_command(TrainJob.from_dict(job))[1:]  # [python, script, args...] -> script, args
     with open(vdir / "train.log", "wb") as log:
         try:
             rc = subprocess.run(cmd, cwd=job["project_root"], env=env, stdout=log, stderr=subprocess.STDOUT,

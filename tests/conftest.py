@@ -5,15 +5,18 @@ missing (the README installs only ``[test]``; ``.ci/run`` then adds the extras a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
+FAKE_SD = Path(__file__).resolve().parent / "fake_sd_scripts"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -57,6 +60,159 @@ def pytest_collection_modifyitems(config, items):
             for name in missing_extras(mark.args):
                 item.add_marker(pytest.mark.skip(reason=f"needs the optional {name!r}, which is not installed "
                                                         f"({EXTRAS[name][1]})"))
+
+
+def make_train_job(root: Path, *, preset="Lora3x3A50p-AdamW8", variant: str | None = None, lora: str = "krnk",
+                   steps: int = 2, base: str = "tiny", vae: str | None = None, arch: str | None = None,
+                   clip_skip: int = 2, backend: str = "builtin", trainer: dict | None = None, keywords=("krnk",),
+                   inputs=(), output: str | None = None, continue_from: str | None = None, **params):
+    """The one training-job builder of the tests: a :class:`~charbuild.train.job.TrainJob` of
+    ``lora``/``variant`` under ``root`` (build/loras/<lora>/), its params resolved from ``preset``
+    and ``params`` exactly as a project's variant table would be, the model ``base`` (``arch``
+    read from a tiny name), and ``trainer`` fields for the :class:`TrainerSpec`. ``preset`` may
+    also be a variant table (dict) or resolved ``TrainParams``. Nothing is written: the dataset
+    and pictures are the caller's (:func:`make_tiny_dataset`, :func:`fake_backend_job`)."""
+    from charbuild.train.job import ModelSpec, TrainerSpec, TrainJob
+    from charbuild.train.variants import TrainParams, resolve_variant
+
+    if isinstance(preset, TrainParams):
+        resolved = preset
+    else:
+        table = preset if isinstance(preset, dict) else {"preset": preset}
+        resolved = resolve_variant({"name": variant or table["preset"], **table, **params}, steps=steps)
+    variant = variant or resolved.name
+    vdir = root / "build" / "loras" / lora / variant
+    arch = arch or ("sdxl" if base.startswith("tiny-sdxl") else "sd15")
+    return TrainJob(
+        lora=lora, kind="face", variant=variant, project_root=str(root),
+        dataset_toml=str(root / "build" / "loras" / lora / "dataset.toml"),
+        output=output or str(vdir / "raw.safetensors"), variant_dir=str(vdir),
+        params=resolved, model=ModelSpec(base=base, vae=vae, arch=arch, clip_skip=clip_skip),
+        trainer=TrainerSpec(backend=backend, **(trainer or {})),
+        keywords=tuple(keywords), inputs=tuple(str(i) for i in inputs), continue_from=continue_from,
+    )
+
+
+def builtin_job(root: Path, network: str, variant: str, *, base: str = "tiny", **over):
+    """A builtin job of LoRA krnk on a tiny model (over :func:`make_tiny_dataset` or
+    :func:`make_tiny_sdxl_dataset`): dim 4, lr 1e-3, 2 steps; gradient checkpointing for Lora3x3
+    on SD1.5 only. ``over``: any training setting."""
+    sdxl = base.startswith("tiny-sdxl")
+    settings = {"steps": 2, "gradient_checkpointing": network == "Lora3x3" and not sdxl, "dim": 4, "lr": 1e-3, **over}
+    return make_train_job(root, preset=f"{network}A50p-AdamW8", variant=variant, base=base,
+                          keywords=("krnk",) if sdxl else ("krnk", "kuroneko"), **settings)
+
+
+SDXL_CAPTIONS = ("krnk, 1girl, blue eyes", "krnk, smile", "krnk, 1girl, blue eyes")
+
+
+def make_tiny_dataset(root: Path) -> Path:
+    """Prepared pictures for builtin trainings on ``tiny``: six 64/128 px images in two size folders
+    with captions (one without), and the LoRA krnk's dataset TOML."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for size in (64, 128):
+        d = root / "build" / "images" / "krnk" / "face" / str(size)
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            a = (rng.random((size, size, 3)) * 255).astype("uint8")
+            a[size // 4 : size // 2, :, 0] = 255 * (i % 2)  # some structure to learn
+            Image.fromarray(a).save(d / f"f0{i}.png")
+            if i < 2:  # the third image has no caption: class_tokens is used
+                (d / f"f0{i}.txt").write_text(f"krnk, 1girl, {'blue eyes' if i else 'Red Eyes'}\n", encoding="utf-8")
+    toml = """[general]
+color_aug = true
+enable_bucket = true
+bucket_no_upscale = true
+caption_extension = '.txt'
+num_repeats = 2
+
+[[datasets]]
+resolution = [512, 512]
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = 'build/images/krnk/face/64'
+  class_tokens = 'krnk'
+  flip_aug = true
+
+  [[datasets.subsets]]
+  image_dir = 'build/images/krnk/face/128'
+  class_tokens = 'krnk'
+  flip_aug = false
+"""
+    path = root / "build" / "loras" / "krnk" / "dataset.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(toml, encoding="utf-8")
+    return path
+
+
+def make_tiny_sdxl_dataset(root: Path) -> None:
+    """Prepared pictures for builtin trainings on ``tiny-sdxl``: three small pictures (one 64x75:
+    its crop ids differ when flipped), two distinct captions, and the LoRA krnk's dataset TOML."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    d = root / "build" / "images" / "krnk" / "face" / "64"
+    d.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(((64, 64), (64, 75), (64, 64))):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(d / f"f0{i}.png")
+        (d / f"f0{i}.txt").write_text(SDXL_CAPTIONS[i] + "\n", encoding="utf-8")
+    toml = """[general]
+enable_bucket = true
+bucket_no_upscale = true
+caption_extension = '.txt'
+
+[[datasets]]
+resolution = [512, 512]
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = 'build/images/krnk/face/64'
+  flip_aug = true
+"""
+    (root / "build" / "loras" / "krnk").mkdir(parents=True, exist_ok=True)
+    (root / "build" / "loras" / "krnk" / "dataset.toml").write_text(toml, encoding="utf-8")
+
+
+def fake_backend_job(root: Path, *, backend="fake", lora="k", variant="Lora3x3A50p-AdamW8", dim=4, gpus=(0,), **trainer):
+    """A job for the fake backend (or sd-scripts' fake scripts) over a tiny project under ``root``
+    (stand-in inputs and dataset TOML are created);
+    ``fake_*`` knobs go into the fake backend's opaque ``trainer.extra``."""
+    face = root / "characters" / lora / "face"
+    face.mkdir(parents=True, exist_ok=True)
+    inputs = []
+    for stem in ("f00", "f01"):
+        png, txt = face / f"{stem}.png", face / f"{stem}.txt"
+        if not png.exists():
+            png.write_bytes(b"\x89PNG fake " + stem.encode())
+            txt.write_text(f"{lora}, white background, from front", encoding="utf-8")
+        inputs += [str(png), str(txt)]
+    lora_dir = root / "build" / "loras" / lora
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    (lora_dir / "dataset.toml").write_text("[general]\nnum_repeats = 4\n", encoding="utf-8")
+    model = root / "model.safetensors"
+    model.touch()
+    extra = {k: v for k, v in trainer.items() if k.startswith("fake_")}
+    spec = {"gpus": tuple(gpus), "sd_scripts": str(FAKE_SD), "python": sys.executable, "accelerate": None,
+            "lock_dir": str(root / "build" / "locks"), "kill_grace": 3, "extra": extra,
+            **{k: v for k, v in trainer.items() if not k.startswith("fake_")}}
+    job = make_train_job(root, lora=lora, variant=variant, steps=10, base=str(model), backend=backend, trainer=spec,
+                         keywords=(lora, "girl"), inputs=inputs, dim=dim)
+    return dataclasses.replace(job, signature_extra={"params": job.params.to_dict(), "backend": backend})
+
+
+def wait_for(predicate, timeout=15.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("timed out waiting")
 
 
 def draw_picture(path: Path, code: str, size=(96, 96), seed: int = 0, mode: str = "RGBA") -> Path:

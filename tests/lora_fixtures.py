@@ -168,3 +168,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| (Frobenius, float64)."""
     a, b = a.double(), b.double()
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def reference_rank(S, method, param, cap):
+    """resize_lora.py's rank rule as lora-formats.md §4 states it (legacy +1), written independently."""
+    n_all = len(S)
+    if method == "sv_ratio":
+        n = int((S > S[0] / param).sum())
+    elif method == "sv_fro":
+        c = torch.cumsum(S**2, 0) / (S**2).sum()
+        n = int(torch.searchsorted(c, torch.tensor(param**2))) + 1
+    elif method == "sv_cumulative":
+        c = torch.cumsum(S, 0) / S.sum()
+        n = int(torch.searchsorted(c, torch.tensor(float(param)))) + 1
+    else:
+        return 1 if S[0] <= 1e-6 else cap
+    rank = min(max(n, 1), n_all - 1) + 1
+    if S[0] <= 1e-6:
+        return 1
+    return min(rank, cap)

@@ -6,6 +6,8 @@ change what is trained, and must be the same on every run.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_builtin_trainer import _job, _make_project  # noqa: E402
+from conftest import builtin_job as _job, make_tiny_dataset as _make_project  # noqa: E402
 
 from charbuild.codes import TEMPLATE_CODES  # noqa: E402
 from charbuild.report.metrics import read_metrics  # noqa: E402
@@ -31,12 +33,11 @@ def project(tmp_path_factory, reproducible_training):
     return root
 
 
-def _small(root: Path, folder: str, **over) -> dict:
+def _small(root: Path, folder: str, **over):
     """A 3-step UNet-only job of variant "v" whose files go to ``<root>/<folder>`` (the same
     name inside every file, so two runs can be compared byte for byte)."""
     job = _job(root, "Lora1x1", "v", steps=3, network_train_unet_only=True, **over)
-    job["variant_dir"] = str(root / folder)
-    job["output"] = str(root / folder / "raw.safetensors")
+    job = dataclasses.replace(job, variant_dir=str(root / folder), output=str(root / folder / "raw.safetensors"))
     return job
 
 
@@ -47,7 +48,7 @@ def trained(project):
     runs = {}
     for name, over in (("observed", OBSERVE), ("plain", {})):
         job = _small(project, name, **over)
-        runs[name] = (run_job(job), Path(job["variant_dir"]))
+        runs[name] = (run_job(job), Path(job.variant_dir))
     return runs
 
 

@@ -9,6 +9,8 @@ text-encoder outputs, samples and validation between them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from pathlib import Path
@@ -21,8 +23,7 @@ pytest.importorskip("transformers")
 
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-import test_builtin_sdxl_train as sdxl_case  # noqa: E402
-import test_builtin_trainer as sd15_case  # noqa: E402
+from conftest import builtin_job, make_tiny_dataset, make_tiny_sdxl_dataset  # noqa: E402
 
 from charbuild.report.metrics import read_metrics  # noqa: E402
 from charbuild.train.builtin import trainer  # noqa: E402
@@ -49,14 +50,14 @@ def _half_on_the_cpu(reproducible_training):
 @pytest.fixture(scope="module")
 def sd15_project(tmp_path_factory):
     root = tmp_path_factory.mktemp("half15")
-    sd15_case._make_project(root)
+    make_tiny_dataset(root)
     return root
 
 
 @pytest.fixture(scope="module")
 def sdxl_project(tmp_path_factory):
     root = tmp_path_factory.mktemp("halfxl")
-    sdxl_case._make_project(root)
+    make_tiny_sdxl_dataset(root)
     return root
 
 
@@ -126,20 +127,20 @@ def _inject_inf_at(monkeypatch, step: int) -> None:
 
 def _check_half_run(summary: dict, job: dict, dtype, injected: int | None) -> dict:
     losses = summary["losses"]
-    assert len(losses) == job["params"]["steps"]
+    assert len(losses) == job.params.steps
     assert all(math.isfinite(x) for i, x in enumerate(losses, 1) if i != injected)
     if injected:
         assert math.isinf(losses[injected - 1]) and injected in summary["skipped_steps"]
-    sd = load_file(job["output"])
+    sd = load_file(job.output)
     assert sd and {v.dtype for v in sd.values()} == {dtype}
     assert all(torch.isfinite(v.float()).all() for v in sd.values())
     assert any(bool(v.abs().sum()) for k, v in sd.items() if "lora_up" in k or "hada_w2_a" in k)  # it learned
-    with safe_open(job["output"], "pt") as f:
+    with safe_open(job.output, "pt") as f:
         return f.metadata()
 
 
 def test_sd15_fp16_lora_vpred_ztsnr_with_samples_validation_skip_and_saves(sd15_project, monkeypatch, capfd):
-    job = sd15_case._job(sd15_project, "Lora3x3", "fp16", steps=4, v_prediction=True, zero_terminal_snr=True,
+    job = builtin_job(sd15_project, "Lora3x3", "fp16", steps=4, v_prediction=True, zero_terminal_snr=True,
                          sample_every=2, sample_steps=1, sample_size=64, validation_every=2, save_every=2)
     _inject_inf_at(monkeypatch, 3)
     summary = trainer.run_job(job)
@@ -148,19 +149,19 @@ def test_sd15_fp16_lora_vpred_ztsnr_with_samples_validation_skip_and_saves(sd15_
     out = capfd.readouterr().out
     assert "step 3: loss inf or its gradients are not finite: step skipped (fp16 loss scale lowered)" in out
     assert "1 step(s) skipped (non-finite): [3]" in out
-    log = read_metrics(Path(job["variant_dir"]) / "metrics.jsonl")
+    log = read_metrics(Path(job.variant_dir) / "metrics.jsonl")
     assert [s for s, _ in log.loss] == [1, 2, 4] and [s for s, _ in log.val_loss] == [0, 2, 4]
     assert all(math.isfinite(v) for _, v in log.val_loss)
-    assert sorted(p.name for p in (Path(job["variant_dir"]) / "samples" / "4").iterdir())
+    assert sorted(p.name for p in (Path(job.variant_dir) / "samples" / "4").iterdir())
     # save_every: the LoRA after step 2 beside the variant (not in a temp folder), counting 2 steps
-    saved = Path(job["variant_dir"]) / "saves" / "krnk-fp16-step00000002.safetensors"
+    saved = Path(job.variant_dir) / "saves" / "krnk-fp16-step00000002.safetensors"
     with safe_open(str(saved), "pt") as f:
         assert f.metadata()["ss_steps"] == "2" and f.metadata()["ss_max_train_steps"] == "4"
-    assert not list((Path(job["variant_dir"]) / "saves").glob("*step00000004*"))  # the end is the raw file
+    assert not list((Path(job.variant_dir) / "saves").glob("*step00000004*"))  # the end is the raw file
 
 
 def test_sdxl_bf16_loha_unet_only_cached_text_min_snr(sdxl_project, monkeypatch, capfd):
-    job = sdxl_case._job(sdxl_project, "Loha", "bf16", steps=3, mixed_precision="bf16", save_precision="bf16",
+    job = builtin_job(sdxl_project, "Loha", "bf16", base="tiny-sdxl", steps=3, mixed_precision="bf16", save_precision="bf16",
                          network_train_unet_only=True, cache_text_encoder_outputs=True, min_snr_gamma=5.0,
                          sample_every=3, sample_steps=1, sample_size=64, validation_every=3)
     moved = []
@@ -187,9 +188,9 @@ def test_sdxl_bf16_loha_unet_only_cached_text_min_snr(sdxl_project, monkeypatch,
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, network, precision", [("sd15", "Loha", "bf16"), ("sdxl", "Lora3x3", "fp16")])
 def test_the_other_half_combinations(sd15_project, sdxl_project, arch, network, precision):
-    case, root = (sd15_case, sd15_project) if arch == "sd15" else (sdxl_case, sdxl_project)
-    job = case._job(root, network, f"{arch}-{precision}", steps=3, mixed_precision=precision, save_precision=precision,
-                    validation_every=3)
+    root, base = (sd15_project, "tiny") if arch == "sd15" else (sdxl_project, "tiny-sdxl")
+    job = builtin_job(root, network, f"{arch}-{precision}", base=base, steps=3, mixed_precision=precision,
+                      save_precision=precision, validation_every=3)
     _check_half_run(trainer.run_job(job), job, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[precision]), None)
 
 
@@ -204,14 +205,14 @@ def test_out_of_memory_in_samples_or_validation_is_a_warning(sd15_project, monke
 
     monkeypatch.setattr(samples.SampleRenderer, "render", no_memory)
     monkeypatch.setattr(validation.ValidationSet, "evaluate", no_memory)
-    job = sd15_case._job(sd15_project, "Lora1x1", "oom", steps=2, mixed_precision="no", sample_every=1,
+    job = builtin_job(sd15_project, "Lora1x1", "oom", steps=2, mixed_precision="no", sample_every=1,
                          validation_every=1)
     summary = trainer.run_job(job)
-    assert len(summary["losses"]) == 2 and Path(job["output"]).is_file()
+    assert len(summary["losses"]) == 2 and Path(job.output).is_file()
     out = capfd.readouterr().out
     for what, step in (("validation", 0), ("samples", 1), ("validation", 2)):
         assert f"warning: step {step}: {what} skipped, out of memory (CUDA out of memory." in out
-    assert [s for s, _ in read_metrics(Path(job["variant_dir"]) / "metrics.jsonl").loss] == [1, 2]
+    assert [s for s, _ in read_metrics(Path(job.variant_dir) / "metrics.jsonl").loss] == [1, 2]
 
 
 def test_another_error_in_samples_still_stops_the_training(sd15_project, monkeypatch):
@@ -222,17 +223,17 @@ def test_another_error_in_samples_still_stops_the_training(sd15_project, monkeyp
 
     monkeypatch.setattr(samples.SampleRenderer, "render", broken)
     with pytest.raises(ValueError, match="a bug"):
-        trainer.run_job(sd15_case._job(sd15_project, "Lora1x1", "bug", steps=1, mixed_precision="no", sample_every=1))
+        trainer.run_job(builtin_job(sd15_project, "Lora1x1", "bug", steps=1, mixed_precision="no", sample_every=1))
 
 
 def test_continue_from_a_save(sd15_project):
-    first = sd15_case._job(sd15_project, "Lora1x1", "long", steps=3, mixed_precision="no", save_every=2)
+    first = builtin_job(sd15_project, "Lora1x1", "long", steps=3, mixed_precision="no", save_every=2)
     trainer.run_job(first)
-    saved = Path(first["variant_dir"]) / "saves" / "krnk-long-step00000002.safetensors"
-    rest = sd15_case._job(sd15_project, "Lora1x1", "rest", steps=1, mixed_precision="no")
-    rest["continue_from"] = str(saved)
+    saved = Path(first.variant_dir) / "saves" / "krnk-long-step00000002.safetensors"
+    rest = builtin_job(sd15_project, "Lora1x1", "rest", steps=1, mixed_precision="no")
+    rest = dataclasses.replace(rest, continue_from=str(saved))
     trainer.run_job(rest)
-    with safe_open(rest["output"], "pt") as f:
+    with safe_open(rest.output, "pt") as f:
         md = f.metadata()
     assert md["ss_steps"] == "1" and md["charbuild.total_steps"] == "3" and md["charbuild.continue_from"] == saved.name
 
@@ -268,7 +269,7 @@ def test_adamw8bit_on_a_gpu_without_bitsandbytes_stops_with_the_fix(sd15_project
 
     if importlib.util.find_spec("bitsandbytes") is not None:
         pytest.skip("bitsandbytes is installed here")
-    setup = trainer.resolve_setup(sd15_case._job(sd15_project, "Lora1x1", "bnb", steps=1))
+    setup = trainer.resolve_setup(builtin_job(sd15_project, "Lora1x1", "bnb", steps=1))
     network = torch.nn.Linear(2, 2)
     network.param_groups = lambda lr, te_lr: [{"params": list(network.parameters()), "lr": lr}]
     with pytest.raises(UnsupportedError, match=r"pip install 'charbuild\[gpu\]'"):
@@ -309,12 +310,9 @@ def test_sdxl_size_ids_stay_float32_in_bf16():
 
 
 def test_settings_the_builtin_ignores_and_torch_compile(sd15_project):
-    from charbuild.train.job import TrainJob
-
-    job = TrainJob.from_dict(sd15_case._job(sd15_project, "Lora1x1", "n", data_loader_workers=0))
+    job = builtin_job(sd15_project, "Lora1x1", "n", data_loader_workers=0)
     assert trainer.ignored_settings_notes(job)[0].startswith("data_loader_workers = 0 is ignored")
-    job = TrainJob.from_dict({**sd15_case._job(sd15_project, "Lora1x1", "n"),
-                              "trainer": {"backend": "builtin", "xformers": True, "extra": {"torch_compile": "yes"}}})
+    job = builtin_job(sd15_project, "Lora1x1", "n").with_trainer(xformers=True, extra={"torch_compile": "yes"})
     assert [n.split(" =")[0] for n in trainer.ignored_settings_notes(job)] == ["xformers"]
     with pytest.raises(UnsupportedError, match="torch_compile must be true or false"):
         trainer.torch_compile_requested(job)

@@ -41,63 +41,17 @@ from charbuild.train.builtin.trainer import (  # noqa: E402
     run_job,
     vae_dtype_for,
 )
-from charbuild.train.job import TrainJob  # noqa: E402
+from conftest import SDXL_CAPTIONS as CAPTIONS, builtin_job, make_tiny_sdxl_dataset  # noqa: E402
 
 STEPS = 2
-CAPTIONS = ("krnk, 1girl, blue eyes", "krnk, smile", "krnk, 1girl, blue eyes")
 
 
-def _make_project(root: Path) -> None:
-    """Three small pictures (one 64x75: its crop ids differ when flipped), two distinct captions."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    d = root / "build" / "images" / "krnk" / "face" / "64"
-    d.mkdir(parents=True, exist_ok=True)
-    for i, (w, h) in enumerate(((64, 64), (64, 75), (64, 64))):
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(d / f"f0{i}.png")
-        (d / f"f0{i}.txt").write_text(CAPTIONS[i] + "\n", encoding="utf-8")
-    toml = """[general]
-enable_bucket = true
-bucket_no_upscale = true
-caption_extension = '.txt'
-
-[[datasets]]
-resolution = [512, 512]
-batch_size = 2
-
-  [[datasets.subsets]]
-  image_dir = 'build/images/krnk/face/64'
-  flip_aug = true
-"""
-    (root / "build" / "loras" / "krnk").mkdir(parents=True, exist_ok=True)
-    (root / "build" / "loras" / "krnk" / "dataset.toml").write_text(toml, encoding="utf-8")
+_make_project = make_tiny_sdxl_dataset
 
 
-def _job(root: Path, network: str, variant: str, base: str = "tiny-sdxl", **over) -> dict:
-    conv = network in ("Lora3x3", "Locon", "Loha")
-    params = {
-        "name": variant, "logic": f"{network}A50p-AdamW8", "network": network,
-        "network_module": "lycoris.kohya" if network in ("Locon", "Loha") else "networks.lora",
-        "algo": {"Locon": "lora", "Loha": "loha"}.get(network), "dim": 4, "alpha": 2,
-        "conv_dim": 4 if conv else None, "conv_alpha": 2 if conv else None,
-        "optimizer": "AdamW8bit", "optimizer_args": [], "lr": 1e-3, "lr_units": 1000, "text_encoder_lr": 4.4e-4,
-        "steps": STEPS, "scheduler": "cosine_with_restarts", "seed": 31337, "clip_skip": 2,
-        "mixed_precision": "fp16", "save_precision": "fp16", "gradient_checkpointing": False,
-        "network_train_unet_only": False, "resolution": None, "min_bucket_reso": None, "max_bucket_reso": None,
-        "extra_args": [],
-    }  # fmt: skip
-    params.update(over)
-    vdir = root / "build" / "loras" / "krnk" / variant
-    return {
-        "lora": "krnk", "kind": "face", "variant": variant, "project_root": str(root),
-        "dataset_toml": str(root / "build" / "loras" / "krnk" / "dataset.toml"),
-        "output": str(vdir / "raw.safetensors"), "variant_dir": str(vdir), "params": params,
-        "model": {"base": base, "vae": None, "arch": "sdxl" if base.startswith("tiny-sdxl") else "sd15", "clip_skip": 2},
-        "trainer": {"backend": "builtin", "gpus": [0]}, "keywords": ["krnk"], "inputs": [],
-        "signature_extra": {}, "continue_from": None,
-    }  # fmt: skip
+def _job(root: Path, network: str, variant: str, base: str = "tiny-sdxl", **over):
+    over.setdefault("steps", STEPS)
+    return builtin_job(root, network, variant, base=base, **over)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -131,7 +85,7 @@ def _expected_network_shapes(root: Path, network: str, unet_only: bool = False) 
     if root not in _BASES:
         _BASES[root] = load_base_model({"base": "tiny-sdxl"}, root, supported_archs=("sdxl",))
     base = _BASES[root]
-    spec, _, _ = network_spec(_job(root, network, "x")["params"])
+    spec, _, _ = network_spec(_job(root, network, "x").params.to_dict())
     net = LoRANetwork(base.unet, None if unet_only else (base.text_encoder, base.text_encoder_2), spec)
     return {k: tuple(v.shape) for k, v in net.kohya_state_dict(torch.float16).items()}
 
@@ -141,7 +95,7 @@ def trained_in_process(project, tmp_path_factory):
     """Lora3x3 on UNet and both encoders, through the backend's own process."""
     from charbuild.train.backends import BUILTIN
 
-    job = TrainJob.from_dict(_job(project, "Lora3x3", "l3", gradient_checkpointing=True))
+    job = _job(project, "Lora3x3", "l3", gradient_checkpointing=True)
     job_file = tmp_path_factory.mktemp("job") / "job.json"
     job_file.write_text(json.dumps(job.to_dict()), encoding="utf-8")
     env = BUILTIN.env(job, os.environ)
@@ -216,16 +170,16 @@ def test_sdxl_same_job_same_bytes(project, trained_in_process):
     """The job again, in this process: the same bytes as the backend's process wrote (deterministic)."""
     job, _ = trained_in_process
     first = Path(job.output).read_bytes()
-    run_job(job.to_dict())
+    run_job(job)
     assert hashlib.sha256(Path(job.output).read_bytes()).hexdigest() == hashlib.sha256(first).hexdigest()
 
 
 def test_sdxl_loha(project):
     job = _job(project, "Loha", "lh", steps=1)
     run_job(job)
-    sd = load_file(job["output"])
+    sd = load_file(job.output)
     assert {k: tuple(v.shape) for k, v in sd.items()} == _expected_network_shapes(project, "Loha")
-    lora = load_lora(job["output"])
+    lora = load_lora(job.output)
     assert lora.arch == "sdxl" and lora.format == "loha"
     assert any(s.startswith("lora_te2_") for s in lora.modules) and any("_in_layers_2" in s for s in lora.modules)
 
@@ -250,11 +204,11 @@ def test_unet_only_with_cached_text_encoder_outputs(project, monkeypatch):
     summary = run_job(job)
     distinct = len(set(CAPTIONS))
     assert seen == {"te1": distinct, "te2": distinct}  # 3 steps of batch 2, yet each caption encoded once
-    sd = load_file(job["output"])
+    sd = load_file(job.output)
     assert sd and not any(k.startswith(("lora_te1_", "lora_te2_")) for k in sd)
     assert {k: tuple(v.shape) for k, v in sd.items()} == _expected_network_shapes(project, "Lora1x1", unet_only=True)
     assert all(abs(x) < 10 for x in summary["losses"])
-    with safe_open(job["output"], "pt") as f:
+    with safe_open(job.output, "pt") as f:
         md = f.metadata()
     assert md["ss_network_train_unet_only"] == "True"
     assert md["modelspec.prediction_type"] == "v"
@@ -273,7 +227,7 @@ def test_unet_only_with_cached_text_encoder_outputs(project, monkeypatch):
         run = _job(project, "Lora1x1", f"val-{name}", steps=2, network_train_unet_only=True,
                    cache_text_encoder_outputs=True, validation_every=1, **over)
         run_job(run)
-        val[name] = read_metrics(Path(run["variant_dir"]) / "metrics.jsonl").val_loss
+        val[name] = read_metrics(Path(run.variant_dir) / "metrics.jsonl").val_loss
     assert len(val["released"]) == 3 and val["released"] == val["kept"]
 
 
@@ -376,8 +330,7 @@ def test_sdxl_training_with_samples_and_validation(project, tmp_path):
     for name, over in (("watched", {"sample_every": 2, "sample_steps": 1, "sample_size": 64, "validation_every": 1}),
                        ("plain", {})):
         job = _job(project, "Lora1x1", "w", network_train_unet_only=True, **over)
-        job["variant_dir"] = str(tmp_path / name)
-        job["output"] = str(tmp_path / name / "raw.safetensors")
+        job = dataclasses.replace(job, variant_dir=str(tmp_path / name), output=str(tmp_path / name / "raw.safetensors"))
         runs[name] = run_job(job)
     watched, plain = tmp_path / "watched", tmp_path / "plain"
     assert runs["watched"]["losses"] == runs["plain"]["losses"]

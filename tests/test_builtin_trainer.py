@@ -6,6 +6,8 @@ kind is shared between the tests through module-scoped fixtures.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import subprocess
@@ -22,104 +24,21 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from charbuild.train.builtin import main  # noqa: E402
+from conftest import builtin_job, make_tiny_dataset  # noqa: E402
 from charbuild.train.builtin.tiny import ensure_tiny_model, tiny_model_dir  # noqa: E402
 
 STEPS = 6
 
 
-def _make_project(root: Path) -> Path:
-    """Six 64/128 px images in two size folders with captions, and an sd-scripts TOML."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for size in (64, 128):
-        d = root / "build" / "images" / "krnk" / "face" / str(size)
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(3):
-            a = (rng.random((size, size, 3)) * 255).astype("uint8")
-            a[size // 4 : size // 2, :, 0] = 255 * (i % 2)  # some structure to learn
-            Image.fromarray(a).save(d / f"f0{i}.png")
-            if i < 2:  # the third image has no caption: class_tokens is used
-                (d / f"f0{i}.txt").write_text(f"krnk, 1girl, {'blue eyes' if i else 'Red Eyes'}\n", encoding="utf-8")
-    toml = """[general]
-color_aug = true
-enable_bucket = true
-bucket_no_upscale = true
-caption_extension = '.txt'
-num_repeats = 2
-
-[[datasets]]
-resolution = [512, 512]
-batch_size = 2
-
-  [[datasets.subsets]]
-  image_dir = 'build/images/krnk/face/64'
-  class_tokens = 'krnk'
-  flip_aug = true
-
-  [[datasets.subsets]]
-  image_dir = 'build/images/krnk/face/128'
-  class_tokens = 'krnk'
-  flip_aug = false
-"""
-    path = root / "build" / "loras" / "krnk" / "dataset.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(toml, encoding="utf-8")
-    return path
+_make_project = make_tiny_dataset
 
 
-def _job(root: Path, network: str, out_name: str, **over) -> dict:
-    conv = network in ("Lora3x3", "Locon", "Loha")
-    params = {
-        "name": f"krnk-{network}",
-        "logic": f"{network}A50p-AdamW8",
-        "network": network,
-        "network_module": "lycoris.kohya" if network in ("Locon", "Loha") else "networks.lora",
-        "algo": {"Locon": "lora", "Loha": "loha"}.get(network),
-        "dim": 4,
-        "alpha": 2,
-        "conv_dim": 4 if conv else None,
-        "conv_alpha": 2 if conv else None,
-        "optimizer": "AdamW8bit",
-        "optimizer_args": [],
-        "lr": 1e-3,
-        "lr_units": 1000,
-        "text_encoder_lr": 4.4e-4,
-        "steps": STEPS,
-        "scheduler": "cosine_with_restarts",
-        "seed": 31337,
-        "clip_skip": 2,
-        "mixed_precision": "fp16",
-        "save_precision": "fp16",
-        "gradient_checkpointing": network == "Lora3x3",
-        "network_train_unet_only": False,
-        "resolution": None,
-        "min_bucket_reso": None,
-        "max_bucket_reso": None,
-        "extra_args": [],
-    }
-    params.update(over)
-    vdir = root / "build" / "loras" / "krnk" / out_name
-    return {
-        "lora": "krnk",
-        "kind": "face",
-        "variant": out_name,
-        "project_root": str(root),
-        "dataset_toml": str(root / "build" / "loras" / "krnk" / "dataset.toml"),
-        "output": str(vdir / "raw.safetensors"),
-        "variant_dir": str(vdir),
-        "params": params,
-        "model": {"base": "tiny", "vae": None, "arch": "sd15", "clip_skip": 2},
-        "trainer": {"backend": "builtin", "gpus": [0]},
-        "keywords": ["krnk", "kuroneko"],
-        "inputs": [],
-        "signature_extra": {},
-        "continue_from": None,
-    }
+def _job(root: Path, network: str, out_name: str, **over):
+    over.setdefault("steps", STEPS)
+    return builtin_job(root, network, out_name, **over)
 
 
-def _train(root: Path, job: dict) -> dict:
+def _train(root: Path, job) -> dict:
     from charbuild.train.builtin.trainer import run_job
 
     return run_job(job)
@@ -186,7 +105,7 @@ def test_tiny_tokenizer_is_byte_level(project, lora3x3):
 
 def test_lora3x3_keys_shapes_alpha(lora3x3):
     job, summary = lora3x3
-    sd = load_file(job["output"])
+    sd = load_file(job.output)
     stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in sd}
     for stem in stems:
         assert {f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"} <= sd.keys()
@@ -224,7 +143,7 @@ def test_lora3x3_keys_shapes_alpha(lora3x3):
 
 def test_lora3x3_metadata(lora3x3):
     job, _ = lora3x3
-    with safe_open(job["output"], "pt") as f:
+    with safe_open(job.output, "pt") as f:
         md = f.metadata()
     assert md["ss_network_module"] == "networks.lora"
     assert md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "2.0"
@@ -252,7 +171,7 @@ def test_sshs_hashes_match_sd_scripts_method(lora3x3):
     from safetensors.torch import save
 
     job, _ = lora3x3
-    with safe_open(job["output"], "pt") as f:
+    with safe_open(job.output, "pt") as f:
         md = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     data = save(tensors, {k: v for k, v in md.items() if k.startswith("ss_")})
@@ -260,7 +179,7 @@ def test_sshs_hashes_match_sd_scripts_method(lora3x3):
     assert md["sshs_model_hash"] == hashlib.sha256(data[8 + n :]).hexdigest()
     assert md["sshs_legacy_hash"] == hashlib.sha256(data[0x100000 : 0x110000]).hexdigest()[:8]
     # the model hash covers the tensor bytes of the written file too
-    raw = Path(job["output"]).read_bytes()
+    raw = Path(job.output).read_bytes()
     m = int.from_bytes(raw[:8], "little")
     assert hashlib.sha256(raw[8 + m :]).hexdigest() == md["sshs_model_hash"]
 
@@ -269,7 +188,7 @@ def test_training_learns(lora3x3):
     job, summary = lora3x3
     assert summary["steps"] == STEPS
     assert all(torch.isfinite(torch.tensor(summary["losses"])))
-    sd = load_file(job["output"])
+    sd = load_file(job.output)
     ups = {k: v for k, v in sd.items() if k.endswith("lora_up.weight")}
     # clip_skip 2: the text encoder's last layer (3 of 0..3) is not used, so it cannot learn
     # (sd-scripts' files show the same zeros); every other module moved off its zero init
@@ -277,19 +196,19 @@ def test_training_learns(lora3x3):
     assert len(skipped) == 6
     assert all(ups[k].abs().max() == 0 for k in skipped)
     assert all(v.abs().max() > 0 for k, v in ups.items() if k not in skipped)
-    logs = list((Path(job["variant_dir"]) / "logs").rglob("events.out.tfevents.*"))
+    logs = list((Path(job.variant_dir) / "logs").rglob("events.out.tfevents.*"))
     assert logs, "no TensorBoard log"
 
 
 def test_lora1x1_has_no_conv_and_unet_only(lora1x1):
     job, _ = lora1x1
-    sd = load_file(job["output"])
+    sd = load_file(job.output)
     assert sd and not any(k.startswith("lora_te") for k in sd)
     assert not any("resnets" in k or "samplers" in k for k in sd)
     assert all(v.dtype == torch.float32 for v in sd.values())  # save_precision float
     downs = [v for k, v in sd.items() if k.endswith("lora_down.weight")]
     assert all(v.ndim == 2 or v.shape[2:] == (1, 1) for v in downs)
-    with safe_open(job["output"], "pt") as f:
+    with safe_open(job.output, "pt") as f:
         md = f.metadata()
     assert json.loads(md["ss_network_args"]) == {}
 
@@ -297,25 +216,25 @@ def test_lora1x1_has_no_conv_and_unet_only(lora1x1):
 def test_same_seed_same_bytes(project, lora1x1):
     job, summary = lora1x1
     again = _job(project, "Lora1x1", "l1", network_train_unet_only=True, save_precision="float")
-    again["output"] = str(Path(again["variant_dir"]).with_name("l1-again") / "raw.safetensors")
+    again = again.with_output(Path(again.variant_dir).with_name("l1-again") / "raw.safetensors")
     summary2 = _train(project, again)
     assert summary2["losses"] == summary["losses"]
-    assert Path(again["output"]).read_bytes() == Path(job["output"]).read_bytes()
+    assert Path(again.output).read_bytes() == Path(job.output).read_bytes()
     other_seed = _job(project, "Lora1x1", "l1-seed", network_train_unet_only=True, save_precision="float", seed=1)
     _train(project, other_seed)
-    assert Path(other_seed["output"]).read_bytes() != Path(job["output"]).read_bytes()
+    assert Path(other_seed.output).read_bytes() != Path(job.output).read_bytes()
 
 
 def test_loha_and_adafactor(project):
     job = _job(project, "Loha", "loha", steps=3, optimizer="adafactor", lr=None, text_encoder_lr=None,
                optimizer_args=["relative_step=True", "scale_parameter=True", "warmup_init=False"])
     summary = _train(project, job)
-    sd = load_file(job["output"])
+    sd = load_file(job.output)
     c = "lora_unet_down_blocks_1_resnets_0_conv1"
     assert sd[f"{c}.hada_w1_a"].shape == (64, 4) and sd[f"{c}.hada_w1_b"].shape == (4, 32 * 9)
     assert sd[f"{c}.hada_w2_a"].abs().max() > 0  # zero-initialised factor moved
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.hada_w2_b" in sd
-    with safe_open(job["output"], "pt") as f:
+    with safe_open(job.output, "pt") as f:
         md = f.metadata()
     assert md["ss_network_module"] == "lycoris.kohya"
     assert json.loads(md["ss_network_args"])["algo"] == "loha"
@@ -325,19 +244,19 @@ def test_loha_and_adafactor(project):
 def test_continue_from_starts_at_the_given_weights(project, lora1x1):
     job, _ = lora1x1
     cont = _job(project, "Lora1x1", "l1-cont", network_train_unet_only=True, save_precision="float", steps=1, lr=1e-12)
-    cont["continue_from"] = job["output"]
+    cont = dataclasses.replace(cont, continue_from=job.output)
     summary = _train(project, cont)
-    a, b = load_file(job["output"]), load_file(cont["output"])
+    a, b = load_file(job.output), load_file(cont.output)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # "steps" of a continued training are the steps it adds (sd-scripts' --network_weights),
     # never the total: one step here, on top of the STEPS already in the file
     assert summary["steps"] == 1 and len(summary["losses"]) == 1
-    with safe_open(cont["output"], "pt") as f:
+    with safe_open(cont.output, "pt") as f:
         md = f.metadata()
     assert md["ss_steps"] == md["ss_max_train_steps"] == "1"
     assert md["charbuild.total_steps"] == str(STEPS + 1)
-    assert md["charbuild.continue_from"] == Path(job["output"]).name
+    assert md["charbuild.continue_from"] == Path(job.output).name
 
 
 # ------------------------------------------------------------------------ the entry point
@@ -345,18 +264,18 @@ def test_continue_from_starts_at_the_given_weights(project, lora1x1):
 
 def test_main_errors_are_one_line(project, tmp_path, capsys):
     job = _job(project, "Lora1x1", "bad")
-    job["model"]["arch"] = "sd3"  # an architecture the builtin does not train (exit 2, "use sd-scripts")
+    job = job.with_model(arch="sd3")  # an architecture the builtin does not train (exit 2, "use sd-scripts")
     f = tmp_path / "job.json"
-    f.write_text(json.dumps(job), encoding="utf-8")
+    f.write_text(job.to_json(), encoding="utf-8")
     assert main([str(f)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("charbuild.train.builtin: error: ") and "sd-scripts" in err[-1]
     job = _job(project, "Lora1x1", "bad2")
-    job["model"]["base"] = str(tmp_path / "nope")
-    f.write_text(json.dumps(job), encoding="utf-8")
+    job = job.with_model(base=str(tmp_path / "nope"))
+    f.write_text(job.to_json(), encoding="utf-8")
     assert main([str(f)]) == 1
     assert "base model not found" in capsys.readouterr().err
-    assert not Path(job["output"]).exists()
+    assert not Path(job.output).exists()
     assert main([str(tmp_path / "missing.json")]) == 1
     assert main([]) == 2
 
@@ -399,7 +318,7 @@ def test_file_applied_as_webui_merge_equals_trained_network(project, lora3x3):
     from charbuild.train.builtin.network import LoRANetwork, NetworkSpec
 
     job, _ = lora3x3
-    sd = {k: v.float() for k, v in load_file(job["output"]).items() if k.startswith("lora_unet")}
+    sd = {k: v.float() for k, v in load_file(job.output).items() if k.startswith("lora_unet")}
     folder = tiny_model_dir(project) / "unet"
     hooked = UNet2DConditionModel.from_pretrained(folder)
     net = LoRANetwork(hooked, None, NetworkSpec("lora", 4, 2.0, 4, 2.0))

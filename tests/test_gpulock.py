@@ -13,7 +13,7 @@ import pytest
 
 from charbuild.train.gpulock import acquire_gpu, gpu_lease, wait_message
 from charbuild.train.runner import run_training
-from test_train_runner import make_job, wait_for
+from conftest import fake_backend_job as make_job, wait_for
 
 
 def test_first_free_gpu_is_taken_in_order(tmp_path):
@@ -92,7 +92,7 @@ def _two_trainings(tmp_path, gpus):
     assert errors == []
     recs = sorted((json.loads(line) for line in record.read_text().splitlines()), key=lambda r: r["start"])
     assert [r["ok"] for r in recs] == [True, True] and {r["lora"] for r in recs} == {"a", "b"}
-    assert all(Path(j["output"]).is_file() for j in jobs)
+    assert all(Path(j.output).is_file() for j in jobs)
     return recs
 
 
@@ -112,7 +112,7 @@ def test_same_variant_waits_for_the_running_training(tmp_path):
     """Two runs of one variant (two doit processes) never share its folder."""
     record = tmp_path / "record.jsonl"
     job = make_job(tmp_path, gpus=[0, 1], fake_seconds=0.6, fake_record=str(record))
-    job["trainer"]["run_cache"] = False  # the second run would be restored from the first
+    job = job.with_trainer(run_cache=False)  # the second run would be restored from the first
     threads = [threading.Thread(target=run_training, args=(job,), kwargs={"echo": False}) for _ in range(2)]
     for t in threads:
         t.start()
@@ -120,4 +120,4 @@ def test_same_variant_waits_for_the_running_training(tmp_path):
         t.join(60)
     recs = sorted((json.loads(line) for line in record.read_text().splitlines()), key=lambda r: r["start"])
     assert len(recs) == 2 and recs[0]["end"] <= recs[1]["start"]
-    wait_for(lambda: Path(job["output"]).is_file())
+    wait_for(lambda: Path(job.output).is_file())

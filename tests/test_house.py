@@ -118,3 +118,15 @@ def test_the_cycle_finder_sees_function_local_imports(tmp_path, source, expected
     (pkg / "a.py").write_text(source)
     (pkg / "b.py").write_text("from .a import x\n")
     assert cycles(import_graph(pkg)) == expected
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in conftest.py or helper modules, never in a test module."""
+    tests = Path(__file__).resolve().parent
+    wrong = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            wrong += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert not wrong, "\n".join(wrong)

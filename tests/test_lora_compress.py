@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from lora_fixtures import make_lora, reference_delta, rel_err, write_lora
+from lora_fixtures import make_lora, reference_delta, reference_rank, rel_err, write_lora
 
 from charbuild.errors import OptionError
 from charbuild.lora.compress import compress_file, compress_lora, report_json
@@ -37,25 +37,6 @@ def decaying_lora(dtype=torch.float32, seed=0, alpha=12.0):
             tensors[key] = t * decay.reshape(1, -1, *([1] * (t.dim() - 2)))
     tensors["lora_unet_conv_out.lora_up.weight"] = torch.zeros_like(tensors["lora_unet_conv_out.lora_up.weight"])
     return {k: v.to(dtype) for k, v in tensors.items()}, meta
-
-
-def reference_rank(S, method, param, cap):
-    """resize_lora.py's rank rule as lora-formats.md §4 states it (legacy +1), written independently."""
-    n_all = len(S)
-    if method == "sv_ratio":
-        n = int((S > S[0] / param).sum())
-    elif method == "sv_fro":
-        c = torch.cumsum(S**2, 0) / (S**2).sum()
-        n = int(torch.searchsorted(c, torch.tensor(param**2))) + 1
-    elif method == "sv_cumulative":
-        c = torch.cumsum(S, 0) / S.sum()
-        n = int(torch.searchsorted(c, torch.tensor(float(param)))) + 1
-    else:
-        return 1 if S[0] <= 1e-6 else cap
-    rank = min(max(n, 1), n_all - 1) + 1
-    if S[0] <= 1e-6:
-        return 1
-    return min(rank, cap)
 
 
 @functools.lru_cache(maxsize=None)

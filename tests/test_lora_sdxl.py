@@ -15,8 +15,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from lora_fixtures import make_lora, reference_delta, rel_err, write_lora
-from test_lora_compress import reference_rank
+from lora_fixtures import make_lora, reference_delta, reference_rank, rel_err, write_lora
 
 from charbuild.errors import LoraFileError
 from charbuild.lora.cli import combine_cmd

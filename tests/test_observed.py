@@ -3,7 +3,8 @@ files, the runner landing them in the variant folder, the run cache, and sd-scri
 
 from __future__ import annotations
 
-import json
+import dataclasses
+
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from charbuild.train.runner import run_training
 from charbuild.train.sdscripts_command import build_command, collect_samples, sample_args, sample_prompts_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train_runner import make_job  # noqa: E402
+from conftest import fake_backend_job as make_job  # noqa: E402
 
 
 # ------------------------------------------------------------------ prompt rules (pure)
@@ -71,8 +72,7 @@ def test_sd_scripts_prompt_file_and_its_file_names():
 
 def test_the_graphs_sample_set_travels_in_the_job(tmp_path):
     job = make_job(tmp_path)
-    job["sample_set"] = [["f00", "k, custom rule"]]
-    j = TrainJob.from_dict(job)
+    j = dataclasses.replace(job, sample_set=(("f00", "k, custom rule"),))
     assert j.sample_set == (("f00", "k, custom rule"),)
     assert TrainJob.from_dict(j.to_dict()) == j
 
@@ -80,15 +80,12 @@ def test_the_graphs_sample_set_travels_in_the_job(tmp_path):
 # ------------------------------------------------------------------ fake trainer + runner
 
 
-def _with(job: dict, **params) -> dict:
+def _with(job, **params):
     """``job`` with some params changed, and its signature as the graph makes it."""
     from charbuild.train.job import signature_params
-    from charbuild.train.variants import TrainParams
 
-    job = json.loads(json.dumps(job))
-    job["params"].update(params)
-    job["signature_extra"]["params"] = signature_params(TrainParams.from_dict(job["params"]))
-    return job
+    job = job.with_params(**params)
+    return dataclasses.replace(job, signature_extra={**job.signature_extra, "params": signature_params(job.params)})
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -97,7 +94,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_fake_training_lands_samples_and_metrics_and_the_run_cache_keeps_them(tmp_path):
     job = _with(make_job(tmp_path), sample_every=4, validation_every=5)
-    vdir = Path(job["variant_dir"])
+    vdir = Path(job.variant_dir)
     run_training(job, echo=False)
     samples = _files(vdir / "samples")
     assert sorted({k.split("/")[0] for k in samples}) == ["10", "4", "8"]  # every 4 steps and the last
@@ -128,7 +125,7 @@ def test_a_run_cache_entry_without_observations_says_so_and_removes_the_old(tmp_
         shutil.rmtree(folder)  # as a cache filled before it kept them
     run_training(_with(job, steps=2), echo=False)
     run_training(job, echo=True)
-    vdir = Path(job["variant_dir"])
+    vdir = Path(job.variant_dir)
     assert "samples and loss log were not kept" in capsys.readouterr().out
     assert not (vdir / "samples").exists() and not (vdir / "metrics.jsonl").exists()
 
@@ -146,8 +143,8 @@ def test_samples_are_not_in_the_signature(tmp_path):
 
 
 def test_sd_scripts_command_samples_through_a_prompt_file(tmp_path):
-    job = TrainJob.from_dict(_with(make_job(tmp_path, backend="sd-scripts"), sample_every=3, sample_steps=12))
-    assert sample_args(TrainJob.from_dict(make_job(tmp_path, backend="sd-scripts"))) == []
+    job = _with(make_job(tmp_path, backend="sd-scripts"), sample_every=3, sample_steps=12)
+    assert sample_args(make_job(tmp_path, backend="sd-scripts")) == []
     cmd = build_command(job)
     assert f"--sample_prompts={sample_prompts_path(job)}" in cmd
     assert "--sample_every_n_steps=3" in cmd and "--sample_sampler=ddim" in cmd
@@ -157,14 +154,14 @@ def test_sd_scripts_samples_are_collected_into_samples_step_code(tmp_path):
     """The fake sd-scripts reads the prompt file and names its files as sd-scripts does."""
     job = _with(make_job(tmp_path, backend="sd-scripts"), sample_every=4, sample_prompts=["k, smile"])
     run_training(job, echo=False)
-    vdir = Path(job["variant_dir"])
+    vdir = Path(job.variant_dir)
     names = sorted(_files(vdir / "samples"))
     assert names == sorted(f"{step}/{n}.png" for step in (4, 8) for n in (*TEMPLATE_CODES["f"], "p1"))
     assert not (vdir / "sample").exists()
 
 
 def test_collect_samples_ignores_other_files(tmp_path):
-    job = TrainJob.from_dict(_with(make_job(tmp_path, backend="sd-scripts"), sample_every=4))
+    job = _with(make_job(tmp_path, backend="sd-scripts"), sample_every=4)
     out = Path(job.output).parent
     (out / "sample").mkdir(parents=True)
     (out / "sample" / f"{job.title}_000004_00_20260101000000_1.png").write_bytes(b"png")

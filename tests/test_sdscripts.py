@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from charbuild.errors import TrainingError
 from charbuild.train.sdscripts_command import build_command, raw_output_path
 from charbuild.train.variants import ALL_LOGICS, resolve_variant
+from conftest import make_train_job
 
 FAKE_SD = Path(__file__).resolve().parent / "fake_sd_scripts"
 R = "/r"
@@ -18,19 +20,12 @@ VD = "/r/build/loras/krnk/V"
 
 
 def job(preset="Lora3x3A50p-AdamW8", *, arch="sd15", vae=None, continue_from=None, steps=1000, **trainer):
+    """An sd-scripts job of LoRA krnk, variant V, under /r (nothing on disk)."""
     params = resolve_variant(preset, steps=steps) if isinstance(preset, (str, dict)) else preset
-    tr = {"backend": "sd-scripts", "gpus": [0], "sd_scripts": "/sd", "python": "python",
-          "accelerate": "accelerate", "xformers": False, "lock_dir": "/r/build/locks", "extra_args": []}
-    tr.update(trainer)
-    return {
-        "lora": "krnk", "kind": "face", "variant": "V", "project_root": R,
-        "dataset_toml": "/r/build/loras/krnk/dataset.toml",
-        "output": f"{VD}/.train-x/raw.safetensors", "variant_dir": VD,
-        "params": params.to_dict(),
-        "model": {"base": "/m/sd15.safetensors", "vae": vae, "arch": arch, "clip_skip": 2},
-        "trainer": tr, "keywords": ["krnk"], "inputs": [], "signature_extra": {},
-        "continue_from": continue_from,
-    }
+    spec = {"sd_scripts": "/sd", "python": "python", "accelerate": "accelerate", "lock_dir": "/r/build/locks", **trainer}
+    return make_train_job(Path(R), preset=params, variant="V", base="/m/sd15.safetensors", vae=vae, arch=arch,
+                          backend="sd-scripts", trainer=spec, output=f"{VD}/.train-x/raw.safetensors",
+                          continue_from=continue_from)
 
 
 NAME = "krnk-V"  # <lora>-<variant>: the deliverable's stem, unique in a web UI's folder
@@ -144,7 +139,7 @@ def test_relative_sd_scripts_folder_is_under_the_project_root():
 
 def test_tiny_model_or_missing_sd_scripts_is_a_training_error():
     j = job()
-    j["model"]["base"] = "tiny"
+    j = j.with_model(base="tiny")
     with pytest.raises(TrainingError, match="builtin backend"):
         build_command(j)
     with pytest.raises(TrainingError, match="trainer.sd_scripts"):
@@ -246,8 +241,7 @@ def test_the_fake_sdxl_script_runs_the_sdxl_command(tmp_path):
               "min_snr_gamma": 5, "v_prediction": True, "zero_terminal_snr": True, "no_half_vae": True,
               "mixed_precision": "bf16", "data_loader_workers": 0}
     j = job(params, arch="sdxl", accelerate=None, python=sys.executable, sd_scripts=str(FAKE_SD), steps=3)
-    j["model"]["base"], j["dataset_toml"] = str(base), str(toml)
-    j["output"] = str(tmp_path / "out" / "raw.safetensors")
+    j = dataclasses.replace(j.with_model(base=str(base)), dataset_toml=str(toml), output=str(tmp_path / "out" / "raw.safetensors"))
     (tmp_path / "out").mkdir()
     argv_log = tmp_path / "argv.jsonl"
     env = {**__import__("os").environ, "FAKE_SD_ARGV": str(argv_log)}
@@ -269,7 +263,7 @@ def test_the_fake_refuses_a_text_encoder_cache_with_text_encoder_training(tmp_pa
     (tmp_path / "m.safetensors").write_bytes(b"x")
     (tmp_path / "d.toml").write_text("[general]\n", encoding="utf-8")
     j = job(arch="sdxl", accelerate=None, python=sys.executable, sd_scripts=str(FAKE_SD))
-    j["model"]["base"], j["dataset_toml"] = str(tmp_path / "m.safetensors"), str(tmp_path / "d.toml")
-    j["output"] = str(tmp_path / "raw.safetensors")
+    j = dataclasses.replace(j.with_model(base=str(tmp_path / "m.safetensors")), dataset_toml=str(tmp_path / "d.toml"),
+                            output=str(tmp_path / "raw.safetensors"))
     res = subprocess.run(build_command(j) + ["--cache_text_encoder_outputs"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 3 and "cannot be trained with caching Text Encoder outputs" in res.stderr

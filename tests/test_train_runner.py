@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,47 +26,14 @@ from charbuild.train.runner import (
     sidecar_path,
     train_action,
 )
-from charbuild.train.variants import resolve_variant
+from conftest import fake_backend_job as make_job, wait_for
 
 FAKE_SD = Path(__file__).resolve().parent / "fake_sd_scripts"
 POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="process groups and signals are POSIX here")
 
 
-def make_job(root: Path, *, backend="fake", lora="k", variant="Lora3x3A50p-AdamW8", dim=4, gpus=(0,), **trainer):
-    """A training job over a tiny project under ``root`` (inputs and dataset TOML are created)."""
-    face = root / "characters" / lora / "face"
-    face.mkdir(parents=True, exist_ok=True)
-    inputs = []
-    for stem in ("f00", "f01"):
-        png, txt = face / f"{stem}.png", face / f"{stem}.txt"
-        if not png.exists():
-            png.write_bytes(b"\x89PNG fake " + stem.encode())
-            txt.write_text(f"{lora}, white background, from front", encoding="utf-8")
-        inputs += [str(png), str(txt)]
-    lora_dir = root / "build" / "loras" / lora
-    lora_dir.mkdir(parents=True, exist_ok=True)
-    (lora_dir / "dataset.toml").write_text("[general]\nnum_repeats = 4\n", encoding="utf-8")
-    model = root / "model.safetensors"
-    model.touch()
-    params = resolve_variant({"name": variant, "preset": "Lora3x3A50p-AdamW8", "dim": dim}, steps=10).to_dict()
-    vdir = lora_dir / variant
-    tr = {"backend": backend, "gpus": list(gpus), "sd_scripts": str(FAKE_SD), "python": sys.executable,
-          "accelerate": None, "xformers": False, "lock_dir": str(root / "build" / "locks"), "extra_args": [],
-          "kill_grace": 3, "extra": {}}
-    for key, value in trainer.items():  # the fake backend's knobs travel in the opaque trainer.extra
-        (tr["extra"] if key.startswith("fake_") else tr)[key] = value
-    return {
-        "lora": lora, "kind": "face", "variant": variant, "project_root": str(root),
-        "dataset_toml": str(lora_dir / "dataset.toml"), "output": str(vdir / "raw.safetensors"),
-        "variant_dir": str(vdir), "params": params,
-        "model": {"base": str(model), "vae": None, "arch": "sd15", "clip_skip": 2},
-        "trainer": tr, "keywords": [lora, "girl"], "inputs": inputs,
-        "signature_extra": {"params": params, "backend": backend}, "continue_from": None,
-    }
-
-
 def temp_dirs(job) -> list[Path]:
-    return sorted(Path(job["variant_dir"]).glob(".train-*"))
+    return sorted(Path(job.variant_dir).glob(".train-*"))
 
 
 def alive(pid: int) -> bool:
@@ -81,16 +49,6 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def wait_for(predicate, timeout=15.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("timed out waiting")
-
-
 # --------------------------------------------------------------------------- success
 
 
@@ -98,13 +56,13 @@ def test_fake_backend_success_moves_raw_and_writes_sidecar(tmp_path, capfd):
     record = tmp_path / "record.jsonl"
     job = make_job(tmp_path, fake_record=str(record), fake_seconds=0.3)
     run_training(job)
-    out = Path(job["output"])
+    out = Path(job.output)
     assert out.is_file() and sidecar_path(job).is_file()
     assert temp_dirs(job) == []
     sig = json.loads(sidecar_path(job).read_text(encoding="utf-8"))
     assert sorted(sig["files"]) == ["characters/k/face/f00.png", "characters/k/face/f00.txt",
                                     "characters/k/face/f01.png", "characters/k/face/f01.txt"]
-    assert sig["extra"] == json.loads(json.dumps(job["signature_extra"]))
+    assert sig["extra"] == json.loads(json.dumps(job.signature_extra))
     rec = [json.loads(line) for line in record.read_text().splitlines()]
     assert len(rec) == 1 and rec[0]["gpu"] == "0" and rec[0]["ok"] is True
     assert rec[0]["lora"] == "k" and rec[0]["end"] >= rec[0]["start"] + 0.3
@@ -118,7 +76,7 @@ def test_fake_backend_success_moves_raw_and_writes_sidecar(tmp_path, capfd):
     assert json.loads(meta["ss_tag_frequency"]) == {"characters/k/face": {"from front": 2, "k": 2, "white background": 2}}
     assert down.shape == (4, 320, 3, 3)
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in keys
-    log = (Path(job["variant_dir"]) / "train.log").read_bytes()
+    log = (Path(job.variant_dir) / "train.log").read_bytes()
     assert b"fake trainer pid=" in log and b"\rsteps: 10/10\n" in log  # \r progress relayed as bytes
     assert "fake trainer pid=" in capfd.readouterr().out  # and echoed to the console
     # Same inputs and params -> byte-identical file (downstream md5 early cut-off).
@@ -132,22 +90,22 @@ def test_sd_scripts_backend_runs_the_script_in_the_project_root(tmp_path, monkey
     monkeypatch.setenv("FAKE_SD_ARGV", str(argv_log))
     job = make_job(tmp_path, backend="sd-scripts", gpus=[3])
     assert train_action(job) is True
-    assert Path(job["output"]).is_file() and is_up_to_date(job).fresh
+    assert Path(job.output).is_file() and is_up_to_date(job).fresh
     call = json.loads(argv_log.read_text().splitlines()[0])
     assert call["cwd"] == str(tmp_path) and call["gpu"] == "3"
     assert call["argv"][0].endswith("train_network.py")
     out_dir = next(a for a in call["argv"] if a.startswith("--output_dir=")).split("=", 1)[1]
-    assert Path(out_dir).parent == Path(job["variant_dir"]) and Path(out_dir).name.startswith(".train-")
+    assert Path(out_dir).parent == Path(job.variant_dir) and Path(out_dir).name.startswith(".train-")
     assert temp_dirs(job) == []
-    with safe_open(job["output"], "np") as f:
+    with safe_open(job.output, "np") as f:
         assert f.metadata()["ss_output_name"] == "k-Lora3x3A50p-AdamW8"  # <lora>-<variant>
 
 
 def test_sd_scripts_sdxl_through_the_runner(tmp_path):
     job = make_job(tmp_path, backend="sd-scripts")
-    job["model"]["arch"] = "sdxl"
+    job = job.with_model(arch="sdxl")
     run_training(job, echo=False)
-    with safe_open(job["output"], "np") as f:
+    with safe_open(job.output, "np") as f:
         assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
         assert any(k.startswith("lora_te1_") for k in f.keys())
 
@@ -161,19 +119,19 @@ def test_failure_raises_with_log_tail_and_leaves_no_raw(tmp_path, monkeypatch):
     with pytest.raises(TrainingError) as err:
         run_training(job, echo=False)
     msg = str(err.value)
-    log = Path(job["variant_dir"]) / "train.log"
+    log = Path(job.variant_dir) / "train.log"
     assert "exit status 1" in msg and "CUDA out of memory (fake)" in msg and str(log) in msg
     assert "steps: 100%" in msg  # \r redraws reduced to the final state
-    assert not Path(job["output"]).exists() and not sidecar_path(job).exists()
+    assert not Path(job.output).exists() and not sidecar_path(job).exists()
     assert temp_dirs(job) == []
 
 
 def test_zero_data_loader_workers_train_through_sd_scripts(tmp_path):
     job = make_job(tmp_path, backend="sd-scripts")
-    job["params"]["data_loader_workers"] = 0  # a common setting on Windows and small machines
+    job = job.with_params(data_loader_workers=0)  # a common setting on Windows and small machines
     run_training(job, echo=False)
-    assert Path(job["output"]).is_file()
-    assert "--max_data_loader_n_workers=0" in (Path(job["variant_dir"]) / "train.log").read_text(encoding="utf-8")
+    assert Path(job.output).is_file()
+    assert "--max_data_loader_n_workers=0" in (Path(job.variant_dir) / "train.log").read_text(encoding="utf-8")
 
 
 def test_bad_arguments_fail_the_training(tmp_path):
@@ -186,18 +144,18 @@ def test_train_action_returns_task_failed_and_removes_a_stale_sidecar(tmp_path):
     job = make_job(tmp_path)
     run_training(job, echo=False)
     assert is_up_to_date(job).fresh
-    job["trainer"]["extra"]["fake_fail"] = True
-    job["trainer"]["run_cache"] = False  # else the earlier result is restored, not retrained
+    job = job.with_trainer(extra={**job.trainer.extra, "fake_fail": True})
+    job = job.with_trainer(run_cache=False)  # else the earlier result is restored, not retrained
     result = train_action(job)
     assert isinstance(result, TaskFailed) and "failing as asked" in str(result)
     # The old raw file stays, but without its sidecar it is stale: it will be retrained.
-    assert Path(job["output"]).is_file() and not sidecar_path(job).exists()
+    assert Path(job.output).is_file() and not sidecar_path(job).exists()
     assert is_up_to_date(job) == (False, "no signature of a finished training")
 
 
 def test_missing_input_and_unknown_backend_are_training_errors(tmp_path):
     job = make_job(tmp_path)
-    job["inputs"].append(str(tmp_path / "gone.png"))
+    job = dataclasses.replace(job, inputs=job.inputs + (str(tmp_path / "gone.png"),))
     with pytest.raises(TrainingError, match="cannot read a training input"):
         run_training(job, echo=False)
     job = make_job(tmp_path, backend="kohya")
@@ -208,7 +166,7 @@ def test_missing_input_and_unknown_backend_are_training_errors(tmp_path):
 
 def test_trainer_that_exits_0_without_output_is_an_error(tmp_path):
     job = make_job(tmp_path, backend="sd-scripts", python=sys.executable)
-    job["trainer"]["sd_scripts"] = str(tmp_path / "noop")
+    job = job.with_trainer(sd_scripts=str(tmp_path / "noop"))
     (tmp_path / "noop").mkdir()
     (tmp_path / "noop" / "train_network.py").write_text("print('did nothing')\n")
     with pytest.raises(TrainingError, match="wrote no"):
@@ -223,7 +181,7 @@ def test_is_up_to_date_follows_content_not_mtime(tmp_path):
     assert is_up_to_date(job) == (False, "not trained yet")
     run_training(job, echo=False)
     assert is_up_to_date(job) == (True, "up to date")
-    txt = Path(job["inputs"][1])
+    txt = Path(job.inputs[1])
     os.utime(txt, ns=(time.time_ns() + 5_000_000_000,) * 2)  # touch: same content
     assert is_up_to_date(job).fresh
     txt.write_text("k, black background", encoding="utf-8")
@@ -232,7 +190,7 @@ def test_is_up_to_date_follows_content_not_mtime(tmp_path):
     assert not is_up_to_date(job)  # truthiness is freshness (safe as a doit uptodate result)
     run_training(job, echo=False)
     assert is_up_to_date(job).fresh
-    changed = dict(job, signature_extra={**job["signature_extra"], "params": {**job["params"], "dim": 8}})
+    changed = dataclasses.replace(job, signature_extra={**job.signature_extra, "params": {**job.params.to_dict(), "dim": 8}})
     assert is_up_to_date(changed) == (False, "settings changed: params")
 
 
@@ -244,9 +202,9 @@ def test_signature_is_taken_at_start_so_edits_during_training_make_it_stale(tmp_
     t.start()
     wait_for(lambda: temp_dirs(job))
     time.sleep(0.3)
-    Path(job["inputs"][3]).write_text("k, edited while training", encoding="utf-8")
+    Path(job.inputs[3]).write_text("k, edited while training", encoding="utf-8")
     t.join(30)
-    assert Path(job["output"]).is_file()
+    assert Path(job.output).is_file()
     assert is_up_to_date(job) == (False, "input changed: characters/k/face/f01.txt")
 
 
@@ -260,15 +218,15 @@ def test_inputs_are_hashed_once_per_training(tmp_path, monkeypatch):
     real_md5 = sig.file_md5
     monkeypatch.setattr(sig, "file_md5", lambda f: reads.append(Path(f).name) or real_md5(f))
     run_training(job, echo=False)
-    assert sorted(reads) == sorted(Path(p).name for p in job["inputs"])
-    first = sig.compute_signature(job["inputs"], job["project_root"], job["signature_extra"])
-    edited = Path(job["inputs"][1])
+    assert sorted(reads) == sorted(Path(p).name for p in job.inputs)
+    first = sig.compute_signature(job.inputs, job.project_root, job.signature_extra)
+    edited = Path(job.inputs[1])
     edited.write_text("k, edited", encoding="utf-8")
     os.utime(edited, ns=(time.time_ns() + 5_000_000_000,) * 2)
     reads.clear()
-    again = sig.compute_signature(job["inputs"], job["project_root"], job["signature_extra"], known=first)
+    again = sig.compute_signature(job.inputs, job.project_root, job.signature_extra, known=first)
     assert reads == [edited.name]
-    assert again == sig.compute_signature(job["inputs"], job["project_root"], job["signature_extra"])
+    assert again == sig.compute_signature(job.inputs, job.project_root, job.signature_extra)
 
 
 # --------------------------------------------------------------------------- dry run
@@ -293,13 +251,14 @@ def test_log_tail_reduces_carriage_return_redraws(tmp_path):
 # --------------------------------------------------------------------------- stopping
 
 RUNNER = """
-import json, signal, sys
+import signal, sys
+from charbuild.train.job import TrainJob
 from charbuild.train.runner import run_training
 def term(*_):
     raise KeyboardInterrupt
 signal.signal(signal.SIGTERM, term)   # what the dodo's handler does
 try:
-    run_training(json.load(open(sys.argv[1], encoding="utf-8")))
+    run_training(TrainJob.from_json(sys.argv[1]))
 except KeyboardInterrupt:
     print("runner: interrupted", flush=True)
     sys.exit(130)
@@ -308,16 +267,16 @@ except KeyboardInterrupt:
 
 def start_runner(tmp_path, job):
     job_file = tmp_path / "runner-job.json"
-    job_file.write_text(json.dumps(job), encoding="utf-8")
+    job_file.write_text(job.to_json(), encoding="utf-8")
     out = open(tmp_path / "runner.out", "wb")
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(job_file)], stdout=out, stderr=subprocess.STDOUT)
     out.close()
-    log = Path(job["variant_dir"]) / "train.log"
+    log = Path(job.variant_dir) / "train.log"
 
     def pids():
         text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
         found = dict(re.findall(r"fake trainer (pid|grandchild pid)=(\d+)", text))
-        want = 2 if job["trainer"]["extra"].get("fake_grandchild") else 1
+        want = 2 if job.trainer.extra.get("fake_grandchild") else 1
         return found if len(found) == want else None
 
     found = wait_for(pids)
@@ -334,9 +293,9 @@ def test_interrupt_stops_the_process_group_and_leaves_nothing(tmp_path, sig):
     assert proc.wait(timeout=20) == 130
     assert "runner: interrupted" in (tmp_path / "runner.out").read_text()
     wait_for(lambda: not alive(child) and not alive(grandchild), timeout=5)
-    assert not Path(job["output"]).exists() and not sidecar_path(job).exists()
+    assert not Path(job.output).exists() and not sidecar_path(job).exists()
     assert temp_dirs(job) == []
-    with acquire_gpu(job["trainer"]["lock_dir"], [0], poll=0.05, on_wait=None) as gpu:  # lock released
+    with acquire_gpu(job.trainer.lock_dir, [0], poll=0.05, on_wait=None) as gpu:  # lock released
         assert gpu == 0
 
 
@@ -348,11 +307,11 @@ def test_sigkilled_runner_leaves_no_raw_and_the_next_run_trains(tmp_path):
     proc.wait(timeout=10)
     # The orphaned trainer dies at its next write to the closed pipe; until then it keeps
     # the GPU lock it inherited, so no other training can start on that GPU meanwhile.
-    with acquire_gpu(job["trainer"]["lock_dir"], [0], poll=0.01, on_wait=None):
+    with acquire_gpu(job.trainer.lock_dir, [0], poll=0.01, on_wait=None):
         assert not alive(child)
-    assert not Path(job["output"]).exists()
+    assert not Path(job.output).exists()
     assert len(temp_dirs(job)) == 1  # the partial output stays in the temp folder only
     assert not is_up_to_date(job).fresh
-    job["trainer"]["extra"]["fake_seconds"] = 0
+    job = job.with_trainer(extra={**job.trainer.extra, "fake_seconds": 0})
     run_training(job, echo=False)
     assert is_up_to_date(job).fresh and temp_dirs(job) == []

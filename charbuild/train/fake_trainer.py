@@ -283,14 +283,11 @@ def append_record(path: str | Path, record: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
-def run_fake(job: "TrainJob | Mapping[str, Any]") -> int:
+def run_fake(job: TrainJob) -> int:
     """Do what the fake backend does for ``job`` (see the module doc); return the exit status.
 
     Its test knobs come from the job's opaque ``trainer.extra`` table.
     """
-    from .job import as_job
-
-    job = as_job(job)
     knobs = job.trainer.extra
     params = job.params.to_dict()
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import NamedTuple
 
 from ..signature import describe_difference, read_sidecar
-from .job import TrainJob, as_job
+from .job import TrainJob
 
 
 class Freshness(NamedTuple):
@@ -19,20 +19,18 @@ class Freshness(NamedTuple):
         return bool(self.fresh)
 
 
-def sidecar_path(job: TrainJob | Mapping[str, Any]) -> Path:
+def sidecar_path(job: TrainJob) -> Path:
     """The signature sidecar beside the raw LoRA: ``raw.safetensors`` -> ``raw.json``."""
-    output = job.output if isinstance(job, TrainJob) else job["output"]
-    return Path(output).with_suffix(".json")
+    return Path(job.output).with_suffix(".json")
 
 
-def is_up_to_date(job: TrainJob | Mapping[str, Any]) -> Freshness:
+def is_up_to_date(job: TrainJob) -> Freshness:
     """Whether ``job.output`` was trained from the inputs and settings now on disk, and why not.
 
     Compares the sidecar written at the start of the finished training with the
     current inputs (size+mtime fast path, MD5 otherwise: a touched file is no
     change) and ``signature_extra``.
     """
-    job = as_job(job)
     if not Path(job.output).is_file():
         return Freshness(False, "not trained yet")
     reason = describe_difference(

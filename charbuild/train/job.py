@@ -176,6 +176,14 @@ class TrainJob:
         """A copy with some trainer fields replaced."""
         return replace(self, trainer=replace(self.trainer, **changes))
 
+    def with_params(self, **changes: Any) -> "TrainJob":
+        """A copy with some training params replaced (no re-derivation)."""
+        return replace(self, params=self.params.with_values(**changes))
+
+    def with_model(self, **changes: Any) -> "TrainJob":
+        """A copy with some model fields replaced."""
+        return replace(self, model=replace(self.model, **changes))
+
     # -- serialisation
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form (the job file's content)."""
@@ -230,11 +238,6 @@ class TrainJob:
         except (OSError, ValueError) as e:
             raise TrainingError(f"cannot read the training job: {e}", path=path) from None
         return cls.from_dict(data)
-
-
-def as_job(job: "TrainJob | Mapping[str, Any]") -> TrainJob:
-    """``job`` itself, or the TrainJob of its dict form."""
-    return job if isinstance(job, TrainJob) else TrainJob.from_dict(job)
 
 
 def _known(d: Mapping[str, Any], cls, what: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Iterator
 
 from doit.exceptions import TaskFailed
 from filelock import FileLock, Timeout
@@ -56,7 +56,7 @@ from .backends import check_capabilities, collect_outputs, get_backend, prepare_
 from .executors import RAY
 from .freshness import Freshness, is_up_to_date, sidecar_path
 from .gpulock import gpu_lease, lock_fd
-from .job import TrainJob, as_job
+from .job import TrainJob
 from .launch import Launch, Launcher, log_path, takes_local_gpu
 from .process import child_env, command_line, console_writer, log_tail, run_process, say, stop_process_group
 
@@ -118,14 +118,13 @@ register_launcher("local", launch_local)
 register_launcher(RAY.name, RAY)
 
 
-def dry_run_commands(job: TrainJob | Mapping[str, Any]) -> list[str]:
+def dry_run_commands(job: TrainJob) -> list[str]:
     """Human-readable lines saying what :func:`run_training` would run for ``job``.
 
     A comment line (backend, working directory, GPUs) and the command line; the
     temp folder is shown as ``<variant_dir>/.train-XXXXXXXX``. A launcher other than the
     local one adds its ``dry_run_lines`` (where it would run the command).
     """
-    job = as_job(job)
     launcher = get_launcher(job.trainer.executor)
     temp = Path(job.variant_dir) / f"{TEMP_PREFIX}XXXXXXXX"
     cmd = get_backend(job.backend).command(_backend_job(job, temp), temp / "job.json")
@@ -203,7 +202,7 @@ def _gpu_lease_for(launcher: Launcher, job: TrainJob, lock_dir: Path, echo: bool
         yield lease
 
 
-def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launcher: Launcher | None = None) -> None:
+def run_training(job: TrainJob, *, echo: bool = True, launcher: Launcher | None = None) -> None:
     """Train ``job`` (a TrainJob or its dict form) into its ``output``.
 
     Raises TrainingError when the trainer fails (message: exit status, the log's
@@ -213,7 +212,6 @@ def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launch
     ``launcher`` runs the training (see :class:`Launch`); default: the one registered under
     ``job.trainer.executor`` (``"local"``: :func:`launch_local`).
     """
-    job = as_job(job)
     launcher = launcher or get_launcher(job.trainer.executor)
     backend = get_backend(job.backend)
     check_capabilities(backend, job)
@@ -268,7 +266,7 @@ def run_training(job: TrainJob | Mapping[str, Any], *, echo: bool = True, launch
 
 
 @doit_action
-def train_action(job: TrainJob | Mapping[str, Any]) -> bool | TaskFailed:
+def train_action(job: TrainJob) -> bool | TaskFailed:
     """The doit python-action: :func:`run_training`, a TrainingError (or any error of ours, such
     as an output held open elsewhere) returned as TaskFailed.
 

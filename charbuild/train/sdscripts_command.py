@@ -14,12 +14,12 @@ one token per value; switches are bare ``--flag``. The accelerate prefix is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..dataset_toml import writes_color_aug
 from ..errors import TrainingError
 from ..fsutil import under_root
-from .job import TrainJob, as_job, scheduler_in_effect
+from .job import TrainJob, scheduler_in_effect
 from .variants import DEFAULT_DATA_LOADER_WORKERS, DEFAULT_SCHEDULER, format_lr, no_half_vae_in_effect
 
 
@@ -33,9 +33,8 @@ def _script(job: TrainJob) -> Path:
     return folder / ("sdxl_train_network.py" if job.model.arch == "sdxl" else "train_network.py")
 
 
-def raw_output_path(job: TrainJob | Mapping[str, Any]) -> Path:
+def raw_output_path(job: TrainJob) -> Path:
     """Where sd-scripts writes the LoRA: ``<dir of job.output>/<lora>-<variant>.safetensors``."""
-    job = as_job(job)
     return Path(job.output).parent / f"{job.title}.safetensors"
 
 
@@ -99,7 +98,7 @@ def loss_and_precision_flags(job: TrainJob) -> list[str]:
     return flags
 
 
-def build_command(job: TrainJob | Mapping[str, Any]) -> list[str]:
+def build_command(job: TrainJob) -> list[str]:
     """The sd-scripts training command for ``job``, as an argument list (never a shell string).
 
     ``--output_dir`` is the folder of ``job.output`` (the runner points it at its
@@ -115,7 +114,6 @@ def build_command(job: TrainJob | Mapping[str, Any]) -> list[str]:
     the defaults live in :class:`~charbuild.train.variants.TrainParams` and
     :mod:`charbuild.train.job`.
     """
-    job = as_job(job)
     params, model, trainer = job.params, job.model, job.trainer
     base = model.base
     if not base or base == "tiny":
@@ -214,13 +212,12 @@ def sample_prompts_path(job: TrainJob) -> Path:
     return Path(job.output).parent / SAMPLE_PROMPTS_NAME
 
 
-def sample_args(job: TrainJob | Mapping[str, Any]) -> list[str]:
+def sample_args(job: TrainJob) -> list[str]:
     """sd-scripts' sampling flags for ``job`` (none when ``sample_every`` is off).
 
     ``--sample_every_n_steps`` samples at every multiple of it (sd-scripts samples at the end of
     a step-counted training only when the steps are such a multiple); DDIM, as the builtin.
     """
-    job = as_job(job)
     if not job.params.sample_every:
         return []
     return [f"--sample_prompts={sample_prompts_path(job)}", f"--sample_every_n_steps={job.params.sample_every}",

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from charbuild.errors import TrainingError
 
-from ..job import TrainJob, adafactor_relative_step, as_job, optimizer_kwargs, scheduler_in_effect
+from ..job import TrainJob, adafactor_relative_step, optimizer_kwargs, scheduler_in_effect
 from .conditioning import conditioning, frozen_conditioning, predict_noise
 from .models import UnsupportedError
 from .network import NetworkSpec
@@ -100,9 +100,8 @@ class Setup:
     no_half_vae: bool | None = None  # keep the VAE in fp32 under fp16/bf16 (None: the arch's default; vae_dtype_for)
 
 
-def resolve_setup(job: TrainJob | dict) -> Setup:
+def resolve_setup(job: TrainJob) -> Setup:
     """The :class:`Setup` of ``job``; UnsupportedError (exit code 2) for what this trainer cannot do."""
-    job = as_job(job)
     params = job.params
     if params.steps < 1:
         raise TrainingError("steps must be at least 1")
@@ -807,7 +806,7 @@ def save_intermediate(setup: Setup, prep: Prepared, step: int) -> Path:
     return path
 
 
-def run_job(job: TrainJob | dict, on_step: StepCallback | None = None) -> dict:
+def run_job(job: TrainJob, on_step: StepCallback | None = None) -> dict:
     """Train the LoRA described by ``job`` and write it to its ``output``.
 
     Returns a summary dict (steps, final/average loss, steps per second, module count).
