@@ -191,7 +191,8 @@ def tags(folder, keyword, tags, overwrite):
 @click.option("--dry-run", is_flag=True, help="Print the training commands; run nothing.")
 @click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
 @click.option("-n", "--jobs", type=int, default=1, help="Parallel tasks (trainings still one per GPU).")
-def train(loras, dry_run, root, jobs):
+@click.option("--force", is_flag=True, help="Train again even when up to date (and not from the run cache).")
+def train(loras, dry_run, root, jobs, force):
     """Train LORAS (default: every stale one), or print the commands with --dry-run."""
     from .dodo import project_graph, run_doit
 
@@ -211,9 +212,10 @@ def train(loras, dry_run, root, jobs):
                 for line in dry_run_commands(job):
                     click.echo(line)
         return
-    targets = [f"train:{lora.name}/{p.name}" for lora in selected for p in g.variants(lora)]
+    labels = [f"{lora.name}/{p.name}" for lora in selected for p in g.variants(lora)]
     argv = ["run", "--continue"] + (["-n", str(jobs), "-P", "process"] if jobs > 1 else [])
-    sys.exit(run_doit(root_path, argv + targets))
+    sys.exit(run_doit(root_path, argv + [f"train:{label}" for label in labels],
+                      force_train=frozenset(labels) if force else frozenset()))
 
 
 @cli.command()

@@ -63,7 +63,7 @@ DEFAULT_VARIANTS = ("Lora3x3A50p-AdamW8",)
 RESERVED_NAMES = {
     "auto", "clean", "dumpdb", "forget", "help", "ignore", "info", "list", "reset-dep", "run",
     "strace", "tabcompletion", "image", "caption", "dataset", "preview", "train", "merge",
-    "compress", "all", "default",
+    "compress", "samples", "all", "default",
 }
 _NAME_RE = re.compile(r"^[^\s,:=/\\@][^,:=/\\@]*$")
 _KEYWORD_RE = re.compile(r"^[^\s,]+$")

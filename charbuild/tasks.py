@@ -40,6 +40,7 @@ GROUP_DOCS = {
     "train": "raw LoRA per LoRA and training variant (holds a GPU lock)",
     "merge": "block-weight-merged LoRA (FACE/BODY presets or your own)",
     "compress": "compressed LoRA (SVD rank reduction): the file to use",
+    "samples": "the last row of samples of a trained LoRA (with sample_every set), without retraining",
     "report": "the project report page build/report/index.html (open it from disk)",
 }
 
@@ -168,6 +169,8 @@ class Graph:
         self._dataset_texts: dict[str, str] = {}
         self._variants: dict[str, list] = {}
         self._job_specs = None
+        #: "<lora>/<variant>" labels to train even when up to date, without the run cache (train --force)
+        self.force_train: frozenset[str] = frozenset()
 
     # -- helpers
     def parts(self) -> Iterator[Part]:
@@ -442,15 +445,42 @@ class Graph:
             deps = self.train_deps(lora)
             for params in self.variants(lora):
                 job = self.train_job(lora, params)
+                forced = f"{lora.name}/{params.name}" in self.force_train
+                if forced:
+                    job = job.with_trainer(run_cache=False)
                 yield {
                     "basename": "train",
                     "name": f"{lora.name}/{params.name}",
                     "actions": [(train_action, [job])],
                     "task_dep": deps,
                     "targets": [layout.raw_lora(lora.name, params.name)],
-                    "uptodate": [TrainUpToDate(job)],
+                    "uptodate": [False] if forced else [TrainUpToDate(job)],
                     "verbosity": 2,
                     "io": {"capture": False},
+                }
+
+    def samples_tasks(self):
+        """``samples:<lora>/<variant>`` for every variant that samples (``sample_every``): the last
+        row of samples of its raw LoRA, rendered when missing or when the prompts change, without
+        retraining (samples the training wrote for the same prompts are kept)."""
+        from .train.samples_action import samples_action
+
+        yield {"basename": "samples", "name": None, "doc": GROUP_DOCS["samples"]}
+        for lora in self.project.loras.values():
+            for params in self.variants(lora):
+                if not params.sample_every:
+                    continue
+                job = self.train_job(lora, params)
+                sample_set = self.sample_set(lora, params)
+                yield {
+                    "basename": "samples",
+                    "name": f"{lora.name}/{params.name}",
+                    "actions": [(samples_action, [job])],
+                    "file_dep": [layout.raw_lora(lora.name, params.name)],
+                    "targets": [layout.sample_png(lora.name, params.name, params.steps, name) for name, _ in sample_set],
+                    "uptodate": [config_changed({"samples": sample_set, "seed": params.seed, "model": self.model_signature(),
+                                                 "size": params.sample_size, "steps": params.sample_steps})],
+                    "verbosity": 2,
                 }
 
     def merge_tasks(self):
@@ -515,5 +545,6 @@ class Graph:
     def lora_deps(self, lora: Lora) -> list[str]:
         deps = [f"dataset:{lora.name}", f"preview:{lora.name}"]
         deps += [f"compress:{lora.name}/{p.name}" for p in self.variants(lora)]
+        deps += [f"samples:{lora.name}/{p.name}" for p in self.variants(lora) if p.sample_every]
         return deps
 

@@ -25,7 +25,6 @@ COMMANDS = [
     ["train", "bbo"],
     ["train", "--dry-run"],
     ["train", "--force", "bbo"],
-    ["samples"],
     ["report"],
     ["report", "--build"],
 ]
