@@ -7,7 +7,8 @@ table. The parsing is :func:`charbuild.lora.blocks.resolve_block_weights`'s, cal
 
 SDXL projects get SDXL forms (20 values) of the built-in FACE and BODY presets, derived from
 the SD1.5 ones block by block (:data:`SD15_BLOCK_OF_SDXL`, docs/sdxl.md); the user's own
-``[merge.presets]`` of the same name still win.
+``[merge.presets]`` of the same name still win. The user's SD1.5 lists (17/26 values) in an
+SDXL project are taken in their SDXL form the same way, so switching ``base`` alone keeps them.
 """
 
 from __future__ import annotations
@@ -51,11 +52,35 @@ def arch_presets(arch: str, presets: Mapping[str, Any] | None = None) -> dict[st
     return table
 
 
+#: Lengths of SD1.5 weight lists (LBW's 17, all 26 blocks): an SDXL project takes them in their SDXL form.
+SD15_LENGTHS = (17, 26)
+
+
+def _sd15_list_in_sdxl(value: Any, arch: str) -> list[float] | None:
+    """The SDXL form of an SD1.5 weight list (17/26 values, a list or comma string) given to an
+    SDXL project, derived block by block as FACE and BODY are; None for anything else. So a
+    project's presets and weights stay valid when its base model switches to SDXL."""
+    if arch != "sdxl":
+        return None
+    if isinstance(value, str) and "," in value:
+        count = len(value.split(","))
+    elif isinstance(value, list):
+        count = len(value)
+    else:
+        return None
+    if count not in SD15_LENGTHS:
+        return None
+    from .lora.blocks import resolve_block_weights
+
+    return sdxl_form(resolve_block_weights(value, arch="sd15"))
+
+
 def preset_values(value: Any, arch: str) -> list[float]:
     """The weights of a ``[merge.presets]`` entry: a comma string or a list of numbers.
 
     Returned over every block of ``arch`` (a short list is expanded as LBW does), so the
-    preset means the same wherever it is used. Raises ValueError saying what is wrong.
+    preset means the same wherever it is used; an SD1.5 list in an SDXL project is taken in its
+    SDXL form (:func:`sdxl_form`). Raises ValueError saying what is wrong.
     """
     from .lora.blocks import resolve_block_weights
 
@@ -64,6 +89,9 @@ def preset_values(value: Any, arch: str) -> list[float]:
             raise ValueError(f"must be comma-separated numbers like \"0,1,1,…\" or a list of numbers, not {value!r}")
     elif not isinstance(value, list):
         raise ValueError(f"must be comma-separated numbers like \"0,1,1,…\" or a list of numbers, not {value!r}")
+    converted = _sd15_list_in_sdxl(value, arch)
+    if converted is not None:
+        return converted
     return list(resolve_block_weights(value, arch=arch).values())
 
 
@@ -81,7 +109,8 @@ def resolve_merge_weights(spec: Any, settings_or_project: "Project | Mapping[str
     else:
         merge, model = settings_or_project.merge, settings_or_project.model
     arch = model["arch"]
-    return resolve_block_weights(_stripped(spec), arch=arch, presets=arch_presets(arch, merge.get("presets")) or None)
+    spec = _sd15_list_in_sdxl(_stripped(spec), arch) or _stripped(spec)
+    return resolve_block_weights(spec, arch=arch, presets=arch_presets(arch, merge.get("presets")) or None)
 
 
 def _stripped(spec: Any) -> Any:

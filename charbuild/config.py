@@ -46,6 +46,8 @@ __all__ = [
 DEFAULT_SIZES = (128, 192, 256, 384, 512, 768)
 #: SDXL's ladder: the SD1.5 one scaled by 2 for 1024-class training (docs/sdxl.md)
 SDXL_DEFAULT_SIZES = (256, 384, 512, 768, 1024, 1536)
+#: the size SDXL trains at (1024-class): a ladder below it wastes an SDXL model (a warning)
+SDXL_NATIVE = 1024
 
 
 def default_sizes(arch: str) -> tuple[int, ...]:
@@ -193,6 +195,11 @@ def _load_dataset(c: Collector, ds: dict, settings: _Settings) -> None:
     c.check_keys(ds, DATASET_KEYS, kp)
     sizes = c.get(ds, "sizes", _sizes_check, settings.dataset["sizes"], kp)
     settings.dataset["sizes"] = sorted(set(sizes))
+    arch = settings.model["arch"]
+    if arch == "sdxl" and "sizes" in ds and max(settings.dataset["sizes"]) < SDXL_NATIVE:
+        c.warning(f"'dataset.sizes' tops out at {max(settings.dataset['sizes'])} px, but the base model is SDXL, "
+                  f"which trains at {SDXL_NATIVE} px: add {SDXL_NATIVE} (and larger) sizes, or leave sizes out for "
+                  f"the SDXL ladder {list(SDXL_DEFAULT_SIZES)}", kp + ("sizes",))
     if "batch_sizes" not in ds:
         return
     bs = ds["batch_sizes"]

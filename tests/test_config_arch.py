@@ -183,6 +183,46 @@ def test_sdxl_user_presets_named_face_win(tmp_path):
     assert face["IN04"] == 0.5 and face["BASE"] == 1.0
 
 
-def test_an_sd15_face_list_on_sdxl_is_still_an_error(tmp_path):
-    root = _project(tmp_path, 'base = "tiny-sdxl"\n', '[merge]\nface = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1,0,1,1,1,0,1,1,1,0,0,1"\n')
-    assert any("'merge.face': 26 block weights given; sdxl takes 12 or 20" in m for m in _errors(root))
+def test_a_weight_list_of_neither_arch_is_still_an_error(tmp_path):
+    root = _project(tmp_path, 'base = "tiny-sdxl"\n', '[merge]\nface = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1"\n')
+    assert any("'merge.face': 15 block weights given; sdxl takes 12 or 20" in m for m in _errors(root))
+
+
+def test_switching_the_example_to_sdxl_takes_only_its_base(example_copy):
+    """arch from the model, the SDXL ladder, the project's SD1.5 presets in their SDXL form."""
+    from charbuild.block_weights import sdxl_form
+    from charbuild.lora.blocks import resolve_block_weights
+
+    sd15 = load_project(example_copy)
+    toml = example_copy / "characters/project.toml"
+    text = toml.read_text(encoding="utf-8")
+    assert 'base = "tiny"\n' in text
+    toml.write_text(text.replace('base = "tiny"\n', 'base = "tiny-sdxl"\n'), encoding="utf-8")
+    project = load_project(example_copy)
+    assert (sd15.model["arch"], project.model["arch"]) == ("sd15", "sdxl")
+    assert sd15.dataset["sizes"] == [128, 192, 256, 384, 512, 768]
+    assert project.dataset["sizes"] == [256, 384, 512, 768, 1024, 1536]
+    soft = project.merge["presets"]["BODY_SOFT"]
+    assert len(soft) == 20 and soft == sdxl_form(resolve_block_weights(sd15.merge["presets"]["BODY_SOFT"], arch="sd15"))
+    assert not [w for w in project.warnings if "sizes" in w.message]
+
+
+def test_an_sdxl_project_whose_ladder_stays_below_1024_is_warned(tmp_path):
+    root = make_project(tmp_path / "p", sizes=(128, 256, 512), project_extra='[model]\nbase = "tiny-sdxl"\n')
+    project = load_project(root)
+    warned = [w for w in project.warnings if "'dataset.sizes'" in w.message]
+    assert len(warned) == 1 and "tops out at 512 px, but the base model is SDXL" in warned[0].message
+    assert str(warned[0]).startswith("characters/project.toml:2: warning:")
+    root = make_project(tmp_path / "q", sizes=(512, 1024), project_extra='[model]\nbase = "tiny-sdxl"\n')
+    assert not [w for w in load_project(root).warnings if "'dataset.sizes'" in w.message]
+
+
+def test_an_sd15_weight_list_in_an_sdxl_project_is_taken_in_its_sdxl_form(tmp_path):
+    weights = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1,0,1,1,1,0,1,1,1,0,0,1"
+    root = make_project(tmp_path / "p", sizes=(512, 1024), project_extra=f'[model]\nbase = "tiny-sdxl"\n[merge]\nface = "{weights}"\n')
+    project = load_project(root)
+    from charbuild.block_weights import resolve_merge_weights, sdxl_form
+    from charbuild.lora.blocks import resolve_block_weights
+
+    got = resolve_merge_weights(project.merge["face"], project)
+    assert list(got.values()) == sdxl_form(resolve_block_weights(weights, arch="sd15"))
