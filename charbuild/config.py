@@ -446,11 +446,17 @@ def _scan_part(root: Path, part: Part, folder: Path, expected: str, problems: li
             problems.append(Problem(shown, f"a '{other}' picture in a {where[expected]}: {other}-codes belong in "
                                     f"{'face/' if other == 'f' else 'outfits/<outfit>/'}; move or rename it"))
             continue
-        if f.stem in stems:
-            problems.append(Problem(shown, f"two pictures named {f.stem!r} ({stems[f.stem].name} and {f.name}); "
-                                    "they would produce the same prepared file: rename one"))
+        same = stems.get(f.stem.casefold())  # F01.png and f01.png are one file on Windows and macOS
+        if same is not None:
+            why = "" if same.stem == f.stem else " on case-insensitive file systems (Windows, macOS)"
+            problems.append(Problem(shown, f"two pictures named {f.stem!r} ({same.name} and {f.name}); "
+                                    f"they would produce the same prepared file{why}: rename one"))
             continue
-        stems[f.stem] = f
+        stems[f.stem.casefold()] = f
+        if codes.looks_like_a_copy(f.name):
+            problems.append(Problem(shown, f"looks like a file manager's copy of a {code} picture: it trains as one "
+                                    f"more {code} picture; delete it, or name it for what it shows ({code}-smile.png)",
+                                    None, "warning"))
         try:
             width, height = read_size(f)
         except CharbuildError as exc:
@@ -470,7 +476,17 @@ def _template_warnings(root: Path, ch: Character, problems: list[Problem]) -> No
     ]:
         if not part.images:
             continue
-        have = {img.code for img in part.images}
+        if ch.symmetric:
+            for img in part.images:
+                if img.code[2] in "567":
+                    problems.append(Problem(img.rel, f"a mirrored-angle code ({img.code}) on a symmetric character: "
+                                            "flip_aug already mirrors every picture; set symmetric = false in "
+                                            f"{ch.source} if the character is not symmetric, else rename the picture",
+                                            None, "warning"))
+        # the codes of every coded picture, also of those with errors (reported already, not as missing)
+        have = {img.code for img in part.images} | {
+            code for f in folder.iterdir() if f.suffix.lower() in codes.IMAGE_EXTENSIONS
+            and (code := codes.parse_code(f.name))}
         missing = [code for code in codes.TEMPLATE_CODES[letter] if code not in have]
         if missing:
             problems.append(Problem(show_path(root, folder), f"angle codes missing from the template set: "
