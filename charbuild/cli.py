@@ -117,7 +117,8 @@ def status(root, show_all):
 
     root_path = _root(root)
     project_graph(root_path)  # a project with errors: its path:line lines, exit 2
-    stale = stale_tasks(root_path)
+    # private tasks (doit's "_" names: housekeeping such as _prune) are no target a user builds
+    stale = [(name, reasons) for name, reasons in stale_tasks(root_path) if not name.startswith("_")]
     if not stale:
         click.echo("everything is up to date")
         return
@@ -127,6 +128,8 @@ def status(root, show_all):
     for group, items in groups.items():
         click.echo(f"{group}: {len(items)} to build")
         for name, reasons in items if show_all else items[:5]:
+            if reasons.startswith(f"{name}: "):  # a check that names its task ("report: …") says it once
+                reasons = reasons[len(name) + 2:]
             click.echo(f"  {name}: {reasons}")
         if not show_all and len(items) > 5:
             click.echo(f"  ... and {len(items) - 5} more (--all lists them)")

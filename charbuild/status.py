@@ -43,7 +43,10 @@ def stale_tasks(root: Path) -> list[tuple[str, str]]:
 
 def _reasons(task, result) -> str:
     if result.status == "error":
-        return f"error while checking: {result.get_error_message()}"
+        message = result.get_error_message()
+        if "Dependent file" in message and "does not exist" in message:  # doit's words for an input still to build
+            return "waits for inputs that are not built yet: " + message.split("'")[1]
+        return f"error while checking: {message}"
     r = result.reasons
     if r.get("missing_target") and len(r["missing_target"]) == len(task.targets):
         return "not built yet"  # doit also lists every input as changed then: no news
@@ -57,9 +60,11 @@ def _reasons(task, result) -> str:
             parts.append(repr(utd) if hasattr(utd, "reason") else "settings or generated text changed")
     if r.get("checker_changed"):
         parts.append("file checker changed")
+    added = set(r.get("added_file_dep") or ())
     for key, label in (("changed_file_dep", "changed"), ("missing_file_dep", "missing"),
                        ("added_file_dep", "new input"), ("removed_file_dep", "input removed")):
-        if r.get(key):
-            files = r[key]
+        # doit lists a new input as changed too (it has no saved state): say it once, as new
+        files = [f for f in r.get(key) or () if key == "added_file_dep" or f not in added]
+        if files:
             parts.append(f"{label}: {files[0]}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else ""))
     return "; ".join(parts) or "never built"
