@@ -112,3 +112,15 @@ def test_train_force_retrains_an_up_to_date_lora_and_not_from_the_run_cache(trai
     assert exit_.value.code == 0
     out = capsys.readouterr()
     assert f"training bbo/{V}" in out.out + out.err and "restored" not in out.out + out.err
+
+
+def test_the_fake_backend_s_stand_in_loras_get_stand_in_samples(tmp_path):
+    root = make_project(tmp_path / "p")
+    assert "samples" not in groups(build(root))  # sampling off: no samples targets
+    toml = root / "characters/project.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("dim = 4\n", "dim = 4\nsample_every = 5\n"), encoding="utf-8")
+    ran = groups(build(root))
+    assert "train" not in ran and ran["samples"] == {f"alc/{V}", f"alcdr/{V}", f"bbo/{V}"}
+    with Image.open(root / f"build/loras/bbo/{V}/samples/5/f00.png") as im:
+        assert im.text["parameters"].startswith("bbo, ") and "Seed: 31337," in im.text["parameters"]
+    assert build(root) == set()

@@ -23,7 +23,11 @@ from .gpulock import gpu_lease
 from .job import TrainJob
 from .observed import samples_of
 
-MODULE = "charbuild.train.builtin.lora_samples"
+#: The module that renders samples of an existing LoRA (``python -m MODULE REQUEST.json``): the
+#: builtin renderer on the base model, whatever backend trained the LoRA, except the fake
+#: backend's stand-in LoRAs, which no model can render (tests, demos).
+RENDERERS = {"fake": "charbuild.train.fake_samples"}
+DEFAULT_RENDERER = "charbuild.train.builtin.lora_samples"
 
 
 def sample_targets(job: TrainJob) -> list[Path]:
@@ -77,7 +81,8 @@ def samples_action(job: TrainJob) -> bool:
             request_file = Path(temp) / "request.json"
             write_text_atomic(request_file, json.dumps(request(job), ensure_ascii=False))
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(lease.gpu)}
-            rc = subprocess.call([sys.executable, "-m", MODULE, str(request_file)], cwd=job.project_root, env=env)
+            module = RENDERERS.get(job.trainer.backend, DEFAULT_RENDERER)
+            rc = subprocess.call([sys.executable, "-m", module, str(request_file)], cwd=job.project_root, env=env)
     if rc != 0:
         raise TrainingError(f"rendering the samples of {job.label} failed (exit status {rc}; its output is above)",
                             path=job.output)
