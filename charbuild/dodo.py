@@ -104,7 +104,9 @@ def task_compress():
 
 
 def task_samples():
-    yield from graph().samples_tasks()
+    from .train.samples_action import samples_tasks
+
+    yield from samples_tasks(graph(), GROUP_DOCS["samples"])
 
 
 def task_report():

@@ -459,30 +459,6 @@ class Graph:
                     "io": {"capture": False},
                 }
 
-    def samples_tasks(self):
-        """``samples:<lora>/<variant>`` for every variant that samples (``sample_every``): the last
-        row of samples of its raw LoRA, rendered when missing or when the prompts change, without
-        retraining (samples the training wrote for the same prompts are kept)."""
-        from .train.samples_action import samples_action
-
-        yield {"basename": "samples", "name": None, "doc": GROUP_DOCS["samples"]}
-        for lora in self.project.loras.values():
-            for params in self.variants(lora):
-                if not params.sample_every:
-                    continue
-                job = self.train_job(lora, params)
-                sample_set = self.sample_set(lora, params)
-                yield {
-                    "basename": "samples",
-                    "name": f"{lora.name}/{params.name}",
-                    "actions": [(samples_action, [job])],
-                    "file_dep": [layout.raw_lora(lora.name, params.name)],
-                    "targets": [layout.sample_png(lora.name, params.name, params.steps, name) for name, _ in sample_set],
-                    "uptodate": [config_changed({"samples": sample_set, "seed": params.seed, "model": self.model_signature(),
-                                                 "size": params.sample_size, "steps": params.sample_steps})],
-                    "verbosity": 2,
-                }
-
     def merge_tasks(self):
         yield {"basename": "merge", "name": None, "doc": GROUP_DOCS["merge"]}
         for lora in self.project.loras.values():

@@ -1,4 +1,5 @@
-"""The ``samples:<lora>/<variant>`` action: samples of a trained LoRA without training again.
+"""The ``samples:<lora>/<variant>`` targets and their action: samples of a trained LoRA without
+training it again.
 
 A training renders samples when ``sample_every`` is set; this target renders its last row
 (``samples/<steps>/<name>.png``) for a raw LoRA that exists already: turned on after the
@@ -17,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .. import layout
 from ..errors import TrainingError, doit_action
 from ..fsutil import write_text_atomic
 from .gpulock import gpu_lease
@@ -87,3 +89,28 @@ def samples_action(job: TrainJob) -> bool:
         raise TrainingError(f"rendering the samples of {job.label} failed (exit status {rc}; its output is above)",
                             path=job.output)
     return True
+
+
+def samples_tasks(graph, doc: str):
+    """``samples:<lora>/<variant>`` of ``graph`` (a :class:`charbuild.tasks.Graph`) for every variant
+    that samples (``sample_every``): the last row of samples of its raw LoRA, rendered when missing
+    or when the prompts change, without retraining (a row the training wrote is kept). ``doc``:
+    the group's line in ``doit list``."""
+    from doit.tools import config_changed
+
+    yield {"basename": "samples", "name": None, "doc": doc}
+    for lora in graph.project.loras.values():
+        for params in graph.variants(lora):
+            if not params.sample_every:
+                continue
+            sample_set = graph.sample_set(lora, params)
+            yield {
+                "basename": "samples",
+                "name": f"{lora.name}/{params.name}",
+                "actions": [(samples_action, [graph.train_job(lora, params)])],
+                "file_dep": [layout.raw_lora(lora.name, params.name)],
+                "targets": [layout.sample_png(lora.name, params.name, params.steps, name) for name, _ in sample_set],
+                "uptodate": [config_changed({"samples": sample_set, "seed": params.seed, "model": graph.model_signature(),
+                                             "size": params.sample_size, "steps": params.sample_steps})],
+                "verbosity": 2,
+            }
