@@ -204,7 +204,10 @@ def test_switching_the_example_to_sdxl_takes_only_its_base(example_copy):
     assert project.dataset["sizes"] == [256, 384, 512, 768, 1024, 1536]
     soft = project.merge["presets"]["BODY_SOFT"]
     assert len(soft) == 20 and soft == sdxl_form(resolve_block_weights(sd15.merge["presets"]["BODY_SOFT"], arch="sd15"))
-    assert not [w for w in project.warnings if "sizes" in w.message]
+    assert not [w for w in project.warnings if "'dataset.sizes'" in w.message]
+    small = [str(w) for w in project.warnings if "prepared at 512 px at most" in w.message]  # 512 px sources
+    assert small and small[0].startswith("characters/chaneko/face: warning: the base model is SDXL"), small
+    assert not [w for w in sd15.warnings if "SDXL" in w.message]
 
 
 def test_an_sdxl_project_whose_ladder_stays_below_1024_is_warned(tmp_path):
@@ -213,8 +216,11 @@ def test_an_sdxl_project_whose_ladder_stays_below_1024_is_warned(tmp_path):
     warned = [w for w in project.warnings if "'dataset.sizes'" in w.message]
     assert len(warned) == 1 and "tops out at 512 px, but the base model is SDXL" in warned[0].message
     assert str(warned[0]).startswith("characters/project.toml:2: warning:")
-    root = make_project(tmp_path / "q", sizes=(512, 1024), project_extra='[model]\nbase = "tiny-sdxl"\n')
-    assert not [w for w in load_project(root).warnings if "'dataset.sizes'" in w.message]
+    root = make_project(tmp_path / "q", sizes=(64, 1024), project_extra='[model]\nbase = "tiny-sdxl"\n')
+    warnings = [w.message for w in load_project(root).warnings]
+    assert not [w for w in warnings if "'dataset.sizes'" in w]
+    assert [w for w in warnings if "prepared at 64 px at most" in w]  # make_project's pictures are 96 px
+
 
 
 def test_an_sd15_weight_list_in_an_sdxl_project_is_taken_in_its_sdxl_form(tmp_path):
