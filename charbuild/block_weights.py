@@ -7,7 +7,10 @@ table. The parsing is :func:`charbuild.lora.blocks.resolve_block_weights`'s, cal
 
 SDXL projects get SDXL forms (20 values) of the built-in FACE and BODY presets, derived from
 the SD1.5 ones block by block (:data:`SD15_BLOCK_OF_SDXL`, docs/sdxl.md); the user's own
-``[merge.presets]`` of the same name still win.
+``[merge.presets]`` of the same name still win. The user's own SD1.5 lists (17/26 values) in an
+SDXL project are applied as the LBW extension applies them, with a warning
+(:func:`charbuild.lora.blocks.sd15_list_on_sdxl`), so switching ``base`` alone keeps a project
+valid and a merged file equals what LBW shows.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ __all__ = ["SD15_BLOCK_OF_SDXL", "SDXL_FORM_PRESETS", "arch_presets", "merge_spe
 def preset_values(value: Any, arch: str) -> list[float]:
     """The weights of a ``[merge.presets]`` entry: a comma string or a list of numbers.
 
-    Returned over every block of ``arch`` (a short list is expanded as LBW does), so the
-    preset means the same wherever it is used. Raises ValueError saying what is wrong.
+    Returned over every block of ``arch`` (a short list is expanded as LBW does; an SD1.5 list
+    on SDXL too), so the preset means the same wherever it is used. Raises ValueError saying
+    what is wrong.
     """
     from .lora.blocks import resolve_block_weights
 

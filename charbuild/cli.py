@@ -117,7 +117,8 @@ def status(root, show_all):
 
     root_path = _root(root)
     project_graph(root_path)  # a project with errors: its path:line lines, exit 2
-    stale = stale_tasks(root_path)
+    # private tasks (doit's "_" names: housekeeping such as _prune) are no target a user builds
+    stale = [(name, reasons) for name, reasons in stale_tasks(root_path) if not name.startswith("_")]
     if not stale:
         click.echo("everything is up to date")
         return
@@ -127,6 +128,8 @@ def status(root, show_all):
     for group, items in groups.items():
         click.echo(f"{group}: {len(items)} to build")
         for name, reasons in items if show_all else items[:5]:
+            if reasons.startswith(f"{name}: "):  # a check that names its task ("report: …") says it once
+                reasons = reasons[len(name) + 2:]
             click.echo(f"  {name}: {reasons}")
         if not show_all and len(items) > 5:
             click.echo(f"  ... and {len(items) - 5} more (--all lists them)")
@@ -191,7 +194,8 @@ def tags(folder, keyword, tags, overwrite):
 @click.option("--dry-run", is_flag=True, help="Print the training commands; run nothing.")
 @click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
 @click.option("-n", "--jobs", type=int, default=1, help="Parallel tasks (trainings still one per GPU).")
-def train(loras, dry_run, root, jobs):
+@click.option("--force", is_flag=True, help="Train again even when up to date (and not from the run cache).")
+def train(loras, dry_run, root, jobs, force):
     """Train LORAS (default: every stale one), or print the commands with --dry-run."""
     from .dodo import project_graph, run_doit
 
@@ -211,9 +215,10 @@ def train(loras, dry_run, root, jobs):
                 for line in dry_run_commands(job):
                     click.echo(line)
         return
-    targets = [f"train:{lora.name}/{p.name}" for lora in selected for p in g.variants(lora)]
+    labels = [f"{lora.name}/{p.name}" for lora in selected for p in g.variants(lora)]
     argv = ["run", "--continue"] + (["-n", str(jobs), "-P", "process"] if jobs > 1 else [])
-    sys.exit(run_doit(root_path, argv + targets))
+    sys.exit(run_doit(root_path, argv + [f"train:{label}" for label in labels],
+                      force_train=frozenset(labels) if force else frozenset()))
 
 
 @cli.command()

@@ -54,3 +54,19 @@ def angle_order_key(code: str) -> tuple[int, int, int]:
     if not CODE_RE.fullmatch(code):
         raise ValueError(f"not an image code: {code!r} (expected [fb][0-2][0-7], e.g. f00)")
     return ("fb".index(code[0]), int(code[1]), int(code[2]))
+
+
+#: What file managers append to a duplicated file's name: "f00 copy", "f00 copy 2" (macOS),
+#: "f00 2" (macOS Finder), "f00 - Copy", "f00 - コピー", "f00 (2)" (Windows), "f00のコピー".
+_COPY_SUFFIX_RE = re.compile(r"^(?:\s*-?\s*(?:copy|コピー)(?:\s*\(?\d+\)?)?|\s+\d+|\s*\(\d+\)|\s*のコピー.*)$", re.IGNORECASE)
+
+
+def looks_like_a_copy(filename: str) -> bool:
+    """Whether a coded picture's name is a file manager's duplicate of another (``f00 copy.png``).
+
+    >>> [looks_like_a_copy(n) for n in ("f00 copy.png", "f00 - Copy (2).png", "f00 (1).jpg", "f00-smile.png")]
+    [True, True, True, False]
+    """
+    stem = filename.rsplit(".", 1)[0]
+    m = CODE_RE.match(stem)
+    return bool(m) and bool(_COPY_SUFFIX_RE.match(stem[m.end():]))

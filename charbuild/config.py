@@ -29,7 +29,7 @@ from .errors import CharbuildError, ConfigError, Problem
 from .fsutil import under_root
 from .model import Character, Lora, LoraTable, Part, Project, SourceImage
 from .prepared import image_dir, prepared_sizes, subset_for
-from .resolve import lbw_notes, resolve_loras
+from .resolve import SDXL_NATIVE, lbw_notes, resolve_loras
 from .train import BACKENDS
 from .train.executors.settings import (EXECUTOR_CHECKS, EXECUTOR_KEYS, missing_ray_message, normal_resources,
                                        ray_installed)
@@ -65,7 +65,7 @@ DEFAULT_VARIANTS = ("Lora3x3A50p-AdamW8",)
 RESERVED_NAMES = {
     "auto", "clean", "dumpdb", "forget", "help", "ignore", "info", "list", "reset-dep", "run",
     "strace", "tabcompletion", "image", "caption", "dataset", "preview", "train", "merge",
-    "compress", "all", "default",
+    "compress", "samples", "all", "default",
 }
 _NAME_RE = re.compile(r"^[^\s,:=/\\@][^,:=/\\@]*$")
 _KEYWORD_RE = re.compile(r"^[^\s,]+$")
@@ -197,6 +197,11 @@ def _load_dataset(c: Collector, ds: dict, settings: _Settings) -> None:
     c.check_keys(ds, DATASET_KEYS, kp)
     sizes = c.get(ds, "sizes", _sizes_check, settings.dataset["sizes"], kp)
     settings.dataset["sizes"] = sorted(set(sizes))
+    arch = settings.model["arch"]
+    if arch == "sdxl" and "sizes" in ds and max(settings.dataset["sizes"]) < SDXL_NATIVE:
+        c.warning(f"'dataset.sizes' tops out at {max(settings.dataset['sizes'])} px, but the base model is SDXL, "
+                  f"which trains at {SDXL_NATIVE} px: add {SDXL_NATIVE} (and larger) sizes, or leave sizes out for "
+                  f"the SDXL ladder {list(SDXL_DEFAULT_SIZES)}", kp + ("sizes",))
     if "batch_sizes" not in ds:
         return
     bs = ds["batch_sizes"]
@@ -445,11 +450,17 @@ def _scan_part(root: Path, part: Part, folder: Path, expected: str, problems: li
             problems.append(Problem(shown, f"a '{other}' picture in a {where[expected]}: {other}-codes belong in "
                                     f"{'face/' if other == 'f' else 'outfits/<outfit>/'}; move or rename it"))
             continue
-        if f.stem in stems:
-            problems.append(Problem(shown, f"two pictures named {f.stem!r} ({stems[f.stem].name} and {f.name}); "
-                                    "they would produce the same prepared file: rename one"))
+        same = stems.get(f.stem.casefold())  # F01.png and f01.png are one file on Windows and macOS
+        if same is not None:
+            why = "" if same.stem == f.stem else " on case-insensitive file systems (Windows, macOS)"
+            problems.append(Problem(shown, f"two pictures named {f.stem!r} ({same.name} and {f.name}); "
+                                    f"they would produce the same prepared file{why}: rename one"))
             continue
-        stems[f.stem] = f
+        stems[f.stem.casefold()] = f
+        if codes.looks_like_a_copy(f.name):
+            problems.append(Problem(shown, f"looks like a file manager's copy of a {code} picture: it trains as one "
+                                    f"more {code} picture; delete it, or name it for what it shows ({code}-smile.png)",
+                                    None, "warning"))
         try:
             width, height = read_size(f)
         except CharbuildError as exc:
@@ -469,7 +480,17 @@ def _template_warnings(root: Path, ch: Character, problems: list[Problem]) -> No
     ]:
         if not part.images:
             continue
-        have = {img.code for img in part.images}
+        if ch.symmetric:
+            for img in part.images:
+                if img.code[2] in "567":
+                    problems.append(Problem(img.rel, f"a mirrored-angle code ({img.code}) on a symmetric character: "
+                                            "flip_aug already mirrors every picture; set symmetric = false in "
+                                            f"{ch.source} if the character is not symmetric, else rename the picture",
+                                            None, "warning"))
+        # the codes of every coded picture, also of those with errors (reported already, not as missing)
+        have = {img.code for img in part.images} | {
+            code for f in folder.iterdir() if f.suffix.lower() in codes.IMAGE_EXTENSIONS
+            and (code := codes.parse_code(f.name))}
         missing = [code for code in codes.TEMPLATE_CODES[letter] if code not in have]
         if missing:
             problems.append(Problem(show_path(root, folder), f"angle codes missing from the template set: "

@@ -23,6 +23,9 @@ from .model import Lora
 from .prepared import subset_for
 from .train.variants import training_defaults, variant_entries
 
+#: the size SDXL trains at (1024-class): SDXL pictures or a ladder below it waste the model (a warning)
+SDXL_NATIVE = 1024
+
 
 @contextlib.contextmanager
 def lbw_notes(report):
@@ -53,15 +56,22 @@ def resolve_loras(root: Path, settings, characters: dict, loras: dict[str, Lora]
     # every prepared folder's images must share one size class (the original's rule)
     for ch in characters.values():
         for part in [ch.face, *ch.outfits.values()]:
+            largest = 0
             for size in settings.dataset["sizes"]:
                 subset = subset_for(part, size)
                 if subset is None:
                     continue
+                largest = size
                 try:
                     folder_class(subset, settings.model["arch"])
                 except MixedSizeClassError as exc:
                     problems.append(Problem(show_path(root, ch.dir / ("face" if part.kind == "face" else f"outfits/{part.name}")),
                                             f"{exc}; crop the pictures to similar proportions"))
+            if settings.model["arch"] == "sdxl" and 0 < largest < SDXL_NATIVE <= max(settings.dataset["sizes"]):
+                folder = ch.dir / ("face" if part.kind == "face" else f"outfits/{part.name}")
+                problems.append(Problem(show_path(root, folder), f"the base model is SDXL, which trains at {SDXL_NATIVE} px, "
+                                        f"but these pictures are prepared at {largest} px at most (none is {SDXL_NATIVE} px "
+                                        f"or larger, and pictures are never upscaled): use larger pictures", None, "warning"))
 
 
 def _resolve_variants(lora: Lora, settings, problems: list[Problem]) -> list[str]:

@@ -41,8 +41,12 @@ def stale_of(tasks: Mapping[str, object], db_file: Path) -> list[Stale]:
 def reasons(task, result) -> str:
     """doit's status ``result`` of ``task`` as one line a user reads."""
     if result.status == "error":
-        return f"error while checking: {result.get_error_message()}"
+        message = result.get_error_message()
+        if "Dependent file" in message and "does not exist" in message:  # doit's words for an input still to build
+            return "waits for inputs that are not built yet: " + message.split("'")[1]
+        return f"error while checking: {message}"
     r = result.reasons
+    added = set(r.get("added_file_dep") or ())
     if r.get("missing_target") and len(r["missing_target"]) == len(task.targets):
         return "not built yet"  # doit also lists every input as changed then: no news
     parts = []
@@ -57,7 +61,8 @@ def reasons(task, result) -> str:
         parts.append("file checker changed")
     for key, label in (("changed_file_dep", "changed"), ("missing_file_dep", "missing"),
                        ("added_file_dep", "new input"), ("removed_file_dep", "input removed")):
-        if r.get(key):
-            files = r[key]
+        # doit lists a new input as changed too (it has no saved state): say it once, as new
+        files = [f for f in r.get(key) or () if key == "added_file_dep" or f not in added]
+        if files:
             parts.append(f"{label}: {files[0]}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else ""))
     return "; ".join(parts) or "never built"

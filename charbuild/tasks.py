@@ -39,6 +39,7 @@ GROUP_DOCS = {
     "train": "raw LoRA per LoRA and training variant (holds a GPU lock)",
     "merge": "block-weight-merged LoRA (FACE/BODY presets or your own)",
     "compress": "compressed LoRA (SVD rank reduction): the file to use",
+    "samples": "the last row of samples of a trained LoRA (with sample_every set), without retraining",
     "report": "the project report page build/report/index.html (open it from disk)",
 }
 
@@ -167,6 +168,8 @@ class Graph:
         self._dataset_texts: dict[str, str] = {}
         self._variants: dict[str, list] = {}
         self._job_specs = None
+        #: "<lora>/<variant>" labels to train even when up to date, without the run cache (train --force)
+        self.force_train: frozenset[str] = frozenset()
 
     # -- helpers
     def parts(self) -> Iterator[Part]:
@@ -395,13 +398,16 @@ class Graph:
             deps = self.train_deps(lora)
             for params in self.variants(lora):
                 job = self.train_job(lora, params)
+                forced = f"{lora.name}/{params.name}" in self.force_train
+                if forced:
+                    job = job.with_trainer(run_cache=False)
                 yield {
                     "basename": "train",
                     "name": f"{lora.name}/{params.name}",
                     "actions": [(train_action, [job])],
                     "task_dep": deps,
                     "targets": [layout.raw_lora(lora.name, params.name)],
-                    "uptodate": [TrainUpToDate(job)],
+                    "uptodate": [False] if forced else [TrainUpToDate(job)],
                     "verbosity": 2,
                     "io": {"capture": False},
                 }
@@ -466,5 +472,6 @@ class Graph:
     def lora_deps(self, lora: Lora) -> list[str]:
         deps = [f"dataset:{lora.name}", f"preview:{lora.name}"]
         deps += [f"compress:{lora.name}/{p.name}" for p in self.variants(lora)]
+        deps += [f"samples:{lora.name}/{p.name}" for p in self.variants(lora) if p.sample_every]
         return deps
 

@@ -37,3 +37,14 @@ def test_ci_runs_the_readme_install_and_test_command_before_installing_any_extra
     assert not any(re.search(r"\.\[[^]]*(ray|gpu)", c) for c in ci[:readme_run]), ci
     assert ci[-1] == "python -m pytest -q -m extras"  # then the tests that need the extras
     assert set(EXTRAS) == {"ray", "chromium"}  # each installed by .ci/run's third step
+
+
+def test_the_readme_gives_the_built_in_presets_as_the_code_has_them():
+    from charbuild.lora.blocks import BUILTIN_PRESETS
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    for name in ("FACE", "BODY"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` | `"))
+        values = [float(v) for v in row.split("`")[3].split(",")]
+        assert values == list(BUILTIN_PRESETS[name]), name
+    assert "every block it does not name to 1" in text

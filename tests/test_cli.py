@@ -148,3 +148,18 @@ def test_every_project_command_explains_root(capsys):
         for param in command.params:
             if param.name == "root":
                 assert param.help and "characters/" in param.help, name
+
+
+def test_status_says_each_thing_once_in_plain_words(project, capsys):
+    code, _, err = run(capsys, "build", "--root", str(project))
+    assert code == 0, err
+    draw_picture(project / "characters/bob/face/f00.png", "f00", seed=9)  # changed
+    draw_picture(project / "characters/bob/face/f01.png", "f01", seed=4)  # new
+    code, out, _ = run(capsys, "status", "--all", "--root", str(project))
+    assert code == 0
+    assert "report: report:" not in out and "\n  report: " in out, out
+    report_line = next(line for line in out.splitlines() if line.startswith("  report: "))
+    assert "changed: characters/bob/face/f00.png;" in report_line  # f01 only as a new input
+    assert report_line.endswith("new input: characters/bob/face/f01.png"), report_line
+    assert "error while checking" not in out and "waits for inputs that are not built yet: build/images/" in out
+    assert "_prune" not in out

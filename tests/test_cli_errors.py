@@ -24,6 +24,7 @@ COMMANDS = [
     ["train"],
     ["train", "bbo"],
     ["train", "--dry-run"],
+    ["train", "--force", "bbo"],
     ["report"],
     ["report", "--build"],
 ]

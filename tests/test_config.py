@@ -307,3 +307,47 @@ def test_an_unreadable_project_toml_is_not_blamed_on_the_loras(project):
                                                           encoding="utf-8")
     msgs = problems_of(project)
     assert len(msgs) == 1 and msgs[0].startswith("characters/project.toml:2: error: TOML syntax error"), msgs
+
+
+def _messages(project_root, severity: str) -> list[str]:
+    from charbuild.config import load_project
+
+    try:
+        problems = load_project(project_root).warnings
+    except ConfigError as exc:
+        problems = exc.problems() + exc.warnings
+    return [str(p) for p in problems if p.severity == severity]
+
+
+def test_picture_names_that_differ_only_in_case_are_refused_naming_both(project):
+    probe = project / "characters/bob/face/CASE-PROBE"
+    probe.write_bytes(b"")
+    if (project / "characters/bob/face/case-probe").exists():
+        pytest.skip("a case-insensitive file system cannot hold F00.png beside f00.png")
+    probe.unlink()
+    draw_picture(project / "characters/bob/face/F00.png", "f00", seed=3)
+    errors = _messages(project, "error")
+    assert any("two pictures named 'f00' (F00.png and f00.png)" in e and "case-insensitive file systems" in e
+               for e in errors), errors
+
+
+def test_a_file_manager_copy_is_a_warning(project):
+    draw_picture(project / "characters/bob/face/f00 copy.png", "f00", seed=3)
+    warnings = _messages(project, "warning")
+    assert any(w.startswith("characters/bob/face/f00 copy.png: warning: looks like a file manager's copy of a f00")
+               for w in warnings), warnings
+
+
+def test_a_mirrored_code_on_a_symmetric_character_is_a_warning(project):
+    draw_picture(project / "characters/bob/face/f05.png", "f05", seed=3)
+    warnings = _messages(project, "warning")
+    assert any(w.startswith("characters/bob/face/f05.png: warning: a mirrored-angle code (f05) on a symmetric character")
+               for w in warnings), warnings
+
+
+def test_an_empty_picture_is_one_error_not_also_a_missing_code(project):
+    (project / "characters/bob/face/f01.png").write_bytes(b"")
+    problems = _messages(project, "error") + _messages(project, "warning")
+    assert any(p.startswith("characters/bob/face/f01.png: error:") for p in problems), problems
+    missing = [p for p in problems if p.startswith("characters/bob/face: warning: angle codes missing")]
+    assert missing and "f01" not in missing[0].split(":", 3)[3], missing

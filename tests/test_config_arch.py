@@ -195,3 +195,55 @@ def test_an_sd15_list_on_sdxl_is_applied_as_lbw_does_with_one_warning(tmp_path):
     lora = next(lo for lo in project.loras.values() if lo.kind == "face")
     with pytest.warns(UserWarning):
         assert lora.merge_weights == sd15_list_on_sdxl([float(x) for x in face26.split(",")])
+
+
+def test_a_weight_list_of_neither_arch_is_still_an_error(tmp_path):
+    root = _project(tmp_path, 'base = "tiny-sdxl"\n', '[merge]\nface = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1"\n')
+    assert any("'merge.face': 15 block weights given; sdxl takes 12 or 20" in m for m in _errors(root))
+
+
+def test_switching_the_example_to_sdxl_takes_only_its_base(example_copy):
+    """arch from the model, the SDXL ladder, the project's SD1.5 presets applied as LBW does."""
+    from charbuild.lora.blocks import sd15_list_on_sdxl
+
+    sd15 = load_project(example_copy)
+    toml = example_copy / "characters/project.toml"
+    text = toml.read_text(encoding="utf-8")
+    assert 'base = "tiny"\n' in text
+    toml.write_text(text.replace('base = "tiny"\n', 'base = "tiny-sdxl"\n'), encoding="utf-8")
+    project = load_project(example_copy)
+    assert (sd15.model["arch"], project.model["arch"]) == ("sd15", "sdxl")
+    assert sd15.dataset["sizes"] == [128, 192, 256, 384, 512, 768]
+    assert project.dataset["sizes"] == [256, 384, 512, 768, 1024, 1536]
+    soft = project.merge["presets"]["BODY_SOFT"]
+    with pytest.warns(UserWarning):
+        assert len(soft) == 20 and soft == list(sd15_list_on_sdxl(sd15.merge["presets"]["BODY_SOFT"]).values())
+    assert [w for w in project.warnings if "BODY_SOFT" in w.message and "SD1.5 list on an SDXL LoRA" in w.message]
+    assert not [w for w in project.warnings if "'dataset.sizes'" in w.message]
+    small = [str(w) for w in project.warnings if "prepared at 512 px at most" in w.message]  # 512 px sources
+    assert small and small[0].startswith("characters/chaneko/face: warning: the base model is SDXL"), small
+    assert not [w for w in sd15.warnings if "SDXL" in w.message]
+
+
+def test_an_sdxl_project_whose_ladder_stays_below_1024_is_warned(tmp_path):
+    root = make_project(tmp_path / "p", sizes=(128, 256, 512), project_extra='[model]\nbase = "tiny-sdxl"\n')
+    project = load_project(root)
+    warned = [w for w in project.warnings if "'dataset.sizes'" in w.message]
+    assert len(warned) == 1 and "tops out at 512 px, but the base model is SDXL" in warned[0].message
+    assert str(warned[0]).startswith("characters/project.toml:2: warning:")
+    root = make_project(tmp_path / "q", sizes=(64, 1024), project_extra='[model]\nbase = "tiny-sdxl"\n')
+    warnings = [w.message for w in load_project(root).warnings]
+    assert not [w for w in warnings if "'dataset.sizes'" in w]
+    assert [w for w in warnings if "prepared at 64 px at most" in w]  # make_project's pictures are 96 px
+
+
+
+def test_an_sd15_weight_list_in_an_sdxl_project_is_applied_as_lbw_does(tmp_path):
+    weights = "0,1,1,1,1,1,0,0,0,1,0,0,0,0,1,0,1,1,1,0,1,1,1,0,0,1"
+    root = make_project(tmp_path / "p", sizes=(512, 1024), project_extra=f'[model]\nbase = "tiny-sdxl"\n[merge]\nface = "{weights}"\n')
+    project = load_project(root)
+    from charbuild.lora.blocks import sd15_list_on_sdxl
+
+    with pytest.warns(UserWarning, match="reach no SDXL block"):
+        expected = sd15_list_on_sdxl([float(w) for w in weights.split(",")])
+    assert next(lo for lo in project.loras.values() if lo.kind == "face").merge_weights == expected

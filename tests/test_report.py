@@ -132,6 +132,7 @@ def test_page_has_every_section_relative_urls_and_escaped_text():
     assert "p&lt;&amp;&gt;" in html and "p<&>" not in html
     assert 'value="&lt;lora:k-V:1&gt;"' in html
     assert "no loss data yet" in html and "not built yet" in html and "no samples yet" in html
+    assert "no samples yet: set <code>sample_every = N</code> in <code>[training]</code>" in html  # what to do
     assert '<td class="missing" data-code="f01">' in html
     urls = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert urls and all(not re.match(r"[a-z]+:", u) and not u.startswith("//") for u in urls), urls

@@ -108,7 +108,9 @@ def _files_table(v: dict, lora: dict) -> str:
 
 def _samples_grid(samples: dict) -> str:
     if not samples:
-        return '<p class="none">no samples yet (samples/&lt;step&gt;/&lt;code&gt;.png in the variant folder)</p>'
+        return ('<p class="none">no samples yet: set <code>sample_every = N</code> in <code>[training]</code> '
+                '(or the LoRA\'s <code>training</code> table), then <code>doit samples</code> renders them for a '
+                'trained LoRA without training it again</p>')
     codes = sorted({c for by_code in samples.values() for c in by_code}, key=sample_name_key)
     head = "".join(f"<th>{c}</th>" for c in codes)
     rows = []

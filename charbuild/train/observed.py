@@ -1,7 +1,8 @@
 """What a training shows besides its LoRA: ``metrics.jsonl`` and ``samples/<step>/<name>.png``.
 
 They are outputs of the training and inputs to nothing (the report reads them, the graph does
-not): not in the signature, not doit targets, so they never make a LoRA stale. A trainer writes
+not): not in the signature, so they never make a LoRA stale (the last row of samples is also a
+``samples:`` target, :mod:`charbuild.train.samples_action`, which renders it for a LoRA without). A trainer writes
 them beside ``job.output`` (the runner's temp folder); when the training succeeds
 :func:`land` moves them into the variant folder next to the new raw file, replacing those of
 the previous training (which described another LoRA). The run cache keeps them beside each

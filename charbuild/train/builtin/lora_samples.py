@@ -1,0 +1,123 @@
+"""Samples of an existing LoRA file, without training it again (the ``samples:`` targets).
+
+:func:`render_lora_samples` loads the base model, adds the LoRA's weight changes to the
+weights they adapt (multiplier 1: every module's ``ΔW = up·down·alpha/rank``, or its LoHa/LoKr
+delta, through :mod:`charbuild.lora.io`) and renders the prompts with the training's
+:class:`~.samples.SampleRenderer`: the same pipeline, scheduler, guidance, seeds and file
+names as samples rendered during a training, so a ``samples:`` picture stands beside those in
+the report's grid. Adding the deltas to the weights gives what the LoRA modules' forward adds
+(up to float rounding) for any rank per module, which a compressed file has.
+
+``python -m charbuild.train.builtin.lora_samples REQUEST.json`` runs it in a process of its own
+(the build process never imports torch; :mod:`charbuild.train.samples_action` starts it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from charbuild.errors import CharbuildError, TrainingError
+from charbuild.sample_prompts import NATIVE_SIZE, SamplePrompt
+from charbuild.train.job import ModelSpec
+
+
+def _adapted_modules(base) -> dict:
+    """kohya stem -> the torch module it adapts, for every module a LoRA/LoCon may adapt."""
+    from .network import LoRANetwork, NetworkSpec
+
+    every = NetworkSpec("lora", 1, 1.0, conv_dim=1, conv_alpha=1.0)  # finds 3x3 convs too (LoCon)
+    encoders = (base.text_encoder, base.text_encoder_2) if base.arch == "sdxl" else base.text_encoder
+    network = LoRANetwork(base.unet, encoders, every, arch=base.arch)
+    return {m.stem: m._org[0] for m in list(network.unet_loras) + list(network.te_loras)}
+
+
+def add_lora_to_model(base, lora_file: str | Path) -> int:
+    """Add the weight changes of ``lora_file`` to ``base``'s UNet and text encoder(s); the
+    number of modules changed. TrainingError when the file adapts nothing of this model."""
+    import torch
+
+    from charbuild.lora.io import load_lora
+
+    lora = load_lora(lora_file)
+    targets = _adapted_modules(base)
+    unknown = sorted(set(lora.modules) - set(targets))
+    if len(unknown) == len(lora.modules):
+        raise TrainingError(f"the LoRA adapts no module of the base model (a LoRA of another architecture?): "
+                            f"{unknown[0]} …", path=lora_file)
+    with torch.no_grad():
+        for stem, module in lora.modules.items():
+            if stem in targets:
+                weight = targets[stem].weight
+                weight += module.delta().reshape(weight.shape).to(weight.device, weight.dtype)
+    if unknown:
+        print(f"charbuild: {len(unknown)} module(s) of the LoRA match nothing in the model, e.g. {unknown[0]}",
+              file=sys.stderr)
+    return len(lora.modules) - len(unknown)
+
+
+def render_lora_samples(lora_file: str | Path, model: ModelSpec, samples: tuple[SamplePrompt, ...],
+                        folder: str | Path, *, step: int, seed: int, project_root: str | Path,
+                        size: int | None = None, steps: int | None = None, v_prediction: bool = False,
+                        zero_terminal_snr: bool = False) -> list[Path]:
+    """Render ``samples`` of the LoRA ``lora_file`` on the base model ``model`` into
+    ``<folder>/samples/<step>/<name>.png``, seeds ``seed + index``; the files written.
+
+    ``size``/``steps`` None: as during a training (the native size and 20 steps on a GPU,
+    128 px and 4 steps on a CPU). ``v_prediction``/``zero_terminal_snr``: the training's options.
+    """
+    import torch
+
+    from .loss import apply_zero_terminal_snr
+    from .models import load_base_model
+    from .samples import SampleRenderer
+
+    base = load_base_model(model.to_dict(), project_root, supported_archs=("sd15", "sdxl"))
+    add_lora_to_model(base, lora_file)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    encoders = [te for te in (base.text_encoder, base.text_encoder_2) if te is not None]
+    for part in [base.unet, *encoders]:
+        part.to(device, dtype)
+    scheduler = base.noise_scheduler
+    if v_prediction and scheduler.config.prediction_type != "v_prediction":
+        scheduler = type(scheduler).from_config(scheduler.config, prediction_type="v_prediction")
+    if zero_terminal_snr or base.zero_terminal_snr:
+        apply_zero_terminal_snr(scheduler)
+    native = NATIVE_SIZE[base.arch]
+    # the renderer's view of a training: its seed, clip skip and sample options, and the modules
+    setup = SimpleNamespace(seed=int(seed), clip_skip=model.clip_skip,
+                            job=SimpleNamespace(params=SimpleNamespace(sample_size=size, sample_steps=steps)))
+    prep = SimpleNamespace(device=device, weight_dtype=dtype, vae=base.vae, unet=base.unet,
+                           text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                           text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                           noise_scheduler=scheduler,
+                           dataset=SimpleNamespace(datasets=[SimpleNamespace(resolution=(native, native))]))
+    renderer = SampleRenderer(setup, prep, samples, folder)
+    print(f"charbuild: {renderer.describe()} of {Path(lora_file).name} on {base.name}", file=sys.stderr, flush=True)
+    return renderer.render(step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m charbuild.train.builtin.lora_samples REQUEST.json`` (written by samples_action)."""
+    args = sys.argv[1:] if argv is None else argv
+    request = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    samples = tuple(SamplePrompt(name, prompt, index) for name, prompt, index in request["samples"])
+    try:
+        written = render_lora_samples(request["lora_file"], ModelSpec.from_dict(request["model"]), samples,
+                                      request["folder"], step=request["step"], seed=request["seed"],
+                                      project_root=request["project_root"], size=request["size"],
+                                      steps=request["steps"], v_prediction=request["v_prediction"],
+                                      zero_terminal_snr=request["zero_terminal_snr"])
+    except CharbuildError as exc:
+        print(f"charbuild: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"charbuild: {len(written)} sample(s) in {Path(request['folder']).as_posix()}/samples/{request['step']}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
