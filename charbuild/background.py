@@ -235,6 +235,14 @@ def _raw_noise(lab: np.ndarray) -> float:
     return float(np.median(step[border & _shift(border, 0, 1, False)])) / np.sqrt(2)
 
 
+def _shade(diff: np.ndarray, tolerance: float, darker: float, hue: float = 1.0) -> np.ndarray:
+    """Pixels that may be the background in shadow: ``diff`` (Lab minus the field) has a hue
+    within ``hue`` x ``tolerance`` and a lightness at most ``darker`` x ``tolerance`` darker (a
+    shadow darkens, it does not change the hue) and ``tolerance`` lighter."""
+    return ((np.linalg.norm(diff[..., 1:], axis=-1) < hue * tolerance)
+            & (diff[..., 0] > -darker * tolerance) & (diff[..., 0] < tolerance))
+
+
 def _snap(lab: np.ndarray, region: np.ndarray, within: float, steps: int) -> np.ndarray:
     """``region`` moved out to the figure's edge: up to ``steps`` pixels into the neighbours
     whose colour is ``within`` ΔE of the nearest background pixels' colour."""
@@ -264,16 +272,14 @@ def background_region(lab: np.ndarray, tolerance: float) -> tuple[np.ndarray, di
     calm = _local_change(blurred) < max(tolerance / 2, 3 * residual)
     region = grow((distance < tolerance + 3 * residual) & calm, inliers)
     # creep on through calm pixels (soft shadows, a gradient the surface does not follow)
-    # (a shadow is darker, not another hue: lightness may drop by 3x the tolerance, hue not)
-    diff = blurred - field_lab
-    shade = (np.linalg.norm(diff[..., 1:], axis=-1) < tolerance) & (diff[..., 0] > -3 * tolerance) & (diff[..., 0] < tolerance)
-    region = grow(region | (calm & shade), region)
+    region = grow(region | (calm & _shade(blurred - field_lab, tolerance, 3)), region)
     # and into narrow gaps (between an arm and the body), which are all near an edge
-    sharp = distance if noise >= 2 else np.linalg.norm(lab - field_lab, axis=-1)  # unblurred when clean
-    thin = (sharp < tolerance + 3 * residual) & ~calm
+    # (blurred least, unblurred when clean; JPEG's halved colour resolution blurs the hue of a thin gap)
+    lab3 = _box_blur(lab, 1)
+    sharp = _shade((lab3 if noise >= 2 else lab) - field_lab, tolerance, 1.5, hue=1.4)
     border = _border_mask(h, w)
-    region = grow(region | thin, region | (border & (sharp < max(tolerance / 2, 3 * residual))))
-    region = _snap(lab if noise < 2 else _box_blur(lab, 1), region, tolerance + 2 * noise, max(2, round(min(h, w) / 128)))
+    region = grow(region | (sharp & ~calm), region | (border & sharp))
+    region = _snap(lab3, region, tolerance / 2 + noise, max(2, round(min(h, w) / 128)))
     stats = {"noise": round(noise, 2), "residual": round(residual, 2), "tolerance": tolerance,
              "border_background": round(float(region[border].mean()), 4),
              "figure": round(float(1 - region.mean()), 4)}
@@ -292,7 +298,7 @@ def soft_edge(rgb: np.ndarray, region: np.ndarray, tolerance: float, noise: floa
     h, w = region.shape
     r = max(1, round(min(h, w) / 512))
     figure = ~region
-    edge_bg = region & dilate(figure, r)
+    edge_bg = region & dilate(figure, 2 * r)
     edge_fg = figure & dilate(region, 2 * r)
     band = edge_bg | edge_fg
     sure_bg, sure_fg = region & ~band, figure & ~band
