@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: The default tolerance: a ΔE (CIELAB) a little above what an eye calls "the same colour".
-DEFAULT_TOLERANCE = 10.0
+from .flatten_settings import DEFAULT_TOLERANCE
+
 
 # Verdict thresholds (the benchmark, benchmarks/bench_background.py, shows where they come from).
 _MIN_BORDER_BACKGROUND = 0.5   # less of the border than this is background: not a simple one
@@ -235,6 +235,22 @@ def _raw_noise(lab: np.ndarray) -> float:
     return float(np.median(step[border & _shift(border, 0, 1, False)])) / np.sqrt(2)
 
 
+def _abrupt_steps(lab: np.ndarray, inliers: np.ndarray, tolerance: float) -> int:
+    """How often the background along the top, left and right edges jumps by more than twice
+    the tolerance across a run of outliers: a step the smooth field was bent to explain (a
+    figure across the whole border, not a gradient)."""
+    steps = 0
+    for line, ok in ((lab[0], inliers[0]), (lab[:, 0], inliers[:, 0]), (lab[:, -1], inliers[:, -1])):
+        idx = np.nonzero(ok)[0]
+        if len(idx) < 2:
+            continue
+        gaps = np.nonzero(np.diff(idx) > 1)[0]
+        for g in gaps:
+            before, after = line[max(idx[g] - 2, 0):idx[g] + 1].mean(0), line[idx[g + 1]:idx[g + 1] + 3].mean(0)
+            steps += float(np.linalg.norm(before - after)) > 2 * tolerance
+    return steps
+
+
 def _shade(diff: np.ndarray, tolerance: float, darker: float, hue: float = 1.0) -> np.ndarray:
     """Pixels that may be the background in shadow: ``diff`` (Lab minus the field) has a hue
     within ``hue`` x ``tolerance`` and a lightness at most ``darker`` x ``tolerance`` darker (a
@@ -281,6 +297,7 @@ def background_region(lab: np.ndarray, tolerance: float) -> tuple[np.ndarray, di
     region = grow(region | (sharp & ~calm), region | (border & sharp))
     region = _snap(lab3, region, tolerance / 2 + noise, max(2, round(min(h, w) / 128)))
     stats = {"noise": round(noise, 2), "residual": round(residual, 2), "tolerance": tolerance,
+             "steps": _abrupt_steps(blurred, inliers, tolerance),
              "border_background": round(float(region[border].mean()), 4),
              "figure": round(float(1 - region.mean()), 4)}
     return region, stats
@@ -332,6 +349,9 @@ def judge(stats: dict) -> Verdict:
     if stats["border_background"] < _MIN_BORDER_BACKGROUND:
         reasons.append(f"the border is not a simple background ({100 * (1 - stats['border_background']):.0f}% "
                        "of it is figure or busy background)")
+    if stats.get("steps", 0):
+        reasons.append("the border changes colour abruptly (the figure or an object runs across it), "
+                       "not as a gradient would")
     if stats["residual"] > stats["tolerance"] / 2:
         reasons.append(f"the background is not smooth (it varies by ΔE {stats['residual']:.1f} along the border, "
                        f"tolerance {stats['tolerance']:g})")
@@ -364,3 +384,16 @@ def cut_out(img, tolerance: float = DEFAULT_TOLERANCE):
 
     result = cut_out_array(np.asarray(img.convert("RGB")), tolerance)
     return Image.fromarray(result.rgba, "RGBA"), result.verdict
+
+
+def unmix(rgb8: np.ndarray, alpha8: np.ndarray) -> np.ndarray:
+    """The cut-out (H, W, 4) uint8 of a picture given its soft mask (e.g. a model's): where the
+    mask is partial, the colour of the nearest pure background is un-mixed as in :func:`soft_edge`."""
+    rgb = rgb8.astype(np.float32) / 255
+    a = alpha8.astype(np.float32) / 255
+    r = max(1, round(min(a.shape) / 512))
+    bg_near = spread(rgb, a <= 0, 8 * r + 2)
+    colour = np.clip((rgb - (1 - a)[..., None] * bg_near) / np.maximum(a, 1e-3)[..., None], 0, 1)
+    colour = np.where((a >= 1)[..., None], rgb, colour)
+    colour[a <= 0] = 0
+    return np.dstack([np.clip(np.rint(colour * 255), 0, 255).astype(np.uint8), alpha8.astype(np.uint8)])

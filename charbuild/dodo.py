@@ -17,7 +17,7 @@ from .layout import DOIT_DB, Layout
 from .report.summary import SummaryReporter
 from .tasks import GROUP_DOCS
 
-__all__ = ["DOIT_CONFIG", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
+__all__ = ["DOIT_CONFIG", "task_mask", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
            "task_merge", "task_compress", "task_report", "task__prune", "task__aliases"]
 
 DOIT_CONFIG = {
@@ -63,6 +63,10 @@ def graph(root: Path | None = None):
 def forget_loaded_projects() -> None:
     """Drop cached projects (tests and long-lived processes that rebuild after edits)."""
     _graphs.clear()
+
+
+def task_mask():
+    yield from graph().mask_tasks()
 
 
 def task_image():
