@@ -39,8 +39,14 @@ def _session(model: str):
             raise CharbuildError(f"method = \"model\" needs the rembg extra: {REMBG_HINT}") from None
         if not Path(model).is_file():
             raise CharbuildError(f"the model file {model} does not exist (charbuild never downloads one)", path=model)
+        name = session_name(model)
+        # new_session falls back to (and downloads) u2net for a name it does not know: never that
+        known = {cls.name() for cls in getattr(getattr(rembg, "sessions", None), "sessions_class", ())}
+        if name not in known:
+            raise CharbuildError(f"this rembg has no {name!r} session (for a model file you give): "
+                                 "upgrade it: pip install -U 'charbuild[rembg]'")
         try:
-            _SESSIONS[model] = rembg.new_session(session_name(model), model_path=model)
+            _SESSIONS[model] = rembg.new_session(name, model_path=model)
         except Exception as exc:  # onnxruntime's errors for a file that is no model of that kind
             raise CharbuildError(f"rembg could not load the model ({type(exc).__name__}: {exc}); is it an "
                                  f"{'isnet/DIS' if session_name(model) == 'dis_custom' else 'U²-Net'} ONNX file?",
