@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,28 @@ def test_check_lists_unsure_pictures(tmp_path, capsys):
     assert json.loads((root / "build/images/alice/face/mask/f00.json").read_text(encoding="utf-8"))["flattened"] is False
     code, out, err = run(capsys, "check", "--quick", "--root", str(root))
     assert "characters/alice/face/f00.png: warning:" in err
+
+
+def test_report_shows_source_mask_result_and_flags_the_unsure(tmp_path):
+    from charbuild.report.build import build_report
+    from charbuild.report.source import report_plan
+    from charbuild.tasks import Graph
+
+    root = flatten_project(tmp_path, '[flatten]\n[flatten.pictures]\n"face/f01.jpg" = "flood"\n')
+    opaque_picture(root / "characters/alice/face/f01.jpg", figure=(230, 230, 228), fmt="JPEG")  # unsure
+    build(root, "image")
+    plan = report_plan(Graph(load_project(root)))
+    face = plan["characters"][0]["parts"][0]
+    assert [r["source"] for r in face["flatten"]] == ["characters/alice/face/f00.png", "characters/alice/face/f01.jpg"]
+    assert face["flatten"][0]["result"] == "build/images/alice/face/96/f00.png"
+    build_report(plan, root, run_started_ns=0, with_status=False)
+    html = (root / "build/report/index.html").read_text(encoding="utf-8")
+    table = html.split('<table class="flatten">')[1].split("</table>")[0]
+    rows = table.split("<tr")[2:]
+    assert len(rows) == 2 and "f00.png" in rows[0] and "flattened (flood)" in rows[0] and "data-unsure" not in rows[0]
+    assert "data-unsure" in rows[1] and "flattened; unsure: " in rows[1]
+    assert "2 opaque picture(s) cut out, 1 unsure" in html
+    srcs = re.findall(r'src="(files/[^"]+)"', table)
+    assert len(srcs) == 6 and all((root / "build/report" / s).is_file() for s in srcs)
+    mask = Image.open(root / "build/report" / srcs[1])
+    assert mask.getpixel((0, 0)) == (0, 0, 0) and mask.getpixel((48, 30)) == (255, 255, 255)

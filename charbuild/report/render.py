@@ -10,6 +10,7 @@ from __future__ import annotations
 from html import escape
 from urllib.parse import quote
 
+from .flatten_view import render_flattened
 from .svg import block_bar_svg, loss_chart_svg
 
 ROLES = (("raw", "raw (trained)"), ("merged", "merged (block weights)"), ("compressed", "compressed (the file to use)"))
@@ -68,6 +69,7 @@ def render_character(ch: dict, thumbs: dict[str, str]) -> str:
                                "not needed (symmetric)</td>")
             out.append("</tr>")
         out.append("</table>")
+        out.append(render_flattened(part.get("flattened_view", []), thumbs))
     out.append("</section>")
     return "".join(out)
 
