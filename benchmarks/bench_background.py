@@ -160,11 +160,13 @@ def measure(picture, alpha_true, premult_true, tolerance):
     result = f * a[..., None] + (1 - a[..., None]) * new
     truth = premult_true + (1 - alpha_true[..., None]) * new
     hard = np.where(est[..., None], picture.astype(np.float32) / 255, new)
-    # background enclosed by the figure (between an arm and the body) is kept by design (a
-    # region grown from the border never reaches it): IoU counts it, the ring leaves it out
+    # background enclosed by the figure (between an arm and the body), or open to the border
+    # only through mixed pixels (alpha >= 0.1), is kept by design (a region grown from the
+    # border does not reach it): IoU counts it, the ring leaves it out
     border = np.zeros_like(true)
     border[0], border[-1], border[:, 0], border[:, -1] = True, True, True, True
-    enclosed = ~true & ~grow(~true, border)
+    open_bg = alpha_true < 0.1
+    enclosed = open_bg & ~grow(open_bg, border)
     ring = dilate(true, RING_PX) & dilate(~true, RING_PX) & ~dilate(enclosed, RING_PX + 1)
     contrast = float(np.linalg.norm(srgb_to_lab(old) - srgb_to_lab(new)))
 

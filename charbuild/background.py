@@ -5,20 +5,26 @@ simple background (flat, a gradient, a little noise, a soft floor shadow). Its c
 
 1. **The background's colour field** from the picture's border, in CIELAB (a perceptual
    space: a tolerance in ΔE means the same visible difference for every colour): a smooth
-   surface (quadratic in x and y, cubic in y for vertical gradients) fitted to the border
-   pixels, robustly, so the part of the figure that touches the border is left out.
-2. **Region growing** from the border: the pixels connected to the border whose colour is
-   within ``tolerance`` (+ the border's own noise) of that field are background; a second
-   pass lets it creep on where the colour changes slowly (soft shadows, a gradient the
-   surface does not follow), never across the figure's outline, where it changes fast.
-3. **The edge refined**: in a band of a few pixels along the outline each pixel is taken as
-   a mix ``C = a*F + (1 - a)*B`` of the nearby background colour ``B`` and the nearby
-   figure colour ``F``; ``a`` is its position between them, and the colour kept is ``C``
-   with the old background un-mixed, ``(C - (1 - a)*B) / a``. Composited onto any new
-   colour, hair tips and antialiased outlines then carry none of the old one (no halo).
-4. **A verdict**: unsure when the border is no simple background (busy, or mostly figure),
-   when the figure and the background have little contrast along much of the outline, or
-   when the fill took almost everything or almost nothing.
+   surface (quadratic in x and y, cubic in y for vertical gradients) fitted to the top, left
+   and right borders, robustly, so the part of the figure that touches them is left out.
+2. **Region growing** from the border (:func:`background_region`), on a lightly blurred
+   copy: through the *calm* pixels (the colour changes slowly there: never across the
+   figure's outline) within ``tolerance`` (+ the border's noise) of the field; then on
+   through calm pixels that are the field darkened, not re-hued (soft floor shadows, a
+   gradient the surface does not follow); then into narrow gaps (between an arm and the
+   body) through pixels that match on their own; last it is moved out to the outline.
+3. **The edge refined** (:func:`soft_edge`): in a band of a few pixels along the outline
+   each pixel is taken as a mix ``C = a*F + (1 - a)*B`` of the nearby background colour
+   ``B`` and the nearby figure colour ``F``; ``a`` is its position between them, and the
+   colour kept is ``C`` with the old background un-mixed, ``(C - (1 - a)*B) / a``.
+   Composited onto any new colour, hair tips and antialiased outlines then carry none of
+   the old one (no halo).
+4. **A verdict** (:func:`judge`): unsure when the border is no simple background (busy, a
+   colour step along it, or mostly figure), when the figure and the background have little
+   contrast along much of the outline, or when the fill took almost everything or nothing.
+
+Background enclosed by the figure (a gap closed on all sides) is not reached: it stays, by
+design (an eye's white on a white background must not go).
 
 Pure numpy on arrays (no I/O); :func:`cut_out` takes and returns Pillow images.
 """
@@ -294,7 +300,7 @@ def background_region(lab: np.ndarray, tolerance: float) -> tuple[np.ndarray, di
     lab3 = _box_blur(lab, 1)
     sharp = _shade((lab3 if noise >= 2 else lab) - field_lab, tolerance, 1.5, hue=1.4)
     border = _border_mask(h, w)
-    region = grow(region | (sharp & ~calm), region | (border & sharp))
+    region = grow(region | sharp, region | (border & sharp))
     region = _snap(lab3, region, tolerance / 2 + noise, max(2, round(min(h, w) / 128)))
     stats = {"noise": round(noise, 2), "residual": round(residual, 2), "tolerance": tolerance,
              "steps": _abrupt_steps(blurred, inliers, tolerance),
@@ -309,7 +315,7 @@ def background_region(lab: np.ndarray, tolerance: float) -> tuple[np.ndarray, di
 def soft_edge(rgb: np.ndarray, region: np.ndarray, tolerance: float, noise: float) -> tuple[np.ndarray, np.ndarray, float]:
     """Alpha (H, W) and un-mixed colour (H, W, 3) in 0..1, and the low-contrast share of the outline.
 
-    Along the outline (one pixel into the background, two into the figure) each pixel is
+    Along the outline (two pixels on either side) each pixel is
     placed between the nearest pure background colour and the nearest pure figure colour.
     """
     h, w = region.shape

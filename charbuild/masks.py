@@ -32,9 +32,44 @@ from .images import flatten, load_source, png_bytes
 MASK_VERSION = 1
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_has_alpha(f) -> bool | None:
+    """From a PNG's chunks before its pixels: an alpha colour type or a tRNS chunk (None: not a PNG)."""
+    if f.read(8) != _PNG_SIGNATURE:
+        return None
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        length, kind = int.from_bytes(head[:4], "big"), head[4:]
+        if kind == b"IHDR":
+            data = f.read(length)
+            if len(data) >= 10 and data[9] in (4, 6):  # grey + alpha, RGBA
+                return True
+            f.seek(4, 1)
+            continue
+        if kind == b"tRNS":
+            return True
+        if kind in (b"IDAT", b"IEND"):
+            return False
+        f.seek(length + 4, 1)
+
+
 def has_alpha_channel(path: str | Path) -> bool:
-    """Whether the picture's file has an alpha channel or a transparent colour (header only)."""
+    """Whether the picture's file has an alpha channel or a transparent colour (header only).
+
+    PNG headers are read directly (this runs for every picture whenever doit loads the tasks);
+    JPEG has no alpha; other formats ask Pillow.
+    """
     try:
+        with open(path, "rb") as f:
+            found = _png_has_alpha(f)
+        if found is not None:
+            return found
+        if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+            return False
         with Image.open(path) as img:
             return "A" in img.getbands() or "a" in img.mode or "transparency" in img.info
     except (OSError, ValueError, SyntaxError):

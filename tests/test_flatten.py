@@ -205,3 +205,19 @@ def test_report_shows_source_mask_result_and_flags_the_unsure(tmp_path):
     assert len(srcs) == 6 and all((root / "build/report" / s).is_file() for s in srcs)
     mask = Image.open(root / "build/report" / srcs[1])
     assert mask.getpixel((0, 0)) == (0, 0, 0) and mask.getpixel((48, 30)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode, save, expected", [
+    ("RGB", {}, False), ("RGBA", {}, True), ("L", {}, False), ("LA", {}, True), ("P", {}, False),
+    ("P", {"transparency": 0}, True), ("RGB", {"transparency": (0, 0, 0)}, True), ("I;16", {}, False),
+], ids=["RGB", "RGBA", "L", "LA", "P", "P-tRNS", "RGB-tRNS", "I16"])
+def test_alpha_channel_from_the_png_header(tmp_path, mode, save, expected):
+    from charbuild.masks import has_alpha_channel
+
+    path = tmp_path / "p.png"
+    Image.new(mode, (8, 8)).save(path, **save)
+    with Image.open(path) as img:  # Pillow agrees
+        assert ("A" in img.getbands() or "transparency" in img.info) == expected
+    assert has_alpha_channel(path) is expected
+    Image.new("RGBA" if expected else "RGB", (8, 8)).save(tmp_path / "w.webp")
+    assert has_alpha_channel(tmp_path / "w.webp") is expected
