@@ -42,6 +42,7 @@ from .flatten_settings import DEFAULT_TOLERANCE
 _MIN_BORDER_BACKGROUND = 0.5   # less of the border than this is background: not a simple one
 _MAX_LOW_CONTRAST = 0.25       # more of the outline than this has little contrast: unsure
 _MIN_FIGURE, _MAX_FIGURE = 0.01, 0.97
+_MAX_OFF_FIELD = 0.01          # more of the picture than this filled off the field: a leak?
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,17 @@ def _snap(lab: np.ndarray, region: np.ndarray, within: float, steps: int) -> np.
     return region
 
 
+def _off_field(diff: np.ndarray, region: np.ndarray, residual: float) -> float:
+    """The share of the picture that the region took although it is off the border's field by
+    more than its noise, and not as a shadow (darker, same hue): a plateau of some other colour,
+    which is how a fill that leaked into a figure part of nearly the background's colour looks.
+    The region's last 8 pixels before the outline (mixed, JPEG's ringing 8x8 blocks) are left out."""
+    inner = region & ~dilate(~region, 8)
+    off = np.linalg.norm(diff, axis=-1) > max(4 * residual, 2.5)
+    shadow = (diff[..., 0] < -2) & (np.linalg.norm(diff[..., 1:], axis=-1) < 3)
+    return float((inner & off & ~shadow).mean())
+
+
 def background_region(lab: np.ndarray, tolerance: float) -> tuple[np.ndarray, dict]:
     """The background pixels connected to the border, and the statistics the verdict reads.
 
@@ -304,6 +316,7 @@ def background_region(lab: np.ndarray, tolerance: float) -> tuple[np.ndarray, di
     region = _snap(lab3, region, tolerance / 2 + noise, max(2, round(min(h, w) / 128)))
     stats = {"noise": round(noise, 2), "residual": round(residual, 2), "tolerance": tolerance,
              "steps": _abrupt_steps(blurred, inliers, tolerance),
+             "off_field": round(_off_field(blurred - field_lab, region, residual), 4),
              "border_background": round(float(region[border].mean()), 4),
              "figure": round(float(1 - region.mean()), 4)}
     return region, stats
@@ -364,6 +377,9 @@ def judge(stats: dict) -> Verdict:
     if stats.get("low_contrast", 0) > _MAX_LOW_CONTRAST:
         reasons.append(f"low contrast where the background touches the figure ({100 * stats['low_contrast']:.0f}% "
                        "of the outline)")
+    if stats.get("off_field", 0) > _MAX_OFF_FIELD:
+        reasons.append(f"the fill took {100 * stats['off_field']:.1f}% of the picture in a colour near, but not "
+                       "the background's: maybe a part of the figure in nearly that colour")
     if not _MIN_FIGURE <= stats["figure"] <= _MAX_FIGURE:
         reasons.append(f"the figure covers {100 * stats['figure']:.0f}% of the picture (the fill leaked or found nothing)")
     return Verdict(not reasons, tuple(reasons), stats)
