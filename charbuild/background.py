@@ -141,22 +141,35 @@ def grow(allowed: np.ndarray, seeds: np.ndarray, max_rounds: int = 1000) -> np.n
 
 def spread(values: np.ndarray, known: np.ndarray, rounds: int) -> np.ndarray:
     """``values`` (H, W, C) filled outward from ``known`` pixels for ``rounds`` pixels, each new
-    pixel the mean of its known 8-neighbours; pixels still unreached keep their own value."""
-    vals = np.where(known[..., None], values, 0).astype(np.float32)
-    have = known.copy()
+    pixel the mean of its known 8-neighbours; pixels still unreached keep their own value.
+
+    Works on the frontier only (the unknown pixels next to known ones), so its cost follows
+    the outline's length, not the picture's area.
+    """
+    h, w = known.shape
+    out = values.astype(np.float32).reshape(h * w, -1).copy()
+    have = known.ravel().copy()
+    front = np.flatnonzero(dilate(known, 1) & ~known)
     for _ in range(rounds):
-        total = np.zeros_like(vals)
-        count = np.zeros(have.shape, dtype=np.float32)
-        for dy, dx in _NEIGHBOURS_8:
-            k = _shift(have, dy, dx, False)
-            total += np.where(k[..., None], _shift(vals, dy, dx, 0), 0)
-            count += k
-        new = ~have & (count > 0)
-        if not new.any():
+        if front.size == 0:
             break
-        vals[new] = total[new] / count[new][:, None]
-        have |= new
-    return np.where(have[..., None], vals, values.astype(np.float32))
+        y, x = np.divmod(front, w)
+        total = np.zeros((front.size, out.shape[1]), dtype=np.float32)
+        count = np.zeros(front.size, dtype=np.float32)
+        neighbours = []
+        for dy, dx in _NEIGHBOURS_8:
+            ny, nx = y + dy, x + dx
+            inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+            nb = np.where(inside, ny * w + nx, 0)
+            ok = inside & have[nb]
+            total[ok] += out[nb[ok]]
+            count[ok] += 1
+            neighbours.append(nb[inside])
+        out[front] = total / np.maximum(count, 1)[:, None]
+        have[front] = True
+        nxt = np.unique(np.concatenate(neighbours))
+        front = nxt[~have[nxt]]
+    return out.reshape(values.shape[:2] + (-1,)).reshape(values.shape)
 
 
 # --------------------------------------------------------------------------- the background field
