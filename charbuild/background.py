@@ -42,7 +42,8 @@ from .flatten_settings import DEFAULT_TOLERANCE
 _MIN_BORDER_BACKGROUND = 0.5   # less of the border than this is background: not a simple one
 _MAX_LOW_CONTRAST = 0.25       # more of the outline than this has little contrast: unsure
 _MIN_FIGURE, _MAX_FIGURE = 0.01, 0.97
-_MAX_OFF_FIELD = 0.01          # more of the picture than this filled off the field: a leak?
+_MAX_OFF_FIELD = 0.01
+_MIX_MISFIT = 0.08             # RGB distance from the background-figure mix: not a mixed pixel          # more of the picture than this filled off the field: a leak?
 
 
 @dataclass(frozen=True)
@@ -341,23 +342,27 @@ def background_region(lab: np.ndarray, tolerance: float) -> tuple[np.ndarray, di
 def soft_edge(rgb: np.ndarray, region: np.ndarray, tolerance: float, noise: float) -> tuple[np.ndarray, np.ndarray, float]:
     """Alpha (H, W) and un-mixed colour (H, W, 3) in 0..1, and the low-contrast share of the outline.
 
-    Along the outline (two pixels on either side) each pixel is
+    Along the outline (two pixels outside, four inside) each pixel is
     placed between the nearest pure background colour and the nearest pure figure colour.
     """
     h, w = region.shape
     r = max(1, round(min(h, w) / 512))
     figure = ~region
     edge_bg = region & dilate(figure, 2 * r)
-    edge_fg = figure & dilate(region, 2 * r)
+    edge_fg = figure & dilate(region, 4 * r)
     band = edge_bg | edge_fg
     sure_bg, sure_fg = region & ~band, figure & ~band
     bg_near = spread(rgb, sure_bg, 4 * r + 2)
-    fg_near = spread(rgb, sure_fg, 4 * r + 2)
+    fg_near = spread(rgb, sure_fg, 6 * r + 2)
     alpha = figure.astype(np.float32)
     ys, xs = np.nonzero(band)
     c, b, f = rgb[ys, xs], bg_near[ys, xs], fg_near[ys, xs]
     span = f - b
     a = np.clip(((c - b) * span).sum(-1) / np.maximum((span * span).sum(-1), 1e-6), 0, 1)
+    # a figure pixel the mix does not explain (a dark outline between a light inside and a
+    # dark background) is the figure's own colour: it stays whole
+    unexplained = np.linalg.norm(c - (a[:, None] * f + (1 - a)[:, None] * b), axis=-1) > _MIX_MISFIT
+    a = np.where(unexplained & figure[ys, xs], 1.0, a)
     # where figure and background are alike the mix is undefined: keep the hard mask there
     contrast = np.linalg.norm(srgb_to_lab(f) - srgb_to_lab(b), axis=-1)
     alike = contrast < max(tolerance / 2, 3 * noise)
