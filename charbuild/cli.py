@@ -58,7 +58,6 @@ def cli():
 def check(root, quick):
     """Validate the project; list every problem as path:line: message."""
     from .config import load_project
-
     from .masks import unsure_pictures
 
     project = load_project(_root(root), verify_images=not quick)
