@@ -352,8 +352,9 @@ def soft_edge(rgb: np.ndarray, region: np.ndarray, tolerance: float, noise: floa
     edge_fg = figure & dilate(region, 4 * r)
     band = edge_bg | edge_fg
     sure_bg, sure_fg = region & ~band, figure & ~band
-    bg_near = spread(rgb, sure_bg, 4 * r + 2)
-    fg_near = spread(rgb, sure_fg, 6 * r + 2)
+    # far enough that every band pixel has both (a thin strand's inside may be far off)
+    bg_near = spread(rgb, sure_bg, 8 * r + 4)
+    fg_near = spread(rgb, sure_fg, 12 * r + 4)
     alpha = figure.astype(np.float32)
     ys, xs = np.nonzero(band)
     c, b, f = rgb[ys, xs], bg_near[ys, xs], fg_near[ys, xs]
