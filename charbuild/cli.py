@@ -36,8 +36,11 @@ def cli():
 def check(root, quick):
     """Validate the project; list every problem as path:line: message."""
     from .config import load_project
+    from .masks import unsure_pictures
 
     project = load_project(_root(root), verify_images=not quick)
+    # opaque pictures whose background the built-in method was unsure of (--quick: built ones only)
+    project.warnings.extend(unsure_pictures(project, judge_missing=not quick))
     for w in project.warnings:
         click.echo(str(w), err=True)
     pictures = sum(len(p.images) for ch in project.characters.values() for p in [ch.face, *ch.outfits.values()])

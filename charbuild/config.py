@@ -26,6 +26,7 @@ from .block_weights import merge_spec, preset_values, resolve_merge_weights
 from .checks import (Collector, Origin, closest, is_bool, is_choice, is_fraction, is_int, is_number, is_str,
                      is_str_list, is_table, show_path)
 from .errors import CharbuildError, ConfigError, Problem
+from .flatten_settings import load_flatten, picture_key_problems
 from .fsutil import under_root
 from .model import Character, Lora, LoraTable, Part, Project, SourceImage
 from .prepared import image_dir, prepared_sizes, subset_for
@@ -334,7 +335,7 @@ def _gpus_check(v):
 
 # --------------------------------------------------------------------------- character.toml
 
-CHARACTER_KEYS = {"keyword", "class", "tags", "background", "symmetric", "face", "outfits"}
+CHARACTER_KEYS = {"keyword", "class", "tags", "background", "flatten", "symmetric", "face", "outfits"}
 OUTFIT_KEYS = LORA_KEYS | {"keyword", "tags"}
 
 
@@ -416,7 +417,8 @@ def _load_character(root: Path, folder: Path, problems: list[Problem]) -> Charac
         part = Part(name, outfit, "body", okw, class_token, [okw, *otags], symmetric, background)
         part.settings = _lora_table(c, table, kp, "body")
         outfits[outfit] = part
-    return Character(name, folder, keyword, class_token, tags, background, symmetric, face, outfits, c.shown)
+    return Character(name, folder, keyword, class_token, tags, background, symmetric, face, outfits, c.shown,
+                     load_flatten(c, root, data))
 
 
 def _keyword_check(v):
@@ -603,6 +605,7 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
                     problems.append(Problem(show_path(root, sub), f"outfit folder without an [outfits.{sub.name}] table in "
                                             f"{ch.source}: add the table or move the folder", None, "warning"))
         _template_warnings(root, ch, problems)
+        problems += picture_key_problems(ch.flatten, ch.source, folder, [i.path for p in ch.parts() for i in p.images])
 
     loras: dict[str, Lora] = {}
     defined_at: dict[str, str] = {}

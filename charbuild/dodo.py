@@ -17,7 +17,7 @@ from .layout import DOIT_DB, Layout
 from .report.summary import SummaryReporter
 from .tasks import GROUP_DOCS
 
-__all__ = ["DOIT_CONFIG", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
+__all__ = ["DOIT_CONFIG", "task_mask", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
            "task_merge", "task_compress", "task_samples", "task_report", "task__prune", "task__aliases"]
 
 DOIT_CONFIG = {
@@ -96,6 +96,10 @@ def stale_tasks(root: str | Path):
         return stale_of(TaskControl(tasks).tasks, root / config["dep_file"])
     finally:
         os.chdir(old)
+
+
+def task_mask():
+    yield from graph().mask_tasks()
 
 
 def task_image():

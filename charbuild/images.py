@@ -117,6 +117,11 @@ def _load_source(src: str | Path) -> Image.Image:
         raise _unreadable(src, exc) from None
 
 
+def load_source(src: str | Path) -> Image.Image:
+    """``src`` decoded and oriented (EXIF), as the image stage reads it; CharbuildError naming it."""
+    return _load_source(src)
+
+
 def thumbnail(path: str | Path, px: int, mode: str, purpose: str) -> Image.Image:
     """``path`` shrunk to fit ``px`` × ``px`` (LANCZOS) in ``mode``; a picture that cannot be read
     is a CharbuildError naming it and ``purpose`` (``"the preview"``, ``"the report"``)."""

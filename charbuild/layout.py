@@ -4,6 +4,8 @@
 path (relative to the project root)           what
 ============================================  ===========================================
 ``build/images/<char>/<part>/<size>/``        prepared pictures ``<stem>.png`` + ``.txt``
+``build/images/<char>/<part>/mask/``          opaque pictures cut out: ``<stem>.png`` (RGBA,
+                                              the mask as alpha) + ``<stem>.json`` (verdict)
 ``build/loras/<lora>/dataset.toml``           the LoRA's dataset TOML
 ``build/loras/<lora>/preview.png``            its contact sheet
 ``build/loras/<lora>/<variant>/``             one training variant: ``raw.safetensors``
@@ -46,6 +48,7 @@ LOG_NAME = "train.log"
 METRICS_NAME = "metrics.jsonl"  # the format: charbuild/report/metrics.py
 SAMPLES_DIR = "samples"
 SAVES_DIR = "saves"  # save_every's LoRAs of a training before its end (builtin trainer)
+MASK_DIR = "mask"
 
 
 # ---------------------------------------------------------------- relative POSIX strings (the graph's)
@@ -54,6 +57,21 @@ SAVES_DIR = "saves"  # save_every's LoRAs of a training before its end (builtin 
 def image_dir(character: str, part: str, size: int) -> str:
     """The prepared-image folder of a character's part at a ladder size."""
     return f"{IMAGES}/{character}/{part}/{size}"
+
+
+def mask_dir(character: str, part: str) -> str:
+    """The cut-out folder of a character's part (beside its ladder-size folders)."""
+    return f"{IMAGES}/{character}/{part}/{MASK_DIR}"
+
+
+def mask_png(character: str, part: str, stem: str) -> str:
+    """``…/mask/<stem>.png``: the picture cut out of its background, its mask as alpha."""
+    return f"{mask_dir(character, part)}/{stem}.png"
+
+
+def mask_verdict(character: str, part: str, stem: str) -> str:
+    """``…/mask/<stem>.json``: how it was cut out and whether the method was sure."""
+    return f"{mask_dir(character, part)}/{stem}.json"
 
 
 def lora_dir(lora: str) -> str:

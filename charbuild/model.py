@@ -19,6 +19,7 @@ from typing import Any
 
 from .checks import Origin
 from .errors import Problem
+from .flatten_settings import FlattenSettings
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,11 @@ class Character:
     face: Part
     outfits: dict[str, Part]
     source: str = ""                # its character.toml, as shown in messages
+    flatten: FlattenSettings = field(default_factory=FlattenSettings)  # its [flatten] table
+
+    def parts(self) -> list[Part]:
+        """The face, then the outfits."""
+        return [self.face, *self.outfits.values()]
 
 
 @dataclass

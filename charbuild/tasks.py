@@ -2,7 +2,8 @@
 
 | group     | target                                              | depends on                              |
 |-----------|-----------------------------------------------------|-----------------------------------------|
-| image     | build/images/<char>/<part>/<size>/<stem>.png        | source file (md5), size, background     |
+| mask      | build/images/<char>/<part>/mask/<stem>.png + .json  | source file (md5), [flatten] rule       |
+| image     | build/images/<char>/<part>/<size>/<stem>.png        | source or its mask (md5), size, fill    |
 | caption   | …/<stem>.txt                                        | the caption text itself                 |
 | dataset   | build/loras/<lora>/dataset.toml                     | the TOML text itself                    |
 | preview   | build/loras/<lora>/preview.png                      | largest prepared images + captions (md5)|
@@ -32,6 +33,7 @@ from .errors import doit_action
 from .layout import Layout
 
 GROUP_DOCS = {
+    "mask": "opaque pictures cut out of their simple background ([flatten]; the report shows them)",
     "image": "prepared pictures: background flattened, one folder per ladder size",
     "caption": "caption .txt per prepared picture, from its angle code",
     "dataset": "dataset TOML per LoRA for kohya-ss sd-scripts",
@@ -96,7 +98,7 @@ def prune_action(images_dir: str, expected: list[str]) -> bool:
     removed = 0
     for path in sorted(root.rglob("*"), reverse=True):
         rel = path.as_posix()
-        if path.is_file() and rel not in keep and path.suffix in (".png", ".txt"):
+        if path.is_file() and rel not in keep and path.suffix in (".png", ".txt", ".json"):
             path.unlink()
             removed += 1
         elif path.is_dir() and not any(path.iterdir()):
@@ -170,6 +172,7 @@ class Graph:
         self._job_specs = None
         #: "<lora>/<variant>" labels to train even when up to date, without the run cache (train --force)
         self.force_train: frozenset[str] = frozenset()
+        self._masks: dict | None = None
 
     # -- helpers
     def parts(self) -> Iterator[Part]:
@@ -213,20 +216,47 @@ class Graph:
         subsets = [subset for part in lora.parts for size in self.sizes if (subset := subset_for(part, size))]
         return render_dataset_toml(lora.repeats, subsets, self.project.dataset["batch_sizes"], arch=self.project.model["arch"])
 
+    def masks(self) -> dict:
+        """The mask of each picture that gets one, by its source path (computed once)."""
+        if self._masks is None:
+            from .masks import mask_entries
+
+            self._masks = {entry.source: entry for entry in mask_entries(self.project)}
+        return self._masks
+
     # -- groups
+    def mask_tasks(self):
+        from dataclasses import asdict
+
+        from .masks import mask_action
+
+        yield {"basename": "mask", "name": None, "doc": GROUP_DOCS["mask"]}
+        for entry in self.masks().values():
+            yield {
+                "basename": "mask",
+                "name": entry.name,
+                "actions": [(mask_action, [entry.source, entry.png, entry.sidecar, asdict(entry.rule)])],
+                "file_dep": [entry.source],
+                "targets": [entry.png, entry.sidecar],
+                "uptodate": [config_changed(entry.rule.signature())],
+                "clean": True,
+            }
+
     def image_tasks(self):
         from .images import prepare_image_action
 
         yield {"basename": "image", "name": None, "doc": GROUP_DOCS["image"]}
         pictures = [(part, f) for part in self.parts() for f in self.part_files(part)]
+        masks = self.masks()
         for k, (part, (img, size, png, _)) in enumerate(pictures, 1):
             # the position is for the progress line only: doit does not compare action arguments
             position = (k, len(pictures))
+            src = masks[img.rel].png if img.rel in masks else img.rel  # the cut-out, when there is one
             yield {
                 "basename": "image",
                 "name": image_task_name(part, img, size),
-                "actions": [(prepare_image_action, [img.rel, png, size, part.background, position])],
-                "file_dep": [img.rel],
+                "actions": [(prepare_image_action, [src, png, size, part.background, position])],
+                "file_dep": [src],
                 "targets": [png],
                 "uptodate": [config_changed({"size": size, "background": part.background, "v": 1})],
                 "clean": True,
@@ -251,6 +281,8 @@ class Graph:
         for part in self.parts():
             for _, _, png, txt in self.part_files(part):
                 expected += [png, txt]
+        for entry in self.masks().values():
+            expected += [entry.png, entry.sidecar]
         expected.sort()
         yield {
             "basename": "_prune",

@@ -216,6 +216,19 @@ def wait_for(predicate, timeout=15.0, step=0.05):
     raise AssertionError("timed out waiting")
 
 
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``charbuild ARGS`` in this process: (exit code, stdout, stderr)."""
+    from charbuild.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def draw_picture(path: Path, code: str, size=(96, 96), seed: int = 0, mode: str = "RGBA") -> Path:
     """A small coded test picture: a shape that differs per code and seed, transparent around."""
     path.parent.mkdir(parents=True, exist_ok=True)

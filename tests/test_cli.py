@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import json
 
-from charbuild.cli import main
 from checkpoint_files import write_layout_checkpoint
-from conftest import REPO, draw_picture, make_project
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import REPO, draw_picture, make_project, run_cli as run
 
 
 def test_check_ok_and_errors(project, capsys):

@@ -24,6 +24,7 @@ from charbuild.errors import CharbuildError, doit_action
 from charbuild.fsutil import write_bytes_atomic, write_text_atomic
 from charbuild.layout import METRICS_NAME, REPORT as REPORT_DIR
 
+from .flatten_view import collect_flattened, flatten_files
 from .metrics import read_metrics
 from .samples import sample_files
 
@@ -41,17 +42,18 @@ def asset_name(rel: str, suffix: str = ".png") -> str:
 def observed_files(plan: dict, root: Path) -> dict[str, list[int]]:
     """(size, mtime_ns) of every preview sheet, LoRA file, loss log and sample the page would show now."""
     seen: dict[str, list[int]] = {}
+    rels = flatten_files(plan)  # the cut-out view: masks, verdicts, prepared pictures
     for lora in plan["loras"]:
-        rels = [lora["preview"]]
+        rels.append(lora["preview"])
         for v in lora["variants"]:
             rels += [*v["files"].values(), f"{v['dir']}/{METRICS_NAME}"]
             rels += [p for codes in sample_files(root, v["dir"]).values() for p in codes.values()]
-        for rel in rels:
-            try:
-                st = (root / rel).stat()
-            except OSError:
-                continue
-            seen[rel] = [st.st_size, st.st_mtime_ns]
+    for rel in rels:
+        try:
+            st = (root / rel).stat()
+        except OSError:
+            continue
+        seen[rel] = [st.st_size, st.st_mtime_ns]
     return dict(sorted(seen.items()))
 
 
@@ -159,8 +161,12 @@ def collect(plan: dict, root: Path, out_dir: Path, stale: list[tuple[str, str]])
                                        for code, rel in codes.items()}
             entry["variants"].append(vd)
         loras.append(entry)
+    # the cut-out view of each part (new dicts: the plan is also the page's uptodate value)
+    characters = [{**ch, "parts": [{**part, "flattened_view": collect_flattened(part, root, files.put, _thumbnail,
+                                                                                asset_name, THUMB_PX)}
+                                   for part in ch["parts"]]} for ch in plan["characters"]]
     files.prune()
-    return {"project": plan["project"], "characters": plan["characters"], "thumbs": thumbs,
+    return {"project": plan["project"], "characters": characters, "thumbs": thumbs,
             "loras": loras, "stale": stale}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from html import escape
 from urllib.parse import quote
 
+from .flatten_view import render_flattened
 from .samples import sample_name_key
 from .svg import block_bar_svg, loss_chart_svg
 
@@ -69,6 +70,7 @@ def render_character(ch: dict, thumbs: dict[str, str]) -> str:
                                "not needed (symmetric)</td>")
             out.append("</tr>")
         out.append("</table>")
+        out.append(render_flattened(part.get("flattened_view", []), thumbs))
     out.append("</section>")
     return "".join(out)
 

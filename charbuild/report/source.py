@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from charbuild.codes import MIRROR_CODES, TEMPLATE_CODES
 
-PLAN_VERSION = 1
+from .flatten_view import flatten_entries
+
+PLAN_VERSION = 2
 
 #: The fields of a training variant the report shows (the rest are in the trainer's log).
 SHOWN_PARAMS = ("network", "dim", "alpha", "conv_dim", "conv_alpha", "lr", "text_encoder_lr", "steps",
@@ -93,7 +95,8 @@ def report_plan(graph) -> dict:
             for img in sorted(part.images, key=lambda i: i.rel):
                 pictures.setdefault(img.code, []).append(img.rel)
             grid = template_grid("f" if part.kind == "face" else "b", pictures, ch.symmetric)
-            parts.append({"name": part.name, "kind": part.kind, "keyword": part.keyword, **grid})
+            parts.append({"name": part.name, "kind": part.kind, "keyword": part.keyword, **grid,
+                          "flatten": flatten_entries(graph, part)})
         characters.append({"name": ch.name, "keyword": ch.keyword, "symmetric": ch.symmetric, "parts": parts})
     loras = []
     for lora in project.loras.values():
