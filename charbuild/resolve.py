@@ -44,7 +44,7 @@ def resolve_loras(root: Path, settings, characters: dict, loras: dict[str, Lora]
     """Resolve what follows from each LoRA's settings onto the Lora (variants, merge weights,
     continue_from) and check what needs the whole project (size classes); problems are appended.
 
-    ``settings`` holds project.toml's validated tables (``config._Settings``).
+    ``settings`` holds project.toml's validated tables (``config.ProjectSettings``).
     """
 
     variant_names: dict[str, list[str]] = {}

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from charbuild.base_arch import base_arch, diffusers_folder_arch, tiny_base_arch
-from charbuild.config import SDXL_DEFAULT_SIZES, load_project
+from charbuild.config import load_project
+from charbuild.project_toml import SDXL_DEFAULT_SIZES
 from charbuild.dataset_toml import SDXL_BATCH_SIZE_TABLES
 from charbuild.errors import ConfigError
 from charbuild.train.builtin.checkpoint import CheckpointError
