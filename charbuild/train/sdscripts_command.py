@@ -134,34 +134,9 @@ def build_command(job: TrainJob) -> list[str]:
     cmd.append(f"--pretrained_model_name_or_path={base}")
     if model.vae:
         cmd.append(f"--vae={model.vae}")
-    cmd += [
-        f"--dataset_config={job.dataset_toml}",
-        f"--output_dir={out_dir}",
-        f"--output_name={name}",
-        f"--network_module={params.network_module}",
-        f"--network_dim={params.dim}",
-        f"--network_alpha={_num(params.alpha)}",
-    ]
-    network_args = []
-    if params.conv_dim:
-        network_args += [f"conv_dim={params.conv_dim}", f"conv_alpha={_num(params.conv_alpha)}"]
-    if params.algo:
-        network_args.append(f"algo={params.algo}")
-    if network_args:
-        cmd += ["--network_args", *network_args]
-
-    cmd.append(f"--optimizer_type={params.optimizer}")
-    if params.optimizer_args:
-        cmd += ["--optimizer_args", *params.optimizer_args]
-    if params.lr is not None:
-        cmd.append(f"--learning_rate={format_lr(params.lr)}")
-    if params.text_encoder_lr is not None:
-        cmd.append(f"--text_encoder_lr={format_lr(params.text_encoder_lr)}")
-    # sd-scripts runs its adafactor schedule whenever Adafactor's relative step is on: the
-    # original command left the flag out then; any other schedule is spelled out
-    if scheduler_in_effect(params.optimizer, params.optimizer_args, params.scheduler) != "adafactor" or params.scheduler != DEFAULT_SCHEDULER:
-        cmd.append(f"--lr_scheduler={params.scheduler}")
-
+    cmd += [f"--dataset_config={job.dataset_toml}", f"--output_dir={out_dir}", f"--output_name={name}"]
+    cmd += network_flags(params)
+    cmd += optimizer_flags(params)
     cmd.append(f"--max_train_steps={params.steps}")
     if model.arch != "sdxl":
         cmd.append(f"--clip_skip={params.clip_skip}")
@@ -181,17 +156,7 @@ def build_command(job: TrainJob) -> list[str]:
     # sd-scripts stops with "persistent_workers option needs num_workers > 0" otherwise
     if data_loader_workers(job) > 0:
         cmd.append("--persistent_data_loader_workers")
-    cmd.append(f"--seed={params.seed}")
-    if job.continue_from:
-        cmd.append(f"--network_weights={job.continue_from}")
-    if params.network_train_unet_only:
-        cmd.append("--network_train_unet_only")
-    if params.resolution is not None:
-        cmd.append(f"--resolution={_resolution(params.resolution)}")
-    if params.min_bucket_reso is not None:
-        cmd.append(f"--min_bucket_reso={params.min_bucket_reso}")
-    if params.max_bucket_reso is not None:
-        cmd.append(f"--max_bucket_reso={params.max_bucket_reso}")
+    cmd += run_flags(job)
     cmd += sample_args(job)
     cmd += loss_and_precision_flags(job)
     cmd += [str(a) for a in trainer.extra_args]
@@ -269,3 +234,50 @@ def collect_samples(job: TrainJob) -> list[Path]:
         replace_file(f, target)
         moved.append(target)
     return moved
+
+
+def network_flags(params) -> list[str]:
+    """``--network_module`` … ``--network_args``: the network a variant trains."""
+    cmd = [f"--network_module={params.network_module}", f"--network_dim={params.dim}",
+           f"--network_alpha={_num(params.alpha)}"]
+    network_args = []
+    if params.conv_dim:
+        network_args += [f"conv_dim={params.conv_dim}", f"conv_alpha={_num(params.conv_alpha)}"]
+    if params.algo:
+        network_args.append(f"algo={params.algo}")
+    if network_args:
+        cmd += ["--network_args", *network_args]
+    return cmd
+
+
+def optimizer_flags(params) -> list[str]:
+    """The optimizer, its arguments, the learning rates and the schedule."""
+    cmd = [f"--optimizer_type={params.optimizer}"]
+    if params.optimizer_args:
+        cmd += ["--optimizer_args", *params.optimizer_args]
+    if params.lr is not None:
+        cmd.append(f"--learning_rate={format_lr(params.lr)}")
+    if params.text_encoder_lr is not None:
+        cmd.append(f"--text_encoder_lr={format_lr(params.text_encoder_lr)}")
+    # sd-scripts runs its adafactor schedule whenever Adafactor's relative step is on: the
+    # original command left the flag out then; any other schedule is spelled out
+    if scheduler_in_effect(params.optimizer, params.optimizer_args, params.scheduler) != "adafactor" or params.scheduler != DEFAULT_SCHEDULER:
+        cmd.append(f"--lr_scheduler={params.scheduler}")
+    return cmd
+
+
+def run_flags(job: TrainJob) -> list[str]:
+    """Seed, the LoRA to continue from, UNet-only training and the bucket sizes."""
+    params = job.params
+    cmd = [f"--seed={params.seed}"]
+    if job.continue_from:
+        cmd.append(f"--network_weights={job.continue_from}")
+    if params.network_train_unet_only:
+        cmd.append("--network_train_unet_only")
+    if params.resolution is not None:
+        cmd.append(f"--resolution={_resolution(params.resolution)}")
+    if params.min_bucket_reso is not None:
+        cmd.append(f"--min_bucket_reso={params.min_bucket_reso}")
+    if params.max_bucket_reso is not None:
+        cmd.append(f"--max_bucket_reso={params.max_bucket_reso}")
+    return cmd
