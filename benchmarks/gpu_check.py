@@ -95,18 +95,30 @@ def make_model(arch: str, folder: Path, device: str) -> Path:
                                        feature_extractor=None, requires_safety_checker=False, **parts)
     pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(folder / "tokenizer")
+    if arch == "sdxl":
+        save_tokenizer(folder / "tokenizer_2", pad_token="!")
     n = sum(p.numel() for m in parts.values() for p in m.parameters())
     print(f"  {arch}: {n / 1e9:.2f} G parameters made on {device} and saved in {time.time() - t0:.0f} s", flush=True)
     return folder
 
 
+def save_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """charbuild's CLIP tokenizer saved to ``folder``, with the plain ``vocab.json``/``merges.txt``
+    that an older transformers' slow ``CLIPTokenizer`` reads (transformers 5 writes tokenizer.json only)."""
+    from charbuild.train.builtin.clip_tokenizer import clip_tokenizer, clip_vocab_and_merges
+
+    clip_tokenizer(pad_token=pad_token).save_pretrained(folder)
+    vocab, merges = clip_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(dict(vocab), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
 def sd_tokenizers(arch: str, tokdir: Path) -> None:
     """The tokenizers sd-scripts reads from ``--tokenizer_cache_dir`` (no hub): charbuild's CLIP vocabulary."""
-    from charbuild.train.builtin.clip_tokenizer import clip_tokenizer
-
     for name in TOKENIZER_DIRS[arch]:
-        if not (tokdir / name).is_dir():
-            clip_tokenizer().save_pretrained(tokdir / name)
+        if not (tokdir / name / "vocab.json").is_file():
+            save_tokenizer(tokdir / name)
 
 
 def make_data(project: Path, arch: str, size: int, n: int = 4) -> Path:
@@ -193,13 +205,13 @@ def tensorboard_losses(logs: Path) -> list[tuple[int, float, float]]:
     return [events[k] for k in sorted(events)]
 
 
-def run_side(case: str, side: str, job: dict, env: dict, timeout: float) -> dict:
+def run_side(case: str, side: str, job: dict, env: dict, timeout: float, python: str = sys.executable) -> dict:
     """Start one side's child; its measures: s/step (median after the warm-up), peak memory, losses, keys."""
     vdir = Path(job["variant_dir"])
     shutil.rmtree(vdir, ignore_errors=True)
     Path(job["output"]).parent.mkdir(parents=True, exist_ok=True)
     result = vdir / "result.json"
-    me = [sys.executable, str(Path(__file__).resolve()), "--child", side, str(result)]
+    me = [python, str(Path(__file__).resolve()), "--child", side, str(result)]
     if side == "builtin":
         (vdir / "job.json").write_text(json.dumps(job), encoding="utf-8")
         cmd = me + [str(vdir / "job.json")]
@@ -286,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", required=True)
     ap.add_argument("--sd-scripts", help="an sd-scripts checkout (library/, networks/, *_train_network.py)")
     ap.add_argument("--sd-path", default="", help="PYTHONPATH entries before the rest for the sd-scripts side (its pins)")
+    ap.add_argument("--sd-python", default=sys.executable, help="the python of the sd-scripts side (default: this one)")
     ap.add_argument("--steps", type=int, default=45)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--sides", default="builtin,sd-scripts")
     ap.add_argument("--smoke", action="store_true", help="a run that proves the machinery: --tiny --px 64 --steps 8")
     ap.add_argument("--tiny", action="store_true", help="charbuild's tiny demo models (builtin side only)")
     ap.add_argument("--px", type=int, help="picture size instead of each case's (512 / 1024)")
@@ -318,14 +332,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case}: model", flush=True)
             base = str(make_model(arch, work / f"model-{arch}", device))
         toml = make_data(work / f"project-{size}", arch, size)
-        for side in sides:
+        for side in [s for s in sides if s in a.sides.split(",")]:
             if side == "sd-scripts" and (not a.sd_scripts or a.tiny):
                 print(f"{case} {side}: skipped ({'no --sd-scripts' if not a.sd_scripts else 'sd-scripts cannot train the tiny models'})")
                 continue
             if side == "sd-scripts":
                 sd_tokenizers(arch, work / "tokenizers")
             job = job_for(case, side, work, base, toml, toml.parent, steps, a.sd_scripts, mp)
-            res = run_side(case, side, job, builtin_env if side == "builtin" else sd_env, a.timeout)
+            res = run_side(case, side, job, builtin_env if side == "builtin" else sd_env, a.timeout,
+                           sys.executable if side == "builtin" else a.sd_python)
             results.append(res)
             print(f"{case} {side}: exit {res['rc']}, {res.get('s_per_step')} s/step over {res['steps_timed']} steps, "
                   f"peak {res.get('peak_allocated_gib')} / {res.get('peak_reserved_gib')} GiB, losses finite "
