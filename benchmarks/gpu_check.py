@@ -96,6 +96,8 @@ def make_model(arch: str, folder: Path, device: str) -> Path:
     pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
     save_tokenizer(folder / "tokenizer")
+    for sub in ("text_encoder", "text_encoder_2") if arch == "sdxl" else ("text_encoder",):
+        hf_text_model_keys(folder / sub / "model.safetensors")
     if arch == "sdxl":
         save_tokenizer(folder / "tokenizer_2", pad_token="!")
     n = sum(p.numel() for m in parts.values() for p in m.parameters())
@@ -112,6 +114,19 @@ def save_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     vocab, merges = clip_vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(dict(vocab), ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def hf_text_model_keys(path: Path) -> None:
+    """Give a CLIP text encoder file the ``text_model.`` key prefix of the usual layout: transformers 5
+    saves without it, and the transformers 4.x of sd-scripts' pins then loads none of the weights
+    (it initialises the whole encoder at random, without an error). Both read the prefixed file."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    if all(k.startswith(("text_model.", "text_projection.")) for k in tensors):
+        return
+    save_file({k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()},
+              str(path), metadata={"format": "pt"})
 
 
 def sd_tokenizers(arch: str, tokdir: Path) -> None:
