@@ -21,6 +21,10 @@ child), whether every logged loss is finite, and the LoRA's tensor names and sha
 between the sides). Targets: builtin >= 1.0x sd-scripts' speed at <= 1.0x its peak memory;
 SDXL 1024 px batch 1 <= 0.61 s/step without checkpointing, <= 12 GiB reserved with it.
 
+Within ``--budget`` (450 s, for the 8 minutes of the issue) the cases run SDXL first; a side
+that would start with less than a minute left is skipped, and the table is rewritten after
+every side, so a run cut short still leaves what it measured.
+
 Usage::
 
     python benchmarks/gpu_check.py --work /tmp/gpucheck --sd-scripts SD_DIR [--sd-path P] [--steps 45]
@@ -49,11 +53,12 @@ WARMUP_STEPS = 5
 PARAMS = {"preset": "Lora3x3A50p-AdamW8", "optimizer": "AdamW", "dim": 16, "alpha": 8, "lr": 1e-4,
           "scheduler": "constant", "seed": 31337, "save_precision": "fp16", "data_loader_workers": 0}
 #: name -> (arch, mixed precision, px, UNet-only, gradient checkpointing, sides)
+#: in the order they run: the SDXL comparison first (it carries the s/step target), then SD1.5
 CASES = {
-    "sd15-fp16": ("sd15", "fp16", 512, False, True, ("builtin", "sd-scripts")),
-    "sd15-bf16": ("sd15", "bf16", 512, False, True, ("builtin", "sd-scripts")),
     "sdxl-bf16": ("sdxl", "bf16", 1024, True, False, ("builtin", "sd-scripts")),
     "sdxl-bf16-gc": ("sdxl", "bf16", 1024, True, True, ("builtin",)),
+    "sd15-fp16": ("sd15", "fp16", 512, False, True, ("builtin", "sd-scripts")),
+    "sd15-bf16": ("sd15", "bf16", 512, False, True, ("builtin", "sd-scripts")),
 }
 TOKENIZER_DIRS = {"sd15": ("openai_clip-vit-large-patch14",),
                   "sdxl": ("openai_clip-vit-large-patch14", "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k")}
@@ -322,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--px", type=int, help="picture size instead of each case's (512 / 1024)")
     ap.add_argument("--precision", help="mixed precision instead of each case's (\"no\" for sd-scripts on a CPU)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per side")
+    ap.add_argument("--budget", type=float, default=450, help="seconds in all: a side that would start with "
+                    "less than a minute left is skipped (the table so far is written after every side)")
     ap.add_argument("--out", help="write the table (markdown) and results (.json beside it) here")
     a = ap.parse_args(argv)
     import torch
@@ -338,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu" and a.precision != "no":
         builtin_env["CHARBUILD_CPU_HALF"] = "1"  # the GPU's fp16/bf16 path, on the CPU
     results = []
+    started = time.time()
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    full = device == "cuda" and not (a.tiny or a.px or a.precision)
+    title = f"{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}" + ("" if full else f" (not the check: {' '.join(argv)})")
     for case in [c.strip() for c in a.cases.split(",") if c.strip()]:
         arch, mp, size, _, _, sides = CASES[case]
         size, mp = a.px or size, a.precision or mp
@@ -351,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             if side == "sd-scripts" and (not a.sd_scripts or a.tiny):
                 print(f"{case} {side}: skipped ({'no --sd-scripts' if not a.sd_scripts else 'sd-scripts cannot train the tiny models'})")
                 continue
+            if time.time() - started > a.budget - 60:
+                print(f"{case} {side}: skipped (less than a minute of the {a.budget:.0f} s budget left)", flush=True)
+                continue
             if side == "sd-scripts":
                 sd_tokenizers(arch, work / "tokenizers")
             job = job_for(case, side, work, base, toml, toml.parent, steps, a.sd_scripts, mp)
@@ -360,14 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case} {side}: exit {res['rc']}, {res.get('s_per_step')} s/step over {res['steps_timed']} steps, "
                   f"peak {res.get('peak_allocated_gib')} / {res.get('peak_reserved_gib')} GiB, losses finite "
                   f"{res['losses_finite']}, {len(res.get('keys') or {})} tensors; log {res['log']}", flush=True)
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    full = device == "cuda" and not (a.tiny or a.px or a.precision)
-    text = table(results, f"{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}"
-                 + ("" if full else f" (not the check: {' '.join(argv)})"), absolute=full)
-    print("\n" + text)
-    if a.out:
-        Path(a.out).write_text(text, encoding="utf-8")
-        Path(a.out).with_suffix(".json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+            if a.out:  # after every side: a run cut short still leaves what it measured
+                Path(a.out).write_text(table(results, title, absolute=full), encoding="utf-8")
+                Path(a.out).with_suffix(".json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    print("\n" + table(results, title, absolute=full))
     ok = all(r["rc"] == 0 and r["losses_finite"] for r in results) and not any("FAIL" in v for v in verdicts(results, full))
     return 0 if ok else 1
 
