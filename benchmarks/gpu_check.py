@@ -21,6 +21,10 @@ child), whether every logged loss is finite, and the LoRA's tensor names and sha
 between the sides). Targets: builtin >= 1.0x sd-scripts' speed at <= 1.0x its peak memory;
 SDXL 1024 px batch 1 <= 0.61 s/step without checkpointing, <= 12 GiB reserved with it.
 
+Within ``--budget`` (450 s, for the 8 minutes of the issue) the cases run SDXL first; a side
+that would start with less than a minute left is skipped, and the table is rewritten after
+every side, so a run cut short still leaves what it measured.
+
 Usage::
 
     python benchmarks/gpu_check.py --work /tmp/gpucheck --sd-scripts SD_DIR [--sd-path P] [--steps 45]
@@ -49,11 +53,12 @@ WARMUP_STEPS = 5
 PARAMS = {"preset": "Lora3x3A50p-AdamW8", "optimizer": "AdamW", "dim": 16, "alpha": 8, "lr": 1e-4,
           "scheduler": "constant", "seed": 31337, "save_precision": "fp16", "data_loader_workers": 0}
 #: name -> (arch, mixed precision, px, UNet-only, gradient checkpointing, sides)
+#: in the order they run: the SDXL comparison first (it carries the s/step target), then SD1.5
 CASES = {
-    "sd15-fp16": ("sd15", "fp16", 512, False, True, ("builtin", "sd-scripts")),
-    "sd15-bf16": ("sd15", "bf16", 512, False, True, ("builtin", "sd-scripts")),
     "sdxl-bf16": ("sdxl", "bf16", 1024, True, False, ("builtin", "sd-scripts")),
     "sdxl-bf16-gc": ("sdxl", "bf16", 1024, True, True, ("builtin",)),
+    "sd15-fp16": ("sd15", "fp16", 512, False, True, ("builtin", "sd-scripts")),
+    "sd15-bf16": ("sd15", "bf16", 512, False, True, ("builtin", "sd-scripts")),
 }
 TOKENIZER_DIRS = {"sd15": ("openai_clip-vit-large-patch14",),
                   "sdxl": ("openai_clip-vit-large-patch14", "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k")}
@@ -95,18 +100,45 @@ def make_model(arch: str, folder: Path, device: str) -> Path:
                                        feature_extractor=None, requires_safety_checker=False, **parts)
     pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(folder / "tokenizer")
+    for sub in ("text_encoder", "text_encoder_2") if arch == "sdxl" else ("text_encoder",):
+        hf_text_model_keys(folder / sub / "model.safetensors")
+    if arch == "sdxl":
+        save_tokenizer(folder / "tokenizer_2", pad_token="!")
     n = sum(p.numel() for m in parts.values() for p in m.parameters())
     print(f"  {arch}: {n / 1e9:.2f} G parameters made on {device} and saved in {time.time() - t0:.0f} s", flush=True)
     return folder
 
 
+def save_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """charbuild's CLIP tokenizer saved to ``folder``, with the plain ``vocab.json``/``merges.txt``
+    that an older transformers' slow ``CLIPTokenizer`` reads (transformers 5 writes tokenizer.json only)."""
+    from charbuild.train.builtin.clip_tokenizer import clip_tokenizer, clip_vocab_and_merges
+
+    clip_tokenizer(pad_token=pad_token).save_pretrained(folder)
+    vocab, merges = clip_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(dict(vocab), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def hf_text_model_keys(path: Path) -> None:
+    """Give a CLIP text encoder file the ``text_model.`` key prefix of the usual layout: transformers 5
+    saves without it, and the transformers 4.x of sd-scripts' pins then loads none of the weights
+    (it initialises the whole encoder at random, without an error). Both read the prefixed file."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    if all(k.startswith(("text_model.", "text_projection.")) for k in tensors):
+        return
+    save_file({k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()},
+              str(path), metadata={"format": "pt"})
+
+
 def sd_tokenizers(arch: str, tokdir: Path) -> None:
     """The tokenizers sd-scripts reads from ``--tokenizer_cache_dir`` (no hub): charbuild's CLIP vocabulary."""
-    from charbuild.train.builtin.clip_tokenizer import clip_tokenizer
-
     for name in TOKENIZER_DIRS[arch]:
-        if not (tokdir / name).is_dir():
-            clip_tokenizer().save_pretrained(tokdir / name)
+        if not (tokdir / name / "vocab.json").is_file():
+            save_tokenizer(tokdir / name)
 
 
 def make_data(project: Path, arch: str, size: int, n: int = 4) -> Path:
@@ -194,13 +226,13 @@ def tensorboard_losses(logs: Path) -> list[tuple[int, float, float]]:
     return [events[k] for k in sorted(events)]
 
 
-def run_side(case: str, side: str, job: dict, env: dict, timeout: float) -> dict:
+def run_side(case: str, side: str, job: dict, env: dict, timeout: float, python: str = sys.executable) -> dict:
     """Start one side's child; its measures: s/step (median after the warm-up), peak memory, losses, keys."""
     vdir = Path(job["variant_dir"])
     shutil.rmtree(vdir, ignore_errors=True)
     Path(job["output"]).parent.mkdir(parents=True, exist_ok=True)
     result = vdir / "result.json"
-    me = [sys.executable, str(Path(__file__).resolve()), "--child", side, str(result)]
+    me = [python, str(Path(__file__).resolve()), "--child", side, str(result)]
     if side == "builtin":
         (vdir / "job.json").write_text(json.dumps(job), encoding="utf-8")
         cmd = me + [str(vdir / "job.json")]
@@ -288,13 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", required=True)
     ap.add_argument("--sd-scripts", help="an sd-scripts checkout (library/, networks/, *_train_network.py)")
     ap.add_argument("--sd-path", default="", help="PYTHONPATH entries before the rest for the sd-scripts side (its pins)")
+    ap.add_argument("--sd-python", default=sys.executable, help="the python of the sd-scripts side (default: this one)")
     ap.add_argument("--steps", type=int, default=45)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--sides", default="builtin,sd-scripts")
     ap.add_argument("--smoke", action="store_true", help="a run that proves the machinery: --tiny --px 64 --steps 8")
     ap.add_argument("--tiny", action="store_true", help="charbuild's tiny demo models (builtin side only)")
     ap.add_argument("--px", type=int, help="picture size instead of each case's (512 / 1024)")
     ap.add_argument("--precision", help="mixed precision instead of each case's (\"no\" for sd-scripts on a CPU)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per side")
+    ap.add_argument("--budget", type=float, default=450, help="seconds in all: a side that would start with "
+                    "less than a minute left is skipped (the table so far is written after every side)")
     ap.add_argument("--out", help="write the table (markdown) and results (.json beside it) here")
     a = ap.parse_args(argv)
     import torch
@@ -311,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu" and a.precision != "no":
         builtin_env["CHARBUILD_CPU_HALF"] = "1"  # the GPU's fp16/bf16 path, on the CPU
     results = []
+    started = time.time()
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    full = device == "cuda" and not (a.tiny or a.px or a.precision)
+    title = f"{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}" + ("" if full else f" (not the check: {' '.join(argv)})")
     for case in [c.strip() for c in a.cases.split(",") if c.strip()]:
         arch, mp, size, _, _, sides = CASES[case]
         size, mp = a.px or size, a.precision or mp
@@ -320,26 +360,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case}: model", flush=True)
             base = str(make_model(arch, work / f"model-{arch}", device))
         toml = make_data(work / f"project-{size}", arch, size)
-        for side in sides:
+        for side in [s for s in sides if s in a.sides.split(",")]:
             if side == "sd-scripts" and (not a.sd_scripts or a.tiny):
                 print(f"{case} {side}: skipped ({'no --sd-scripts' if not a.sd_scripts else 'sd-scripts cannot train the tiny models'})")
+                continue
+            if time.time() - started > a.budget - 60:
+                print(f"{case} {side}: skipped (less than a minute of the {a.budget:.0f} s budget left)", flush=True)
                 continue
             if side == "sd-scripts":
                 sd_tokenizers(arch, work / "tokenizers")
             job = job_for(case, side, work, base, toml, toml.parent, steps, a.sd_scripts, mp)
-            res = run_side(case, side, job, builtin_env if side == "builtin" else sd_env, a.timeout)
+            res = run_side(case, side, job, builtin_env if side == "builtin" else sd_env, a.timeout,
+                           sys.executable if side == "builtin" else a.sd_python)
             results.append(res)
             print(f"{case} {side}: exit {res['rc']}, {res.get('s_per_step')} s/step over {res['steps_timed']} steps, "
                   f"peak {res.get('peak_allocated_gib')} / {res.get('peak_reserved_gib')} GiB, losses finite "
                   f"{res['losses_finite']}, {len(res.get('keys') or {})} tensors; log {res['log']}", flush=True)
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    full = device == "cuda" and not (a.tiny or a.px or a.precision)
-    text = table(results, f"{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}"
-                 + ("" if full else f" (not the check: {' '.join(argv)})"), absolute=full)
-    print("\n" + text)
-    if a.out:
-        Path(a.out).write_text(text, encoding="utf-8")
-        Path(a.out).with_suffix(".json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+            if a.out:  # after every side: a run cut short still leaves what it measured
+                Path(a.out).write_text(table(results, title, absolute=full), encoding="utf-8")
+                Path(a.out).with_suffix(".json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    print("\n" + table(results, title, absolute=full))
     ok = all(r["rc"] == 0 and r["losses_finite"] for r in results) and not any("FAIL" in v for v in verdicts(results, full))
     return 0 if ok else 1
 

@@ -56,8 +56,9 @@ def require_torch() -> None:
     import torch
 
     if torch_version(torch.__version__) < MIN_TORCH:
-        raise UnsupportedError(f"torch {torch.__version__} is too old for the builtin trainer (its GradScaler needs "
-                               f"torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}): pip install -U 'torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}'")
+        floor = f"{MIN_TORCH[0]}.{MIN_TORCH[1]}"
+        raise UnsupportedError(f"torch {torch.__version__} is too old for the builtin trainer (its GradScaler "
+                               f"needs torch >= {floor}): pip install -U 'torch>={floor}'")
 
 
 def choose_precision(mixed_precision: str, environ=os.environ) -> Precision:
