@@ -80,7 +80,7 @@ def _expected_network_shapes(root: Path, network: str, unet_only: bool = False) 
     """Key -> shape of the network the trainer's modules would build for the same model and config."""
     from charbuild.train.builtin.models import load_base_model
     from charbuild.train.builtin.network import LoRANetwork
-    from charbuild.train.builtin.trainer import network_spec
+    from charbuild.train.builtin.setup import network_spec
 
     if root not in _BASES:
         _BASES[root] = load_base_model({"base": "tiny-sdxl"}, root, supported_archs=("sdxl",))

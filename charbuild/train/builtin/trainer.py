@@ -21,295 +21,34 @@ to both architectures:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 from charbuild.errors import TrainingError
 
-from ..job import TrainJob, adafactor_relative_step, optimizer_kwargs, scheduler_in_effect
+from ..job import TrainJob
 from .conditioning import conditioning, frozen_conditioning, predict_noise
-from .models import UnsupportedError
-from .network import NetworkSpec
-from .stepping import MAX_GRAD_NORM
+from .metadata import build_metadata
+from .setup import (LossSetup, Setup, _timestamp, choose_cpu_threads, ignored_settings_notes, make_optimizer,
+                    note, resolve_loss, resolve_setup, seed_everything, torch_compile_requested,
+                    vae_dtype_for)
 
-#: sd-scripts' default --learning_rate, used when a job gives none to an optimizer that needs one.
-SD_SCRIPTS_DEFAULT_LR = 2e-6
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-SAVE_PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 
 #: ``on_step(step, loss, lrs)``: called after every optimizer step (1-based step, its loss,
 #: the current learning rates: UNet first, then text encoder).
 StepCallback = Callable[[int, float, list], None]
 
 
-def note(msg: str) -> None:
-    """One informational line on stdout (the runner captures it into train.log)."""
-    print(f"[builtin] {msg}", flush=True)
-
-
-def _timestamp() -> float:
-    """Now, or ``SOURCE_DATE_EPOCH`` when set (reproducible files)."""
-    sde = os.environ.get("SOURCE_DATE_EPOCH")
-    if sde and sde.strip().isdigit():
-        return float(sde)
-    return time.time()
-
-
-
 # --------------------------------------------------------------------------- 1. setup (pure)
 
 
-@dataclass(frozen=True)
-class Setup:
-    """What a training will do, decided from the job alone (no torch, no files read)."""
-
-    job: TrainJob
-    root: Path
-    output: Path
-    steps: int
-    seed: int
-    clip_skip: int | None
-    network: NetworkSpec
-    network_module: str
-    network_args: dict[str, str]
-    unet_only: bool
-    gradient_checkpointing: bool
-    mixed_precision: str  # no | fp16 | bf16 (on a CPU the weights stay float32)
-    save_dtype: str  # torch dtype name of the saved tensors
-    optimizer: str  # adamw | adamw8bit | adafactor (AdamW8bit needs bitsandbytes on CUDA, else AdamW)
-    optimizer_kwargs: dict[str, Any]
-    lr: float | None
-    text_encoder_lr: float | None
-    scheduler: str  # the schedule in effect: "adafactor" when Adafactor's relative step drives it
-    dataset_overrides: dict[str, int] = field(default_factory=dict)
-    continue_from: Path | None = None
-    noise_offset: float = 0.0  # 0: off
-    min_snr_gamma: float | None = None  # None: off
-    v_prediction: bool = False  # the model predicts v (also when the model's scheduler says so)
-    zero_terminal_snr: bool = False  # rescale the betas (also when the checkpoint says "ztsnr")
-    cache_text_encoder_outputs: bool = False  # UNet-only: encode every caption before the loop
-    no_half_vae: bool | None = None  # keep the VAE in fp32 under fp16/bf16 (None: the arch's default; vae_dtype_for)
-
-
-def resolve_setup(job: TrainJob) -> Setup:
-    """The :class:`Setup` of ``job``; UnsupportedError (exit code 2) for what this trainer cannot do."""
-    params = job.params
-    if params.steps < 1:
-        raise TrainingError("steps must be at least 1")
-    spec, module, net_args = network_spec(params.to_dict())
-    mp = params.mixed_precision.lower()
-    if mp not in MIXED_PRECISIONS:
-        raise UnsupportedError(f"mixed_precision {mp!r} is not one of fp16, bf16, no")
-    save_dtype = SAVE_PRECISIONS.get(params.save_precision.lower())
-    if save_dtype is None:
-        raise UnsupportedError(f"save_precision {params.save_precision!r} is not one of fp16, bf16, float")
-    optimizer = params.optimizer.lower()
-    if optimizer not in OPTIMIZERS:
-        raise UnsupportedError(f"optimizer {params.optimizer!r} is not supported by the builtin trainer")
-    kwargs = optimizer_kwargs(params.optimizer_args)
-    if optimizer == "adafactor":
-        kwargs["relative_step"] = adafactor_relative_step(params.optimizer_args)
-    overrides = {}
-    if params.resolution:
-        overrides["resolution"] = int(params.resolution)
-    for key in ("min_bucket_reso", "max_bucket_reso"):
-        if getattr(params, key):
-            overrides[key] = int(getattr(params, key))
-    if params.cache_text_encoder_outputs and not params.network_train_unet_only:
-        # sd-scripts refuses it too: cached outputs cannot train the text encoders' adapters
-        raise TrainingError("cache_text_encoder_outputs needs network_train_unet_only = true "
-                            "(the text encoders cannot train on cached outputs)")
-    if params.noise_offset and params.noise_offset < 0:
-        raise TrainingError(f"noise_offset must be 0 (off) or more, not {params.noise_offset}")
-    if params.min_snr_gamma is not None and params.min_snr_gamma <= 0:
-        raise TrainingError(f"min_snr_gamma must be more than 0 (or left out), not {params.min_snr_gamma}")
-    return Setup(
-        job=job,
-        root=Path(job.project_root).resolve(),
-        output=Path(job.output),
-        steps=params.steps,
-        seed=params.seed,
-        clip_skip=int(params.clip_skip) if params.clip_skip else None,
-        network=spec,
-        network_module=module,
-        network_args=net_args,
-        unet_only=params.network_train_unet_only,
-        gradient_checkpointing=params.gradient_checkpointing,
-        mixed_precision=mp,
-        save_dtype=save_dtype,
-        optimizer=optimizer,
-        optimizer_kwargs=kwargs,
-        lr=params.lr,
-        text_encoder_lr=params.text_encoder_lr,
-        scheduler=scheduler_in_effect(params.optimizer, params.optimizer_args, params.scheduler),
-        dataset_overrides=overrides,
-        continue_from=Path(job.continue_from) if job.continue_from else None,
-        noise_offset=float(params.noise_offset or 0.0),
-        min_snr_gamma=float(params.min_snr_gamma) if params.min_snr_gamma is not None else None,
-        v_prediction=bool(params.v_prediction),
-        zero_terminal_snr=bool(params.zero_terminal_snr),
-        cache_text_encoder_outputs=bool(params.cache_text_encoder_outputs),
-        no_half_vae=params.no_half_vae,
-    )
-
-
-@dataclass(frozen=True)
-class LossSetup:
-    """How the loss is formed, decided once the model is loaded (its scheduler and markers count)."""
-
-    prediction_type: str  # epsilon | v_prediction
-    zero_terminal_snr: bool
-    min_snr_gamma: float | None
-    noise_offset: float
-
-    @property
-    def v_prediction(self) -> bool:
-        return self.prediction_type == "v_prediction"
-
-
-def resolve_loss(setup: Setup, model_prediction_type: str, model_zero_terminal_snr: bool) -> LossSetup:
-    """The :class:`LossSetup` of a training: the job's options, or what the model says it is
-    (a v-prediction scheduler, NoobAI's ``ztsnr`` marker); TrainingError for a mix that cannot
-    train (min-SNR-γ on epsilon with zero terminal SNR divides 0 by 0 at the last timestep)."""
-    prediction = "v_prediction" if setup.v_prediction or model_prediction_type == "v_prediction" else "epsilon"
-    ztsnr = setup.zero_terminal_snr or model_zero_terminal_snr
-    if ztsnr and setup.min_snr_gamma is not None and prediction == "epsilon":
-        raise TrainingError("min_snr_gamma with zero_terminal_snr needs v_prediction: the last timestep's SNR is 0, "
-                            "so its epsilon weight min(SNR, γ)/SNR is 0/0")
-    return LossSetup(prediction, ztsnr, setup.min_snr_gamma, setup.noise_offset)
-
-
-def vae_dtype_for(arch: str, mixed_precision_on_gpu: bool, vae_given: bool, no_half_vae: bool | None) -> str:
-    """The dtype the VAE encodes the (cached) latents in: "float32" or "half" (the weight dtype).
-
-    Latents are encoded once, so fp32 costs memory only while they are cached. SD1.x: always
-    fp32 (as the builtin has always done). SDXL: its VAE overflows in fp16, so fp32 unless a
-    separate VAE is given (``[model] vae``, meant for a fixed fp16 VAE such as
-    sdxl-vae-fp16-fix) and ``no_half_vae = false`` is set: the default (None) is the safe fp32,
-    as for sd-scripts (:func:`~charbuild.train.variants.no_half_vae_in_effect`).
-    """
-    from ..variants import no_half_vae_in_effect
-
-    if not mixed_precision_on_gpu or arch != "sdxl" or not vae_given or no_half_vae_in_effect(no_half_vae, arch):
-        return "float32"
-    return "half"
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def network_spec(params: dict):
-    """The :class:`~.network.NetworkSpec` and the ss_network_* metadata of the job's params."""
-    network = params.get("network") or "Lora1x1"
-    algo = (params.get("algo") or "").lower() or None
-    if network == "Loha":
-        algo = "loha"
-    if algo not in (None, "lora", "locon", "loha"):
-        raise UnsupportedError(f"LyCORIS algo {algo!r} is not supported by the builtin trainer; use backend = 'sd-scripts'")
-    dim = int(params["dim"])
-    alpha = float(params["alpha"]) if params.get("alpha") is not None else float(dim)
-    conv_dim = params.get("conv_dim")
-    conv_alpha = params.get("conv_alpha")
-    if conv_dim is not None:
-        conv_dim = int(conv_dim)
-        conv_alpha = float(conv_alpha) if conv_alpha is not None else float(conv_dim)
-    spec = NetworkSpec("loha" if algo == "loha" else "lora", dim, alpha, conv_dim, conv_alpha)
-    module = params.get("network_module") or ("lycoris.kohya" if algo else "networks.lora")
-    net_args = {}
-    if conv_dim is not None:
-        net_args["conv_dim"] = str(params.get("conv_dim"))
-        net_args["conv_alpha"] = str(params.get("conv_alpha") if params.get("conv_alpha") is not None else conv_dim)
-    if algo:
-        net_args["algo"] = algo
-    return spec, module, net_args
-
-
-def make_optimizer(setup: Setup, network, is_cuda: bool):
-    """(optimizer, lr scheduler or None, description) as sd-scripts sets them up."""
-    import torch
-
-    name, kwargs = setup.optimizer, dict(setup.optimizer_kwargs)
-    lr, te_lr = setup.lr, setup.text_encoder_lr
-    if name == "adafactor":
-        from transformers.optimization import Adafactor, AdafactorSchedule
-
-        if kwargs["relative_step"]:
-            if lr is not None or te_lr is not None:
-                note("adafactor with relative_step: learning rates are ignored (as sd-scripts)")
-            groups = network.param_groups(None, None)
-            opt = Adafactor(groups, lr=None, **kwargs)
-            return opt, AdafactorSchedule(opt, initial_lr=lr or 0.0), f"Adafactor({kwargs})"
-        lr = lr if lr is not None else SD_SCRIPTS_DEFAULT_LR
-        groups = network.param_groups(lr, te_lr if te_lr is not None else lr)
-        opt = Adafactor(groups, lr=lr, **kwargs)
-    else:
-        if lr is None:
-            lr = SD_SCRIPTS_DEFAULT_LR
-            note(f"no learning rate given: using sd-scripts' default {lr}")
-        groups = network.param_groups(lr, te_lr if te_lr is not None else lr)
-        opt = None
-        if name == "adamw8bit":
-            if is_cuda:
-                try:
-                    import bitsandbytes as bnb
-                except ImportError:  # sd-scripts stops too: 32-bit states would cost +0.9 GiB (SD1.5), +2.9 GiB (SDXL)
-                    raise UnsupportedError("optimizer AdamW8bit needs bitsandbytes on a GPU: pip install 'charbuild[gpu]' "
-                                           "(or set optimizer = \"AdamW\" for 32-bit AdamW)") from None
-                opt = bnb.optim.AdamW8bit(groups, lr=lr, **kwargs)
-            else:
-                note("AdamW8bit needs bitsandbytes on CUDA: using torch AdamW (32-bit states) on the CPU")
-        if opt is None:
-            opt = torch.optim.AdamW(groups, lr=lr, **kwargs)
-    from diffusers.optimization import get_scheduler
-
-    try:
-        sched = get_scheduler(setup.scheduler, opt, num_warmup_steps=0, num_training_steps=setup.steps, num_cycles=1)
-    except (ValueError, KeyError) as e:
-        raise UnsupportedError(f"lr scheduler {setup.scheduler!r}: {e}") from e
-    return opt, sched, f"{type(opt).__name__}({kwargs})"
-
-
-def choose_cpu_threads() -> int:
-    """Threads for CPU training: ``CHARBUILD_TORCH_THREADS`` or ``OMP_NUM_THREADS`` if set, else
-    the cores not already busy (cores − 1-minute load average, at least 1).
-
-    Why: torch's OpenMP threads spin-wait; on a machine whose cores are taken by other jobs
-    (a parallel build), two threads on two busy cores ran a tiny-model step 5-10x slower
-    than one thread.
-    """
-    for var in ("CHARBUILD_TORCH_THREADS", "OMP_NUM_THREADS"):
-        v = os.environ.get(var, "").strip()
-        if v.isdigit() and int(v) > 0:
-            return int(v)
-    try:
-        ncpu = len(os.sched_getaffinity(0))
-    except AttributeError:
-        ncpu = os.cpu_count() or 1
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except (OSError, AttributeError):
-        busy = 0
-    return max(1, min(ncpu, ncpu - busy))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
 
 
 # --------------------------------------------------------------------------- 2. prepare
@@ -481,28 +220,6 @@ def _compile_unet(setup: Setup, precision, unet) -> None:
         return
     note("torch.compile: the UNet is compiled (the first steps take longer)")
     unet.forward = torch.compile(unet.forward)
-
-
-def torch_compile_requested(job: TrainJob) -> bool:
-    """``[trainer.extra] torch_compile`` (a bool; UnsupportedError for anything else)."""
-    value = job.trainer.extra.get("torch_compile", False)
-    if not isinstance(value, bool):
-        raise UnsupportedError(f"[trainer.extra] torch_compile must be true or false, not {value!r}")
-    return value
-
-
-def ignored_settings_notes(job: TrainJob) -> list[str]:
-    """What the builtin trainer does not use of the job's settings, one note each."""
-    from ..variants import DEFAULT_DATA_LOADER_WORKERS
-
-    notes = []
-    if job.trainer.xformers:
-        notes.append("xformers = true is ignored: the builtin trainer uses PyTorch's scaled-dot-product attention "
-                     "(as sd-scripts' --sdpa)")
-    if job.params.data_loader_workers != DEFAULT_DATA_LOADER_WORKERS:
-        notes.append(f"data_loader_workers = {job.params.data_loader_workers} is ignored: the builtin trainer "
-                     "keeps the cached latents in memory and has no data loader")
-    return notes
 
 
 def _loss_scheduler(setup: Setup, base):
@@ -860,113 +577,6 @@ def run_job(job: TrainJob, on_step: StepCallback | None = None) -> dict:
         "modules": len(prep.network.unet_loras) + len(prep.network.te_loras),
         "output": str(setup.output),
     }
-
-
-#: What sd-scripts writes for an SDXL LoRA (``sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0``,
-#: ``sai_model_spec``: ``ARCH_SD_XL_V1_BASE + "/lora"``, ``IMPL_STABILITY_AI`` for an SDXL LoRA).
-SDXL_METADATA = {
-    "ss_base_model_version": "sdxl_base_v1-0",
-    "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-    "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-}
-
-
-def build_metadata(
-    setup: Setup,
-    model_name: str,
-    dataset,
-    opt_desc: str,
-    prior_steps: int | None = None,
-    arch: str = "sd15",
-    loss: LossSetup | None = None,
-    steps_done: int | None = None,
-) -> dict[str, str]:
-    """The safetensors header metadata (all strings), sd-scripts' ``ss_*`` and modelspec keys.
-
-    ``arch`` is the trained model's ("sdxl": ``sdxl_train_network.py``'s version and modelspec
-    keys, no clip skip); ``loss`` the :class:`LossSetup` in effect (None: the job's options).
-    SDXL files always carry ``ss_min_snr_gamma`` and ``ss_zero_terminal_snr`` as sd-scripts
-    writes them (``str(value)``); an SD1.x file only when they are set, so that files trained
-    before these options existed keep their bytes. ``modelspec.prediction_type`` is "v" for
-    v-prediction.
-
-    A continued training (``prior_steps`` not None) counts like sd-scripts with
-    ``--network_weights``: ``ss_steps``/``ss_max_train_steps`` are the steps of this run; it adds
-    ``charbuild.continue_from`` (the file's name) and ``charbuild.total_steps`` (the steps in
-    that file plus this run's). A save before the end (``steps_done``, ``save_every``) has
-    ``ss_steps`` = ``steps_done`` and counts those in ``charbuild.total_steps``.
-    """
-    job, params, spec = setup.job, setup.job.params, setup.network
-    if loss is None:
-        loss = resolve_loss(setup, "epsilon", False)
-    sdxl = arch == "sdxl"
-    clip_skip = None if sdxl else setup.clip_skip  # SDXL has no clip skip (sd-scripts leaves it None)
-    ts = _timestamp()
-    name = job.title  # <lora>-<variant>: unique, and the deliverable's stem (the web UIs' alias)
-    res = dataset.datasets[0].resolution
-    lr, te_lr = params.lr, params.text_encoder_lr
-    steps = setup.steps
-    done = steps if steps_done is None else steps_done
-    md = {
-        "ss_training_started_at": str(ts),
-        "ss_output_name": name,
-        "ss_learning_rate": str(lr),
-        "ss_text_encoder_lr": str(te_lr if te_lr is not None else lr),
-        "ss_unet_lr": str(lr),
-        "ss_num_train_images": str(dataset.num_train_images),
-        "ss_num_batches_per_epoch": "",
-        "ss_max_train_steps": str(steps),
-        "ss_steps": str(done),
-        "ss_lr_scheduler": str(params.scheduler),
-        "ss_optimizer": opt_desc,
-        "ss_network_module": setup.network_module,
-        "ss_network_dim": str(spec.dim),
-        "ss_network_alpha": str(float(spec.alpha)),
-        "ss_network_args": json.dumps(setup.network_args),
-        "ss_mixed_precision": setup.mixed_precision,
-        "ss_full_fp16": "False",
-        "ss_v2": "False",
-        "ss_base_model_version": "sd_v1",
-        "ss_clip_skip": str(clip_skip),
-        "ss_seed": str(setup.seed),
-        "ss_sd_model_name": model_name,
-        "ss_vae_name": Path(job.model.vae).name if job.model.vae else "None",
-        "ss_resolution": f"({res[0]}, {res[1]})",
-        "ss_gradient_checkpointing": str(setup.gradient_checkpointing),
-        "ss_network_train_unet_only": str(setup.unet_only),
-        "ss_cache_latents": "True",
-        "ss_max_grad_norm": str(MAX_GRAD_NORM),
-        "ss_caption_dropout_rate": "0.0",
-        "ss_noise_offset": str(loss.noise_offset) if loss.noise_offset else "None",
-        "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
-        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
-        "ss_training_comment": f"charbuild builtin trainer; lora {job.lora}; variant {job.variant}",
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": name,
-        "modelspec.trigger_phrase": ", ".join(job.keywords),
-        "modelspec.date": datetime.fromtimestamp(ts, tz=timezone.utc).replace(tzinfo=None).isoformat(),
-        "modelspec.resolution": f"{res[0]}x{res[1]}",
-        "modelspec.prediction_type": "v" if loss.v_prediction else "epsilon",
-    }
-    if sdxl:
-        md.update(SDXL_METADATA)
-    if sdxl or loss.min_snr_gamma is not None:
-        md["ss_min_snr_gamma"] = str(loss.min_snr_gamma)
-    if sdxl or loss.zero_terminal_snr:
-        md["ss_zero_terminal_snr"] = str(loss.zero_terminal_snr)
-    md["ss_num_batches_per_epoch"] = str(sum(
-        math.ceil(sum(it.num_repeats for it in ds.items if it.bucket == b) / ds.batch_size)
-        for ds in dataset.datasets for b in {it.bucket for it in ds.items}
-    ))
-    md["ss_num_epochs"] = str(math.ceil(steps / max(1, int(md["ss_num_batches_per_epoch"]))))
-    if clip_skip:
-        md["modelspec.encoder_layer"] = str(clip_skip)
-    if prior_steps is not None:
-        md["charbuild.continue_from"] = setup.continue_from.name
-        md["charbuild.total_steps"] = str(prior_steps + done)
-    return md
 
 
 def _load_continue_from(network, path: Path) -> int:
