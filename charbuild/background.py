@@ -299,7 +299,7 @@ def _off_field(diff: np.ndarray, region: np.ndarray, residual: float) -> float:
     which is how a fill that leaked into a figure part of nearly the background's colour looks.
     The region's last 8 pixels before the outline (mixed, JPEG's ringing 8x8 blocks) are left out."""
     inner = region & ~dilate(~region, 8)
-    off = np.linalg.norm(diff, axis=-1) > max(4 * residual, 2.5)
+    off = np.linalg.norm(diff, axis=-1) > max(4 * residual, 1.5)
     shadow = (diff[..., 0] < -2) & (np.linalg.norm(diff[..., 1:], axis=-1) < 3)
     return float((inner & off & ~shadow).mean())
 

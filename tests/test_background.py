@@ -160,12 +160,16 @@ def test_tolerance_must_be_positive():
         cut_out_array(np.zeros((8, 8, 3), np.uint8), 0)
 
 
-def test_a_fill_that_leaks_into_a_near_background_colour_is_unsure():
-    """A figure part in nearly the background's colour (ΔE ~6, another hue: no shadow) is taken
-    by the fill; the verdict says so instead of calling it sure."""
+@pytest.mark.parametrize("background, sigma, part", [
+    ((230, 230, 230), 1.5, (236, 228, 222)),   # a pale shirt, ΔE ~6, on a slightly noisy grey
+    ((250, 226, 206), 0.0, (250, 222, 200)),   # skin on a skin-coloured ground, ΔE ~2.4, clean
+], ids=["pale-shirt", "skin-on-skin"])
+def test_a_fill_that_leaks_into_a_near_background_colour_is_unsure(background, sigma, part):
+    """A figure part in nearly the background's colour (another hue: no shadow) is taken by the
+    fill; the verdict says so instead of calling it sure."""
     alpha = disk_alpha(cy=50, r=30)
-    pic = composite(alpha, flat((230, 230, 230), sigma=1.5))
-    pic[85:150, 35:125] = (236, 228, 222)  # a pale shirt without an outline
+    pic = composite(alpha, flat(background, sigma=sigma))
+    pic[85:150, 35:125] = part  # without an outline
     cut = cut_out_array(pic)
     assert cut.rgba[120, 80, 3] == 0  # it went
     assert not cut.verdict.sure
