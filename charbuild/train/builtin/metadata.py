@@ -66,7 +66,6 @@ def build_metadata(
         "ss_text_encoder_lr": str(te_lr if te_lr is not None else lr),
         "ss_unet_lr": str(lr),
         "ss_num_train_images": str(dataset.num_train_images),
-        "ss_num_batches_per_epoch": "",
         "ss_max_train_steps": str(steps),
         "ss_steps": str(done),
         "ss_lr_scheduler": str(params.scheduler),
@@ -93,29 +92,46 @@ def build_metadata(
         "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
         "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
         "ss_training_comment": f"charbuild builtin trainer; lora {job.lora}; variant {job.variant}",
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": name,
-        "modelspec.trigger_phrase": ", ".join(job.keywords),
-        "modelspec.date": datetime.fromtimestamp(ts, tz=timezone.utc).replace(tzinfo=None).isoformat(),
-        "modelspec.resolution": f"{res[0]}x{res[1]}",
-        "modelspec.prediction_type": "v" if loss.v_prediction else "epsilon",
+        **_modelspec(name, job.keywords, ts, res, loss.v_prediction),
     }
-    if sdxl:
-        md.update(SDXL_METADATA)
-    if sdxl or loss.min_snr_gamma is not None:
-        md["ss_min_snr_gamma"] = str(loss.min_snr_gamma)
-    if sdxl or loss.zero_terminal_snr:
-        md["ss_zero_terminal_snr"] = str(loss.zero_terminal_snr)
-    md["ss_num_batches_per_epoch"] = str(sum(
-        math.ceil(sum(it.num_repeats for it in ds.items if it.bucket == b) / ds.batch_size)
-        for ds in dataset.datasets for b in {it.bucket for it in ds.items}
-    ))
+    md.update(_arch_and_loss_keys(sdxl, loss))
+    md["ss_num_batches_per_epoch"] = str(batches_per_epoch(dataset))
     md["ss_num_epochs"] = str(math.ceil(steps / max(1, int(md["ss_num_batches_per_epoch"]))))
     if clip_skip:
         md["modelspec.encoder_layer"] = str(clip_skip)
     if prior_steps is not None:
         md["charbuild.continue_from"] = setup.continue_from.name
         md["charbuild.total_steps"] = str(prior_steps + done)
+    return md
+
+
+def _modelspec(name: str, keywords, ts: float, res, v_prediction: bool) -> dict[str, str]:
+    """The ``modelspec.*`` keys of an SD1.5 LoRA (SDXL's architecture keys replace two of them)."""
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": name,
+        "modelspec.trigger_phrase": ", ".join(keywords),
+        "modelspec.date": datetime.fromtimestamp(ts, tz=timezone.utc).replace(tzinfo=None).isoformat(),
+        "modelspec.resolution": f"{res[0]}x{res[1]}",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+    }
+
+
+def batches_per_epoch(dataset) -> int:
+    """Batches of one epoch as sd-scripts counts them: per dataset and bucket, repeats / batch size, rounded up."""
+    return sum(
+        math.ceil(sum(it.num_repeats for it in ds.items if it.bucket == b) / ds.batch_size)
+        for ds in dataset.datasets for b in {it.bucket for it in ds.items}
+    )
+
+
+def _arch_and_loss_keys(sdxl: bool, loss: LossSetup) -> dict[str, str]:
+    """SDXL's version keys; the loss options as sd-scripts writes them (SDXL always, SD1.x when set)."""
+    md = dict(SDXL_METADATA) if sdxl else {}
+    if sdxl or loss.min_snr_gamma is not None:
+        md["ss_min_snr_gamma"] = str(loss.min_snr_gamma)
+    if sdxl or loss.zero_terminal_snr:
+        md["ss_zero_terminal_snr"] = str(loss.zero_terminal_snr)
     return md
