@@ -9,7 +9,7 @@ from doit.exceptions import TaskFailed
 
 from charbuild import fsutil
 from charbuild.errors import OutputError
-from charbuild.tasks import write_text_action
+from charbuild.actions import write_text_action
 
 
 @pytest.fixture
