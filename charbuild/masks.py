@@ -19,14 +19,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
+if TYPE_CHECKING:  # Pillow is imported where pictures are read: never while doit loads the tasks
+    from PIL import Image
 
 from . import layout
 from .errors import CharbuildError, Problem, doit_action
 from .flatten_settings import FlattenRule
 from .fsutil import write_bytes_atomic, write_text_atomic
-from .images import flatten, load_source, png_bytes
 
 #: Bumped when the cut-out changes for the same picture and settings (rebuilds every mask).
 MASK_VERSION = 1
@@ -70,6 +71,8 @@ def has_alpha_channel(path: str | Path) -> bool:
             return found
         if Path(path).suffix.lower() in (".jpg", ".jpeg"):
             return False
+        from PIL import Image
+
         with Image.open(path) as img:
             return "A" in img.getbands() or "a" in img.mode or "transparency" in img.info
     except (OSError, ValueError, SyntaxError):
@@ -93,6 +96,8 @@ def _transparent(img: Image.Image) -> Image.Image | None:
 
 def cut(img: Image.Image, rule: FlattenRule) -> tuple[Image.Image, dict]:
     """The cut-out of a loaded picture under ``rule`` and its verdict (a JSON-ready dict)."""
+    from .images import flatten
+
     own = _transparent(img)
     if own is not None:
         return own, {"method": "alpha", "flattened": True, "sure": True, "reasons": [],
@@ -118,6 +123,8 @@ def _plain(stats: dict) -> dict:
 
 def make_mask(src: str, png: str, sidecar: str, rule: dict) -> dict:
     """Write the cut-out of ``src`` to ``png`` and its verdict to ``sidecar`` (both atomically)."""
+    from .images import load_source, png_bytes
+
     img = load_source(src)
     rgba, verdict = cut(img, FlattenRule(**rule))
     verdict = {"source": Path(src).as_posix(), "source_md5": file_md5(src), "rule": FlattenRule(**rule).signature(),
@@ -198,6 +205,8 @@ def unsure_pictures(project, *, judge_missing: bool = False) -> list[Problem]:
     A picture whose mask is not built yet, or was built from other settings, is judged now
     when ``judge_missing`` (the same cut-out, nothing written), else left out.
     """
+    from .images import load_source
+
     problems = []
     for entry in mask_entries(project):
         verdict = read_verdict(project.root / entry.sidecar)
