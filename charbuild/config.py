@@ -30,6 +30,7 @@ from .prepared import image_dir, prepared_sizes, subset_for
 from .project_toml import (KEYWORD_RE, KIND_DEFAULTS, LORA_KEYS, NAME_RE, RESERVED_NAMES,
                            compress_table, load_project_toml, variants_check)
 from .resolve import resolve_loras
+from .train.job import job_specs
 from .train.variants import TRAINING_CHECKS, TRAINING_KEYS, training_defaults, variant_entries
 
 __all__ = [
@@ -344,9 +345,11 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise ConfigError(problems)
-    return Project(root, chars_dir, root / layout.BUILD, settings.model, settings.dataset, settings.training,
-                   settings.trainer, settings.merge, settings.compress, settings.captions, characters,
-                   loras, [p for p in problems if p.severity != "error"], settings.origin)
+    project = Project(root, chars_dir, root / layout.BUILD, settings.model, settings.dataset, settings.training,
+                      settings.trainer, settings.merge, settings.compress, settings.captions, characters,
+                      loras, [p for p in problems if p.severity != "error"], settings.origin)
+    project.model_spec, project.trainer_spec = job_specs(project, layout.Layout(root))
+    return project
 
 
 def _make_lora(name: str, kind: str, parts: list[Part], t: LoraTable, keywords: list[str], chars: list[str]) -> Lora:

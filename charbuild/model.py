@@ -134,6 +134,9 @@ class Project:
     loras: dict[str, Lora]
     warnings: list[Problem]
     origin: Origin | None = field(default=None, compare=False, repr=False)  # project.toml's key lines
+    # the model and trainer as every training job gets them (paths absolute), made once by the loader
+    model_spec: Any = field(default=None, compare=False, repr=False)     # charbuild.train.job.ModelSpec
+    trainer_spec: Any = field(default=None, compare=False, repr=False)   # charbuild.train.job.TrainerSpec
 
     def rel(self, path: Path) -> str:
         """A path under the root as the POSIX string doit sees."""

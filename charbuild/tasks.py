@@ -77,7 +77,6 @@ class Graph:
         self._part_files: dict[str, list] = {}
         self._dataset_texts: dict[str, str] = {}
         self._variants: dict[str, list] = {}
-        self._job_specs = None
         #: "<lora>/<variant>" labels to train even when up to date, without the run cache (train --force)
         self.force_train: frozenset[str] = frozenset()
         self._masks: dict | None = None
@@ -262,12 +261,8 @@ class Graph:
         return self._model_sig
 
     def job_specs(self):
-        """The project's (ModelSpec, TrainerSpec), computed once."""
-        if self._job_specs is None:
-            from .train.job import job_specs
-
-            self._job_specs = job_specs(self.project, self.layout)
-        return self._job_specs
+        """The project's (ModelSpec, TrainerSpec), as the loader made them."""
+        return self.project.model_spec, self.project.trainer_spec
 
     def train_deps(self, lora: Lora) -> list[str]:
         """The tasks a training of ``lora`` waits for: its dataset TOML and every picture and caption."""
