@@ -670,11 +670,13 @@ class Observers:
         from charbuild.train.metrics import MetricsWriter
         from charbuild.train.observed import output_folder, samples_of
 
+        from .identity_watch import IdentityWatch
+
         self.setup, self.prep, self.progress = setup, prep, progress
         params = setup.job.params
         folder = output_folder(setup.job)
         self.metrics = MetricsWriter(folder)
-        self.validation = self.samples = None
+        self.validation = self.samples = self.identity = None
         self.sample_every, self.validation_every = params.sample_every, params.validation_every
         if self.validation_every:
             from .validation import ValidationSet
@@ -690,10 +692,15 @@ class Observers:
 
             self.samples = SampleRenderer(setup, prep, samples_of(setup.job), folder)
             note(f"samples: {self.samples.describe()}, every {self.sample_every} steps and at the end")
+            self.identity = IdentityWatch(setup, prep, self.samples, folder, self.metrics)
+            note(self.identity.describe())
 
     def start(self) -> None:
         if self.validation is not None:
             self._validate(0)
+        if self.identity is not None:
+            with self._encoders_on_device():
+                self.identity.baseline()
 
     def __call__(self, step: int, loss: float, lrs: list) -> None:
         from charbuild.sample_prompts import sample_steps_due
@@ -706,6 +713,7 @@ class Observers:
             t0 = time.time()
             with self._encoders_on_device():
                 written = self.samples.render(step)
+                self.identity.after(step, written, last)
             note(f"step {step}: {len(written)} samples in {time.time() - t0:.1f}s")
 
     @contextlib.contextmanager
