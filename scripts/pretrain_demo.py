@@ -23,7 +23,8 @@ it. Stages:
 Output: ``demo.safetensors`` (fp16), ``model.json`` (configs, SHA-256, this run's record),
 ``vocab.json`` and ``merges.txt`` in ``--out`` (default: the package's ``demo_model/``), and
 ``preview.png`` (sample grid) in ``--work``. ``--save-every`` writes a complete model along the
-way, so an interrupted run still leaves a usable one.
+way, so an interrupted run still leaves a usable one; ``--stop-after N`` ends a run at step N
+with the same weights as that checkpoint (the learning-rate schedule still spans ``--steps``).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, args, gen, on_s
     text_encoder.train()
     n = len(captions)
     losses, t0 = [], time.time()
-    for step in range(args.steps):
+    for step in range(min(args.steps, args.stop_after or args.steps)):
         idx = torch.randint(0, n, (args.batch,), generator=gen)
         flip = torch.rand(args.batch, generator=gen) < 0.5
         z0 = torch.where(flip[:, None, None, None], latents[idx].flip(-1), latents[idx])
@@ -192,7 +193,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, args, gen, on_s
             rate = (time.time() - t0) / (step + 1)
             log(f"unet {step + 1}/{args.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
                 f"({rate:.2f} s/step, {rate * (args.steps - step - 1) / 60:.0f} min left)")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < min(args.steps, args.stop_after or args.steps):
             ema.swap()
             on_save(step + 1, losses)
             ema.swap()
@@ -272,6 +273,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--threads", type=int, default=1)  # two threads on two busy cores ran 7x slower
     ap.add_argument("--save-every", type=int, default=600)
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="end after this many steps (the schedule still spans --steps): equals the --save-every "
+                         "checkpoint of a full run at that step")
     ap.add_argument("--out", type=Path, default=demo.DEMO_DIR)
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "pretrain-demo")
     args = ap.parse_args(argv)
@@ -315,7 +319,7 @@ def main(argv=None) -> int:
         log(f"saved the model at step {step} to {args.out}")
 
     losses = train_unet(unet, text_encoder, tokenizer, latents, captions, args, gen, on_save)
-    on_save(args.steps, losses)
+    on_save(len(losses), losses)
     (args.work / "losses.json").write_text(json.dumps({"vae": vae_losses, "unet": losses}), encoding="utf-8")
     preview(args.work / "preview.png", args.out, args.seed)
     log(f"done in {(time.time() - started) / 60:.1f} min; preview: {args.work / 'preview.png'}")
