@@ -279,17 +279,19 @@ def preview(path: Path, folder: Path, seed: int, steps: int = 20) -> None:
 
     from charbuild.captions import caption_text
 
-    base = demo.load_demo_model(folder)
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    from charbuild.train.builtin.tiny import SD15_SCHEDULER_CONFIG
+
+    unet, vae, text_encoder, tokenizer, _ = demo.load_demo_parts(folder)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     codes = ["f00", "f02", "f04", "f10", "b00", "b02", "b04", "b20"]
     size = demo.DEMO_SIZE
     sheet = Image.new("RGB", (size * len(codes), size * len(PREVIEW_PROMPTS)), (128, 128, 128))
     for r, lead in enumerate(PREVIEW_PROMPTS):
         prompts = [caption_text(c, ["xqz", lead]) for c in codes]
-        cond = encode_text(base.tokenizer, base.text_encoder, prompts + [""])
+        cond = encode_text(tokenizer, text_encoder, prompts + [""])
         gens = [torch.Generator().manual_seed(seed + i) for i in range(len(codes))]
         out = pipe(prompt_embeds=cond[:-1], negative_prompt_embeds=cond[-1:].expand(len(codes), -1, -1),
                    height=size, width=size, num_inference_steps=steps, guidance_scale=7.5, generator=gens,

@@ -216,14 +216,11 @@ def split_state(state: dict) -> dict[str, dict]:
     return out
 
 
-def load_demo_model(folder: Path = DEMO_DIR):
-    """The demo model as a :class:`~.models.BaseModel` (float32, CPU), hash-checked, offline."""
+def load_demo_parts(folder: Path = DEMO_DIR) -> tuple:
+    """(unet, vae, text_encoder, tokenizer, name) of the demo model (float32, CPU), hash-checked,
+    offline; :func:`.models.load_base_model` makes its ``BaseModel`` (SD1.5's DDPM schedule)."""
     import torch
-    from diffusers import DDPMScheduler
     from safetensors.torch import load_file
-
-    from .models import BaseModel
-    from .tiny import SD15_SCHEDULER_CONFIG
 
     path = verify_weights(folder)
     manifest = read_manifest(folder)
@@ -236,5 +233,4 @@ def load_demo_model(folder: Path = DEMO_DIR):
         if missing or unexpected:
             raise TrainingError(f"the demo weights do not fit the model ({name}: missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}): reinstall charbuild", path=path)
-    sched = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
-    return BaseModel(unet, vae, text_encoder, load_tokenizer(folder), sched, f"demo-{manifest['sha256'][:8]}", "sd15")
+    return unet, vae, text_encoder, load_tokenizer(folder), f"demo-{manifest['sha256'][:8]}"

@@ -291,11 +291,15 @@ def load_base_model(model: dict, project_root: str | Path, supported_archs: tupl
         raise TrainingError("no base model given (model.base)")
     tiny = parse_tiny_base(str(base))
     if str(base) == "demo":
-        from .demo import load_demo_model
+        from diffusers import DDPMScheduler
+
+        from .demo import load_demo_parts
+        from .tiny import SD15_SCHEDULER_CONFIG
 
         if arch not in (None, "sd15"):
             raise TrainingError(f"model.base 'demo' is an SD1.5 model but arch is {arch!r}")
-        loaded = load_demo_model()
+        unet, vae, text_encoder, tokenizer, name = load_demo_parts()
+        loaded = BaseModel(unet, vae, text_encoder, tokenizer, DDPMScheduler(**SD15_SCHEDULER_CONFIG), name, "sd15")
     elif tiny is not None:
         from .tiny import ensure_tiny_model, ensure_tiny_sdxl_model
 
