@@ -272,7 +272,7 @@ PREVIEW_PROMPTS = [
 
 
 @torch.no_grad()
-def preview(path: Path, folder: Path, seed: int, steps: int = 20) -> None:
+def preview(path: Path, folder: Path, seed: int, steps: int = 20, guidance: float = 7.5) -> None:
     """A grid: rows = PREVIEW_PROMPTS, columns = a few codes; rendered from the saved files as charbuild would."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from PIL import Image
@@ -294,7 +294,7 @@ def preview(path: Path, folder: Path, seed: int, steps: int = 20) -> None:
         cond = encode_text(tokenizer, text_encoder, prompts + [""])
         gens = [torch.Generator().manual_seed(seed + i) for i in range(len(codes))]
         out = pipe(prompt_embeds=cond[:-1], negative_prompt_embeds=cond[-1:].expand(len(codes), -1, -1),
-                   height=size, width=size, num_inference_steps=steps, guidance_scale=7.5, generator=gens,
+                   height=size, width=size, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                    output_type="pil").images
         for c, img in enumerate(out):
             sheet.paste(img, (c * size, r * size))
