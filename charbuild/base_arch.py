@@ -23,8 +23,14 @@ from .errors import CharbuildError
 from .fsutil import write_text_atomic
 from .train.builtin.checkpoint import CheckpointError, arch_mismatch, check_checkpoint_arch
 
-#: The built-in demo models and their architectures (a ``:N`` seed may follow the name).
-TINY_BASES = {"tiny": "sd15", "tiny-sdxl": "sdxl"}
+#: The built-in models and their architectures (a ``:N`` seed may follow a tiny model's name;
+#: ``demo`` is the shipped pretrained model, :mod:`charbuild.train.builtin.demo`).
+TINY_BASES = {"tiny": "sd15", "tiny-sdxl": "sdxl", "demo": "sd15"}
+#: The name of the shipped pretrained demo model.
+DEMO_BASE = "demo"
+#: ``[training]`` defaults of a project on the demo model (unless it sets them): samples on, so
+#: the report shows what each LoRA learned (step 0 is the base model), at 10 DDIM steps.
+DEMO_TRAINING_DEFAULTS = {"sample_every": 20, "sample_steps": 10}
 _CACHE_FILE = "base-arch.json"
 # in-process answers by (path, size, mtime_ns): one load of the project reads a file once
 _MEMO: dict[tuple[str, int, int], str] = {}
@@ -36,7 +42,7 @@ def tiny_base_arch(base: str) -> str | None:
     A seed that is not a whole number (``tiny:x``) is no demo model name: None.
     """
     name, sep, seed = str(base).partition(":")
-    if name not in TINY_BASES or (sep and not seed.isdigit()):
+    if name not in TINY_BASES or (sep and (not seed.isdigit() or name == DEMO_BASE)):
         return None
     return TINY_BASES[name]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import layout
-from .base_arch import base_arch, tiny_base_arch
+from .base_arch import DEMO_BASE, DEMO_TRAINING_DEFAULTS, base_arch, tiny_base_arch
 from .block_weights import preset_values, resolve_merge_weights
 from .checks import (Collector, Origin, is_bool, is_choice, is_fraction, is_int, is_number, is_str,
                      is_str_list, is_table, show_path)
@@ -139,7 +139,7 @@ def _load_model(c: Collector, root: Path, model: dict, settings: ProjectSettings
         value = m[key]
         if value and not (key == "base" and tiny_base_arch(value)) and not under_root(root, value).exists():
             c.error(f"'model.{key}' file or folder {value!r} does not exist; give a path relative to "
-                    f"{root.name}/ or an absolute path" + ("" if key == "vae" else ", or \"tiny\" / \"tiny-sdxl\" for a built-in demo model"),
+                    f"{root.name}/ or an absolute path" + ("" if key == "vae" else ", or \"demo\" / \"tiny\" / \"tiny-sdxl\" for a built-in model"),
                     ("model", key))
             base_ok = base_ok and key != "base"
     m["arch"] = _model_arch(c, root, m["base"], given, model, base_ok)
@@ -206,6 +206,9 @@ def _load_training(c: Collector, tr: dict, settings: ProjectSettings) -> None:
     c.check_keys(tr, set(TRAINING_KEYS) | {"variants"}, kp)
     # each value is checked at its own line; a bad one is reported once here, not per LoRA
     settings.training.update(c.checked(tr, TRAINING_CHECKS, kp))
+    if settings.model.get("base") == DEMO_BASE:  # the demo model shows what a LoRA learns: samples on
+        for key, value in DEMO_TRAINING_DEFAULTS.items():
+            settings.training.setdefault(key, value)
     if "variants" in tr:
         settings.training["variants"] = c.get(tr, "variants", variants_check, settings.training["variants"], kp)
 

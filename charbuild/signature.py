@@ -123,7 +123,12 @@ def model_signature(value: str | None, root: str | Path, cache_dir: str | Path) 
         return None
     if value == "tiny":
         return {"tiny": True}
-    from .base_arch import tiny_base_arch
+    from .base_arch import DEMO_BASE, tiny_base_arch
+
+    if value == DEMO_BASE:  # the shipped weights' SHA-256 (from its manifest: nothing to hash here)
+        from .train.builtin.demo import demo_identity
+
+        return {"demo": demo_identity()}
 
     if tiny_base_arch(value):  # tiny:N, tiny-sdxl[:N]: generated from the name, nothing to hash
         return {"tiny": value}

@@ -26,6 +26,28 @@ SIZE = 512
 Color = tuple[int, int, int]
 
 
+NAVY, NAVY_SHADE = (35, 45, 100), (22, 28, 66)
+WHITE, WHITE_SHADE = (246, 246, 250), (205, 205, 218)
+RED, RED_SHADE = (205, 35, 45), (150, 22, 32)
+BLACK, BLACK_SHADE = (34, 34, 40), (18, 18, 22)
+ORANGE = (240, 150, 40)
+
+
+@dataclass(frozen=True)
+class Clothes:
+    """An outfit's colours. School uniform: ``main`` the collar/skirt, ``light`` the blouse,
+    ``accent`` the ribbon. Plugsuit: ``light`` the suit, ``accent`` the panels, ``main`` the
+    seams and rings, ``belt`` the buckle."""
+
+    main: Color = NAVY
+    main_shade: Color = NAVY_SHADE
+    light: Color = WHITE
+    accent: Color = RED
+    accent_shade: Color = RED_SHADE
+    dark: Color = BLACK
+    belt: Color = ORANGE
+
+
 @dataclass(frozen=True)
 class Look:
     hair: Color
@@ -34,21 +56,14 @@ class Look:
     skin: Color = (250, 222, 200)
     skin_shade: Color = (222, 186, 165)
     line: Color = (150, 100, 90)
-
-
-@dataclass(frozen=True)
-class Outfit:
-    name: str  # "nude" | "school" | "plugsuit"
+    ears: str = "cat"  # "cat" | "fox" | "none"
+    hair_style: str = "short"  # "short" | "long"
+    school: Clothes = Clothes()
+    plugsuit: Clothes = Clothes()
 
 
 KURONEKO = Look(hair=(28, 28, 38), hair_shade=(12, 12, 18), eyes=(235, 185, 40))
 CHANEKO = Look(hair=(150, 92, 48), hair_shade=(112, 66, 32), eyes=(70, 165, 85))
-
-NAVY, NAVY_SHADE = (35, 45, 100), (22, 28, 66)
-WHITE, WHITE_SHADE = (246, 246, 250), (205, 205, 218)
-RED, RED_SHADE = (205, 35, 45), (150, 22, 32)
-BLACK, BLACK_SHADE = (34, 34, 40), (18, 18, 22)
-ORANGE = (240, 150, 40)
 
 
 def yaw_of(h: int) -> float:
@@ -63,7 +78,8 @@ TAPER = {0: 0.0, 1: 0.38, 2: -0.32}  # perspective: nearer parts larger
 class Figure:
     """Maps body coordinates (unit = head radius, y down, 0 = head centre) to the canvas."""
 
-    def __init__(self, kind: str, v: int, h: int, look: Look, outfit: str):
+    def __init__(self, kind: str, v: int, h: int, look: Look, outfit: str, size: int = SIZE):
+        self.size = size
         self.kind, self.v, self.h, self.look, self.outfit = kind, v, h, look, outfit
         self.theta = yaw_of(h)
         self.phi = PITCH[v]
@@ -72,12 +88,13 @@ class Figure:
         top, bottom = -1.5, (7.0 if kind == "b" else 2.95)
         span = self._raw_y(bottom) - self._raw_y(top)
         margin = 14 if kind == "b" else 0
-        self.scale = (SIZE - 2 * margin) / span
+        margin = margin * size / SIZE
+        self.scale = (size - 2 * margin) / span
         if kind == "f":
-            self.scale = min(self.scale, 118)
+            self.scale = min(self.scale, 118 * size / SIZE)
         self.y0 = margin - self._raw_y(top) * self.scale
-        self.cx = SIZE / 2
-        self.img = Image.new("RGBA", (SIZE, SIZE), (0, 0, 0, 0))
+        self.cx = size / 2
+        self.img = Image.new("RGBA", (size, size), (0, 0, 0, 0))
         self.px = self.img.load()
         self.draw = ImageDraw.Draw(self.img)
 
@@ -114,24 +131,25 @@ class Figure:
     def limbs(self, side: str):
         """Arms and legs; side 'back' draws those behind the torso, 'front' those before it."""
         look, outfit = self.look, self.outfit
+        cl = look.plugsuit if outfit == "plugsuit" else look.school
         for sign in (-1, 1):
             # arms hang at the shoulders' sides
             _, depth = self.turn(sign * 1.12, 0.0)
             if (depth < 0) == (side == "back"):
-                sleeve = {"nude": look.skin, "school": WHITE, "plugsuit": WHITE}[outfit]
-                hand = {"nude": look.skin, "school": look.skin, "plugsuit": RED}[outfit]
+                sleeve = {"nude": look.skin, "school": cl.light, "plugsuit": cl.light}[outfit]
+                hand = {"nude": look.skin, "school": look.skin, "plugsuit": cl.accent}[outfit]
                 shade = depth < 0
                 self.capsule(sign * 1.12, 0.0, 1.3, 2.55, 0.24, _shade(sleeve, shade))
                 if outfit == "plugsuit":
-                    self.capsule(sign * 1.12, 0.0, 2.2, 2.5, 0.25, _shade(BLACK, shade))
+                    self.capsule(sign * 1.12, 0.0, 2.2, 2.5, 0.25, _shade(cl.dark, shade))
                 self.capsule(sign * 1.12, 0.0, 2.6, 3.05, 0.2, _shade(hand, shade))
             if self.kind == "f":
                 continue
             _, depth = self.turn(sign * 0.42, 0.0)
             if (depth < 0) == (side == "back"):
                 shade = depth < 0
-                leg = {"school": look.skin, "plugsuit": WHITE, "nude": look.skin}[outfit]
-                sock = {"school": BLACK, "plugsuit": RED, "nude": look.skin}[outfit]
+                leg = {"school": look.skin, "plugsuit": cl.light, "nude": look.skin}[outfit]
+                sock = {"school": BLACK, "plugsuit": cl.accent, "nude": look.skin}[outfit]
                 self.capsule(sign * 0.42, 0.0, 3.3, 6.55, 0.3, _shade(leg, shade))
                 self.capsule(sign * 0.42, 0.0, 5.0, 6.55, 0.31, _shade(sock, shade))
                 # foot points where the body faces
@@ -139,11 +157,11 @@ class Figure:
                 fy = 6.75
                 w, hgt = (0.28 + 0.2 * abs(math.sin(self.theta))) * self.scale * self.s(fy), 0.2 * self.scale * self.s(fy)
                 cx, cy = self.X(fx, fy), self.Y(fy)
-                shoe = (90, 50, 30) if outfit == "school" else RED_SHADE
+                shoe = (90, 50, 30) if outfit == "school" else cl.accent_shade
                 self.draw.ellipse((cx - w, cy - hgt, cx + w, cy + hgt), fill=_shade(shoe, shade))
 
     def tail(self, side: str):
-        if self.kind != "b":
+        if self.kind != "b" or self.look.ears == "none":
             return
         sx, depth = self.turn(0.0, -0.7)
         if (depth < 0) != (side == "back"):
@@ -154,7 +172,8 @@ class Figure:
             y = 3.05 + 0.9 * math.sin(t * math.pi * 0.9) - 1.9 * t * t
             x = sx + (0.9 * t + 0.35 * math.sin(t * 5)) * (1 if self.theta >= 0 else -1)
             pts.append((self.X(x, y), self.Y(y)))
-        self.draw.line(pts, fill=self.look.hair, width=max(3, int(0.2 * self.scale)), joint="curve")
+        width = (0.45 if self.look.ears == "fox" else 0.2) * self.scale
+        self.draw.line(pts, fill=self.look.hair, width=max(2, int(width)), joint="curve")
 
     def torso(self):
         """Per-pixel elliptic cylinder: colours by angle around the body and height."""
@@ -178,13 +197,13 @@ class Figure:
         for b in range(bins + 1):  # fill gaps
             if best[b] is None:
                 best[b] = best[b - 1] if b else best[1]
-        top, bottom = int(self.Y(profile[0][0])), min(SIZE - 1, int(self.Y(y_end)))
+        top, bottom = int(self.Y(profile[0][0])), min(self.size - 1, int(self.Y(y_end)))
         for py in range(max(0, top), bottom + 1):
             y = self._inverse_y(py)
             w = _interp(profile, y) * half * self.scale * self.s(y)
             if w <= 0:
                 continue
-            for px in range(max(0, int(self.cx - w)), min(SIZE, int(self.cx + w) + 1)):
+            for px in range(max(0, int(self.cx - w)), min(self.size, int(self.cx + w) + 1)):
                 u = (px - self.cx) / w
                 if abs(u) > 1:
                     continue
@@ -218,43 +237,45 @@ class Figure:
             if y > 3.0:
                 return None
             return look.skin
+        cl = look.school
         if self.outfit == "school":
             if y < 0.98:
                 return look.skin
             if y > 3.42:  # pleated skirt
-                return NAVY_SHADE if (a * 6 / math.pi) % 1 < 0.12 else NAVY
+                return cl.main_shade if (a * 6 / math.pi) % 1 < 0.12 else cl.main
             if back:
                 if y < 2.0 and aa > 1.75:  # square sailor flap with a white stripe
                     edge = y > 1.88 or aa < 1.87
-                    return WHITE if edge else NAVY
-                return NAVY if y < 1.2 else WHITE
+                    return cl.light if edge else cl.main
+                return cl.main if y < 1.2 else cl.light
             # front: V of the sailor collar down to a red ribbon
             depth_v = 1.95 - y
             if 1.72 < y < 2.05 and aa < 0.28 - abs(y - 1.88) * 0.9:
-                return RED
+                return cl.accent
             if depth_v > 0 and aa < depth_v * 0.38:
-                return look.skin if y < 1.45 else WHITE
+                return look.skin if y < 1.45 else cl.light
             if y < 1.2 or (depth_v > -0.05 and aa < depth_v * 0.38 + 0.42):
-                return NAVY
+                return cl.main
             if 3.25 < y:
-                return NAVY
-            return WHITE
+                return cl.main
+            return cl.light
         # plugsuit
+        cl = look.plugsuit
         if y < 0.98:
             return look.skin
         if 0.98 <= y < 1.15:
-            return BLACK  # neck ring
+            return cl.dark  # neck ring
         if abs(aa - math.pi / 2) < 0.07:
-            return BLACK  # side seams
+            return cl.dark  # side seams
         if 2.3 < y < 2.5:
-            return ORANGE if not back else BLACK  # belt, buckle at the front
+            return cl.belt if not back else cl.dark  # belt, buckle at the front
         if not back and aa < 0.75 and 1.35 < y < 2.1:
-            return RED  # chest panel
+            return cl.accent  # chest panel
         if back and aa > math.pi - 0.12 and y > 1.15:
-            return BLACK  # spine line
+            return cl.dark  # spine line
         if back and 1.3 < y < 1.75 and aa > 2.0:
-            return RED  # back plate
-        return WHITE
+            return cl.accent  # back plate
+        return cl.light
 
     def neck(self):
         self.capsule(0.0, 0.0, 0.55, 1.05, 0.3, self.look.skin_shade)
@@ -262,12 +283,22 @@ class Figure:
     def back_hair(self):
         r = self.scale * self.s(0)
         cx, cy = self.cx, self.Y(0.18)
+        if self.look.hair_style == "long":  # a mane down to the waist behind the body
+            w, bottom = 1.25 * self.scale * self.s(1.5), self.Y(3.3)
+            self.draw.rounded_rectangle((cx - w, cy, cx + w, bottom), radius=int(0.4 * self.scale), fill=self.look.hair_shade)
         self.draw.ellipse((cx - 1.18 * r, cy - 1.12 * r, cx + 1.18 * r, cy + 1.05 * r), fill=self.look.hair_shade)
 
     def ears(self, front: bool):
+        if self.look.ears == "none":
+            return
+        fox = self.look.ears == "fox"  # taller, wider, with a white inside
         for sign in (-1, 1):
-            pts3 = [(sign * 0.78, -0.5, 0.05), (sign * 0.2, -0.95, 0.05), (sign * 0.78, -1.45, 0.0)]
-            inner3 = [(sign * 0.68, -0.68, 0.08), (sign * 0.36, -0.93, 0.08), (sign * 0.7, -1.25, 0.06)]
+            if fox:
+                pts3 = [(sign * 0.9, -0.45, 0.05), (sign * 0.15, -0.9, 0.05), (sign * 0.85, -1.75, 0.0)]
+                inner3 = [(sign * 0.76, -0.65, 0.08), (sign * 0.36, -0.9, 0.08), (sign * 0.8, -1.5, 0.06)]
+            else:
+                pts3 = [(sign * 0.78, -0.5, 0.05), (sign * 0.2, -0.95, 0.05), (sign * 0.78, -1.45, 0.0)]
+                inner3 = [(sign * 0.68, -0.68, 0.08), (sign * 0.36, -0.93, 0.08), (sign * 0.7, -1.25, 0.06)]
             pts = [self.head_to_screen(*p) for p in pts3]
             depth = sum(p[2] for p in pts) / 3
             if (depth >= 0) != front:
@@ -276,7 +307,8 @@ class Figure:
             # the ear's opening faces forward (+z): visible when the face side is toward us
             nx, ny, nz = self.head_dir(0.0, 0.0, 1.0)
             if nz > 0.1:
-                self.draw.polygon([self.head_to_screen(*p)[:2] for p in inner3], fill=(240, 160, 170))
+                inside = (250, 250, 250) if fox else (240, 160, 170)
+                self.draw.polygon([self.head_to_screen(*p)[:2] for p in inner3], fill=inside)
 
     def head_dir(self, x: float, y: float, z: float) -> tuple[float, float, float]:
         """Head coordinates (x right, y down, z face-forward) to view (x, y, toward camera)."""
@@ -296,8 +328,8 @@ class Figure:
         cx, cy = self.cx, self.Y(0)
         cp, sp = math.cos(self.phi), math.sin(self.phi)
         c, s = math.cos(self.theta), math.sin(self.theta)
-        for py in range(max(0, int(cy - r)), min(SIZE, int(cy + r) + 1)):
-            for px in range(max(0, int(cx - r)), min(SIZE, int(cx + r) + 1)):
+        for py in range(max(0, int(cy - r)), min(self.size, int(cy + r) + 1)):
+            for px in range(max(0, int(cx - r)), min(self.size, int(cx + r) + 1)):
                 sx, sy = (px - cx) / r, (py - cy) / r
                 d = sx * sx + sy * sy
                 if d > 1:
@@ -359,12 +391,18 @@ def _interp(profile: list[tuple[float, float]], y: float) -> float:
     return profile[-1][1]
 
 
-def draw(code: str, look: Look, outfit: str) -> bytes:
-    """One example image as PNG bytes (flat colours, transparent background, no metadata)."""
+def draw_image(code: str, look: Look, outfit: str, size: int = SIZE) -> Image.Image:
+    """One figure as an RGBA picture of ``size`` px (flat colours, transparent background)."""
     kind, v, h = code[0], int(code[1]), int(code[2])
-    img = Figure(kind, v, h, look, outfit).render()
+    img = Figure(kind, v, h, look, outfit, size).render()
     if h > 4:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def draw(code: str, look: Look, outfit: str) -> bytes:
+    """One example image as PNG bytes (flat colours, transparent background, no metadata)."""
+    img = draw_image(code, look, outfit)
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     return buf.getvalue()

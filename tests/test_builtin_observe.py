@@ -37,7 +37,8 @@ def _small(root: Path, folder: str, **over):
     """A 3-step UNet-only job of variant "v" whose files go to ``<root>/<folder>`` (the same
     name inside every file, so two runs can be compared byte for byte)."""
     job = _job(root, "Lora1x1", "v", steps=3, network_train_unet_only=True, **over)
-    job = dataclasses.replace(job, variant_dir=str(root / folder), output=str(root / folder / "raw.safetensors"))
+    job = dataclasses.replace(job, variant_dir=str(root / folder), output=str(root / folder / "raw.safetensors"),
+                              inputs=tuple(sorted(str(p) for p in (root / "build" / "images").rglob("*.png"))))  # the identity's references
     return job
 
 
@@ -73,10 +74,48 @@ def test_samples_every_n_steps_and_at_the_end_one_per_face_code(trained):
 
     _, obs_dir = trained["observed"]
     found = sorted(p.relative_to(obs_dir / "samples").as_posix() for p in (obs_dir / "samples").rglob("*.png"))
-    assert found == sorted(f"{step}/{code}.png" for step in (2, 3) for code in TEMPLATE_CODES["f"])
+    # step 0 is the base model; at step 0 and the end also the prompts without trigger words
+    assert found == sorted([f"{step}/{code}.png" for step in (0, 2, 3) for code in TEMPLATE_CODES["f"]]
+                           + [f"{step}/notrigger/{code}.png" for step in (0, 3) for code in TEMPLATE_CODES["f"]])
+    nt = Image.open(obs_dir / "samples" / "0" / "notrigger" / "f00.png").text["parameters"]
+    assert "krnk" not in nt and "kuroneko" not in nt and "upper body" in nt and "Seed: 31337" in nt
     im = Image.open(obs_dir / "samples" / "3" / "f00.png")
     assert im.size == (128, 128) and "Seed: 31337" in im.text["parameters"]
     assert not (trained["plain"][1] / "samples").exists()
+
+
+def test_identity_at_step_0_every_sample_step_and_the_trigger_score(trained):
+    _, obs_dir = trained["observed"]
+    log = read_metrics(obs_dir / "metrics.jsonl")
+    assert list(log.identity) == ["krnk/face"]  # the largest size's pictures f00-f02 are the references
+    assert [s for s, _ in log.identity["krnk/face"]] == [0, 2, 3]
+    assert all(0 <= v <= 1 for _, v in log.identity["krnk/face"])
+    assert sorted(log.identity_codes["krnk/face"][0]) == ["f00", "f01", "f02"]
+    assert [s for s, _ in log.trigger] == [3] and 0 <= log.trigger[0][1] <= 1
+    assert log.identity_change("krnk/face") == (log.identity["krnk/face"][0][1], log.identity["krnk/face"][-1][1])
+
+
+def test_adapters_off_is_the_base_model_and_restores_the_multipliers(project):
+    from charbuild.train.builtin.identity_watch import adapters_off
+    from charbuild.train.builtin.trainer import prepare, resolve_setup
+
+    prep = prepare(resolve_setup(_small(project, "off")))
+    modules = list(prep.network.unet_loras)
+    for m in modules:
+        torch.nn.init.normal_(m.lora_up.weight)  # a LoRA that changes the output
+    x = torch.randn(1, 4, 4, 4)
+    cond = torch.randn(1, 77, prep.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        with_lora = prep.unet(x, 10, cond).sample
+        with adapters_off(prep.network):
+            assert all(m.multiplier == 0 for m in modules)
+            bare = prep.unet(x, 10, cond).sample
+        for m in modules:
+            m.multiplier = 0.0
+        expected = prep.unet(x, 10, cond).sample
+    assert not torch.equal(with_lora, bare) and torch.equal(bare, expected)
+    for m in modules:
+        m.multiplier = 1.0
 
 
 def test_rendering_and_validation_are_deterministic_and_leave_the_random_state(project, tmp_path):

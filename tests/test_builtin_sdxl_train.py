@@ -336,7 +336,10 @@ def test_sdxl_training_with_samples_and_validation(project, tmp_path):
     assert runs["watched"]["losses"] == runs["plain"]["losses"]
     assert (watched / "raw.safetensors").read_bytes() == (plain / "raw.safetensors").read_bytes()
     pictures = sorted(p.relative_to(watched).as_posix() for p in (watched / "samples").rglob("*.png"))
-    assert pictures and all(p.startswith(f"samples/{STEPS}/") for p in pictures)
+    # step 0 is the base model without the LoRA (the baseline), then the sample steps; at step 0 and
+    # the end also the prompts without the trigger words
+    assert pictures and {p.split("/")[1] for p in pictures} == {"0", str(STEPS)}
+    assert {p.split("/")[1] for p in pictures if "/notrigger/" in p} == {"0", str(STEPS)}
     metrics = read_metrics(watched / "metrics.jsonl")
     assert [step for step, _ in metrics.val_loss] == list(range(STEPS + 1))
     assert all(value > 0 for _, value in metrics.val_loss)

@@ -204,26 +204,31 @@ def test_a_weight_list_of_neither_arch_is_still_an_error(tmp_path):
 
 
 def test_switching_the_example_to_sdxl_takes_only_its_base(example_copy):
-    """arch from the model, the SDXL ladder, the project's SD1.5 presets applied as LBW does."""
+    """arch from the model, the project's SD1.5 presets applied as LBW does, and the ladder the
+    example writes for the demo model (64 px) kept with a warning that SDXL trains at 1024 px."""
     from charbuild.lora.blocks import sd15_list_on_sdxl
 
     sd15 = load_project(example_copy)
     toml = example_copy / "characters/project.toml"
     text = toml.read_text(encoding="utf-8")
-    assert 'base = "tiny"\n' in text
-    toml.write_text(text.replace('base = "tiny"\n', 'base = "tiny-sdxl"\n'), encoding="utf-8")
+    assert 'base = "demo"\n' in text
+    toml.write_text(text.replace('base = "demo"\n', 'base = "tiny-sdxl"\n'), encoding="utf-8")
     project = load_project(example_copy)
     assert (sd15.model["arch"], project.model["arch"]) == ("sd15", "sdxl")
-    assert sd15.dataset["sizes"] == [128, 192, 256, 384, 512, 768]
-    assert project.dataset["sizes"] == [256, 384, 512, 768, 1024, 1536]
+    assert sd15.dataset["sizes"] == project.dataset["sizes"] == [64]  # written in the example: kept
     soft = project.merge["presets"]["BODY_SOFT"]
     with pytest.warns(UserWarning):
         assert len(soft) == 20 and soft == list(sd15_list_on_sdxl(sd15.merge["presets"]["BODY_SOFT"]).values())
     assert [w for w in project.warnings if "BODY_SOFT" in w.message and "SD1.5 list on an SDXL LoRA" in w.message]
-    assert not [w for w in project.warnings if "'dataset.sizes'" in w.message]
-    small = [str(w) for w in project.warnings if "prepared at 512 px at most" in w.message]  # 512 px sources
-    assert small and small[0].startswith("characters/chaneko/face: warning: the base model is SDXL"), small
+    sizes = [str(w) for w in project.warnings if "'dataset.sizes'" in w.message]
+    assert sizes and "tops out at 64 px, but the base model is SDXL" in sizes[0], sizes
     assert not [w for w in sd15.warnings if "SDXL" in w.message]
+    toml.write_text(text.replace('base = "demo"\n', 'base = "tiny-sdxl"\n').replace("sizes = [64]", "# sizes"),
+                    encoding="utf-8")
+    ladder = load_project(example_copy)  # no ladder written: SDXL's
+    assert ladder.dataset["sizes"] == [256, 384, 512, 768, 1024, 1536]
+    small = [str(w) for w in ladder.warnings if "prepared at 512 px at most" in w.message]  # 512 px sources
+    assert small and small[0].startswith("characters/chaneko/face: warning: the base model is SDXL"), small
 
 
 def test_an_sdxl_project_whose_ladder_stays_below_1024_is_warned(tmp_path):

@@ -96,7 +96,8 @@ def test_charbuild_report_writes_the_page_of_a_half_built_project_without_traini
     assert not list((root / "build/loras").rglob("*.safetensors"))
     html = page(root)
     assert "not built yet" in html and "no preview sheet yet" not in html
-    stale = html[html.index('id="stale"'):html.index("</section>")]
+    start = html.index('id="stale"')
+    stale = html[start:html.index("</section>", start)]
     assert f"<td>train:alc/{V}</td><td>not built yet</td>" in stale and f"<td>compress:bbo/{V}</td>" in stale
     assert "<td>preview:" not in stale  # built by the run before
     assert build(root, "--single", "report") == set()

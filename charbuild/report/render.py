@@ -11,8 +11,9 @@ from html import escape
 from urllib.parse import quote
 
 from .flatten_view import render_flattened
+from .overview import render_overview, sample_step_order
 from .samples import sample_name_key
-from .svg import block_bar_svg, loss_chart_svg
+from .svg import block_bar_svg, identity_chart_svg, loss_chart_svg
 
 ROLES = (("raw", "raw (trained)"), ("merged", "merged (block weights)"), ("compressed", "compressed (the file to use)"))
 
@@ -116,10 +117,11 @@ def _samples_grid(samples: dict) -> str:
     codes = sorted({c for by_code in samples.values() for c in by_code}, key=sample_name_key)
     head = "".join(f"<th>{c}</th>" for c in codes)
     rows = []
-    for step in sorted(samples, key=int):
+    for step in sample_step_order(samples):  # step 0 (the base model) and the last step first
         cells = "".join(f'<td><img src="{_src(samples[step][c])}" alt="step {step} {c}"></td>' if c in samples[step]
                         else '<td class="none">—</td>' for c in codes)
-        rows.append(f"<tr><th>step {step}</th>{cells}</tr>")
+        label = f"step {step}" + (" <small>(base model)</small>" if int(step) == 0 else "")
+        rows.append(f"<tr><th>{label}</th>{cells}</tr>")
     return f'<table class="samples"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
 
 
@@ -160,7 +162,10 @@ def render_lora(lora: dict) -> str:
         elif v["metrics"] is None or v["metrics"].is_empty():
             out.append(f'<p class="none">no loss data yet: the trainer writes it to <code>{_e(v["dir"])}/metrics.jsonl</code></p>')
         else:
-            out.append(loss_chart_svg(v["metrics"], title=f'loss of {lora["name"]} {v["name"]}'))
+            if v["metrics"].loss or v["metrics"].val_loss:
+                out.append(loss_chart_svg(v["metrics"], title=f'loss of {lora["name"]} {v["name"]}'))
+            if v["metrics"].identity:
+                out += ["<h4>identity</h4>", identity_chart_svg(v["metrics"])]
         out += ["<h4>samples</h4>", _samples_grid(v["samples"]), "</div>"]
     out.append("</section>")
     return "".join(out)
@@ -184,13 +189,14 @@ def render_page(page: dict) -> str:
     """The whole ``index.html``."""
     nav = "".join(f'<a href="#{anchor("char", c["name"])}">{_e(c["name"])}</a>' for c in page["characters"])
     nav += " | " + "".join(f'<a href="#{anchor("lora", lo["name"])}">{_e(lo["name"])}</a>' for lo in page["loras"])
-    body = [render_stale(page["stale"])]
-    body += [render_character(c, page["thumbs"]) for c in page["characters"]]
+    # the answer first (every LoRA, its state, loss, identity and file), then the details
+    body = [render_overview(page["loras"], page["stale"], anchor), render_stale(page["stale"])]
     body += [render_lora(lo) for lo in page["loras"]]
+    body += [render_character(c, page["thumbs"]) for c in page["characters"]]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>charbuild report: {_e(page['project'])}</title>"
             '<link rel="stylesheet" href="report.css"><script src="report.js" defer></script></head><body>'
             f"<header><h1>charbuild report: {_e(page['project'])}</h1>"
             f"<p>{len(page['characters'])} character(s), {len(page['loras'])} LoRA(s)</p></header>"
-            f'<nav><a href="#stale">out of date</a> | {nav}</nav>'
+            f'<nav><a href="#overview">LoRAs</a> | <a href="#stale">out of date</a> | {nav}</nav>'
             + "".join(body) + "</body></html>\n")

@@ -5,10 +5,13 @@ no line per up-to-date task, and ``nothing to do`` when a run ran nothing.
 names it, so a plain ``doit``, ``charbuild build`` and ``charbuild train`` all print, e.g.::
 
     built 2 LoRA(s):
-      build/loras/krnk/Lora3x3A50p-AdamW8/krnk-Lora3x3A50p-AdamW8.safetensors  35.1 MB  rank 32  trigger words: krnk
+      build/loras/krnk/Lora3x3A50p-AdamW8/krnk-Lora3x3A50p-AdamW8.safetensors  35.1 MB  rank 32  trigger words: krnk  identity 0.412 → 0.153 (-63 %)
 
 A LoRA counts as built when its ``compress:`` task (the deliverable file) ran successfully in
-this run. The line reads the file itself (:func:`charbuild.lora.inspect.inspect_lora`).
+this run. The line reads the file itself (:func:`charbuild.lora.inspect.inspect_lora`) and,
+when the training rendered samples, the identity distance at step 0 (the base model) and at the
+last sample step from the ``metrics.jsonl`` beside it (per member for a group LoRA; lower is
+closer to the character's own pictures, :mod:`charbuild.identity`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,30 @@ from pathlib import Path
 
 from doit.reporter import ConsoleReporter
 
+from charbuild.layout import METRICS_NAME
+
 DELIVERABLE_GROUP = "compress"
+
+
+def identity_text(metrics_file: Path) -> str:
+    """``identity 0.412 → 0.153 (-63 %)`` (per member of a group), or "" without identity lines."""
+    from charbuild.errors import CharbuildError
+    from charbuild.report.metrics import read_metrics
+
+    try:
+        log = read_metrics(metrics_file)
+    except CharbuildError:
+        return ""
+    parts = []
+    for member in (log.identity if log else {}):
+        change = log.identity_change(member)
+        if change is None:
+            continue
+        before, after = change
+        drop = (before - after) / before * 100 if before else 0.0
+        name = f"{member} " if len(log.identity) > 1 else ""
+        parts.append(f"{name}{before:.3f} → {after:.3f} ({-drop:+.0f} %)")
+    return ("  identity " + ", ".join(parts)) if parts else ""
 
 
 def summary_line(info: dict, shown_path: str) -> str:
@@ -38,7 +64,7 @@ def summary_lines(paths: list[str]) -> list[str]:
     lines = [f"built {len(paths)} LoRA(s):"]
     for p in paths:
         try:
-            lines.append(summary_line(inspect_lora(p), p))
+            lines.append(summary_line(inspect_lora(p), p) + identity_text(Path(p).parent / METRICS_NAME))
         except (CharbuildError, OSError, ValueError) as exc:
             lines.append(f"  {p}  (cannot read it: {exc})")
     return lines

@@ -45,15 +45,52 @@ def _tick_label(v: float) -> str:
     return f"{v:.4g}"
 
 
+#: Colours of the identity curves (one per member of a group LoRA), in turn.
+MEMBER_COLOURS = ("#6cc070", "#d96cc0", "#d9c46c", "#6cc0d9")
+#: A curve with at least this many points also gets a smoothed line over its raw points.
+SMOOTH_FROM = 8
+
+
+def smoothed(points: Sequence[tuple[int, float]], window: int | None = None) -> list[tuple[int, float]]:
+    """A centred moving average of ``points`` (window: about a tenth of them, odd, at least 3)."""
+    n = len(points)
+    w = window or max(3, (n // 10) | 1)
+    half = w // 2
+    out = []
+    for i, (s, _) in enumerate(points):
+        chunk = [v for _, v in points[max(0, i - half): i + half + 1]]
+        out.append((s, sum(chunk) / len(chunk)))
+    return out
+
+
 def loss_chart_svg(log: LossLog, *, width: int = 640, height: int = 260, title: str = "loss") -> str:
     """An inline ``<svg>`` with one polyline per curve (training loss, validation loss).
 
-    Each polyline has ``class="series <name>"`` and ``data-count`` = its number of points. Raises
-    ``ValueError`` when ``log`` has no points (the caller says so in words instead).
+    Each polyline has ``class="series <name>"`` and ``data-count`` = its number of points; a noisy
+    training loss (:data:`SMOOTH_FROM` points or more) is drawn faint with a smoothed line
+    (``class="smoothed <name>"``) over it. Raises ``ValueError`` when ``log`` has no points (the
+    caller says so in words instead).
     """
     series = {name: pts for name, pts in (("loss", log.loss), ("val_loss", log.val_loss)) if pts}
     if not series:
         raise ValueError("no loss values to draw")
+    return line_chart_svg(series, SERIES_COLOURS, SERIES_LABELS, width=width, height=height, title=title)
+
+
+def identity_chart_svg(log: LossLog, *, width: int = 640, height: int = 200) -> str:
+    """The identity distance per sample step, one polyline per member (``class="series identity"``)."""
+    series = {member: pts for member, pts in log.identity.items() if pts}
+    if not series:
+        raise ValueError("no identity values to draw")
+    colours = {m: MEMBER_COLOURS[i % len(MEMBER_COLOURS)] for i, m in enumerate(series)}
+    labels = {m: f"identity distance {m}" for m in series}
+    return line_chart_svg(series, colours, labels, width=width, height=height, title="identity distance (lower is closer)",
+                          css="identity")
+
+
+def line_chart_svg(series: dict, colours: dict, labels: dict, *, width: int, height: int, title: str,
+                   css: str | None = None) -> str:
+    """An inline ``<svg>`` line chart of ``series`` (name -> (step, value) points), y from the data."""
     left, right, top, bottom = 56, 12, 24, 34
     pw, ph = width - left - right, height - top - bottom
     steps = [s for pts in series.values() for s, _ in pts]
@@ -86,14 +123,20 @@ def loss_chart_svg(log: LossLog, *, width: int = 640, height: int = 260, title: 
     out.append(f'<text x="{left + pw / 2:.0f}" y="{height - 2}" text-anchor="middle">step</text>')
     legend_x = left + 8
     for name, pts in series.items():
-        colour = SERIES_COLOURS[name]
+        colour = colours[name]
         coords = " ".join(f"{_f(sx(s))},{_f(sy(v))}" for s, v in pts)
-        out.append(f'<polyline class="series {name}" data-count="{len(pts)}" fill="none" stroke="{colour}" '
-                   f'stroke-width="1.5" points="{coords}"/>')
-        if len(pts) == 1:  # a single point draws no line: mark it
-            s, v = pts[0]
-            out.append(f'<circle cx="{_f(sx(s))}" cy="{_f(sy(v))}" r="3" fill="{colour}"/>')
-        label = f"{SERIES_LABELS[name]} ({len(pts)} points, last {_tick_label(pts[-1][1])})"
+        smooth = css is None and len(pts) >= SMOOTH_FROM
+        cls = f"series {css} {escape(name)}" if css else f"series {name}"
+        faint = ' stroke-opacity="0.35"' if smooth else ""
+        out.append(f'<polyline class="{cls}" data-count="{len(pts)}" fill="none" stroke="{colour}" '
+                   f'stroke-width="{1 if smooth else 1.5}"{faint} points="{coords}"/>')
+        if smooth:
+            line = " ".join(f"{_f(sx(s))},{_f(sy(v))}" for s, v in smoothed(pts))
+            out.append(f'<polyline class="smoothed {name}" fill="none" stroke="{colour}" stroke-width="2" points="{line}"/>')
+        if len(pts) == 1 or css:  # a single point draws no line: mark it (and every sample step)
+            for s, v in pts:
+                out.append(f'<circle cx="{_f(sx(s))}" cy="{_f(sy(v))}" r="3" fill="{colour}"/>')
+        label = f"{labels[name]} ({len(pts)} points, last {_tick_label(pts[-1][1])})"
         out.append(f'<rect x="{legend_x}" y="8" width="10" height="10" fill="{colour}"/>'
                    f'<text x="{legend_x + 14}" y="17">{escape(label)}</text>')
         legend_x += 14 + 7 * len(label) + 16

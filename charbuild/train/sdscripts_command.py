@@ -116,7 +116,7 @@ def build_command(job: TrainJob) -> list[str]:
     """
     params, model, trainer = job.params, job.model, job.trainer
     base = model.base
-    if not base or base == "tiny":
+    if not base or base in ("tiny", "demo"):
         raise TrainingError(
             f"model.base {base!r} cannot be trained by sd-scripts: set model.base to a checkpoint "
             "(.safetensors/.ckpt) or a diffusers folder, or use the builtin backend"

@@ -272,7 +272,7 @@ def parse_tiny_base(base: str) -> tuple[str, int] | None:
 
 
 def load_base_model(model: dict, project_root: str | Path, supported_archs: tuple[str, ...] = ("sd15",)) -> BaseModel:
-    """Load ``job["model"]``: base "tiny" / "tiny-sdxl" (see :mod:`.tiny`), a diffusers folder or a
+    """Load ``job["model"]``: base "demo" (:mod:`.demo`), "tiny" / "tiny-sdxl" (:mod:`.tiny`), a diffusers folder or a
     single-file checkpoint; ``model["arch"]`` (None or absent: taken from the model) must match it.
 
     ``supported_archs``: what the calling training loop can train; another architecture is an
@@ -290,7 +290,17 @@ def load_base_model(model: dict, project_root: str | Path, supported_archs: tupl
     if not base:
         raise TrainingError("no base model given (model.base)")
     tiny = parse_tiny_base(str(base))
-    if tiny is not None:
+    if str(base) == "demo":
+        from diffusers import DDPMScheduler
+
+        from .demo import load_demo_parts
+        from .tiny import SD15_SCHEDULER_CONFIG
+
+        if arch not in (None, "sd15"):
+            raise TrainingError(f"model.base 'demo' is an SD1.5 model but arch is {arch!r}")
+        unet, vae, text_encoder, tokenizer, name = load_demo_parts()
+        loaded = BaseModel(unet, vae, text_encoder, tokenizer, DDPMScheduler(**SD15_SCHEDULER_CONFIG), name, "sd15")
+    elif tiny is not None:
         from .tiny import ensure_tiny_model, ensure_tiny_sdxl_model
 
         tiny_arch, seed = tiny

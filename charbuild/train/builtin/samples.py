@@ -43,10 +43,13 @@ GPU_SAMPLE_BATCH = {"sd15": 4, "sdxl": 1}
 
 def sample_settings(setup, prep) -> tuple[int, int]:
     """(size in px, denoising steps): the job's, else the training resolution and 20 steps on a GPU,
-    128 px and 4 steps on a CPU; the size rounded to what the VAE and UNet can take."""
+    128 px (or the VAE's smaller native size) and 4 steps on a CPU; the size rounded to what the VAE
+    and UNet can take."""
     params = setup.job.params
     cuda = prep.device.type == "cuda"
-    size = params.sample_size or (int(prep.dataset.datasets[0].resolution[0]) if cuda else CPU_SAMPLE_SIZE)
+    # on a CPU at most the VAE's native size (the demo model's 64 px: a larger picture it never drew)
+    cpu_size = min(CPU_SAMPLE_SIZE, int(getattr(prep.vae.config, "sample_size", CPU_SAMPLE_SIZE) or CPU_SAMPLE_SIZE))
+    size = params.sample_size or (int(prep.dataset.datasets[0].resolution[0]) if cuda else cpu_size)
     steps = params.sample_steps or (DEFAULT_SAMPLE_STEPS if cuda else CPU_SAMPLE_STEPS)
     vae_scale = 2 ** (len(prep.vae.config.block_out_channels) - 1)
     unet_scale = 2 ** (len(prep.unet.config.block_out_channels) - 1)

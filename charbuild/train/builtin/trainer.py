@@ -385,11 +385,13 @@ class Observers:
         from charbuild.train.metrics import MetricsWriter
         from charbuild.train.observed import output_folder, samples_of
 
+        from .identity_watch import IdentityWatch
+
         self.setup, self.prep, self.progress = setup, prep, progress
         params = setup.job.params
         folder = output_folder(setup.job)
         self.metrics = MetricsWriter(folder)
-        self.validation = self.samples = None
+        self.validation = self.samples = self.identity = None
         self.sample_every, self.validation_every = params.sample_every, params.validation_every
         self.save_every = params.save_every
         if self.save_every:
@@ -408,10 +410,14 @@ class Observers:
 
             self.samples = SampleRenderer(setup, prep, samples_of(setup.job), folder)
             note(f"samples: {self.samples.describe()}, every {self.sample_every} steps and at the end")
+            self.identity = IdentityWatch(setup, prep, self.samples, folder, self.metrics)
+            note(self.identity.describe())
 
     def start(self) -> None:
         if self.validation is not None:
             self._survive_oom("validation", 0, self._validate)
+        if self.identity is not None:
+            self._survive_oom("step-0 samples", 0, self._baseline)
 
     def __call__(self, step: int, loss: float, lrs: list) -> None:
         from charbuild.sample_prompts import sample_steps_due
@@ -428,10 +434,16 @@ class Observers:
         if self.samples is not None and sample_steps_due(step, self.sample_every, self.setup.steps):
             self._survive_oom("samples", step, self._render)
 
+    def _baseline(self, _step: int = 0) -> None:
+        with self._encoders_on_device():
+            self.identity.baseline()
+
     def _render(self, step: int) -> None:
         t0 = time.time()
         with self._encoders_on_device():
             written = self.samples.render(step)
+            if self.identity is not None:
+                self.identity.after(step, written, step == self.setup.steps)
         note(f"step {step}: {len(written)} samples in {time.time() - t0:.1f}s")
 
     def _survive_oom(self, what: str, step: int, run: Callable[[int], None]) -> None:

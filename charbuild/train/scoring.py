@@ -1,0 +1,107 @@
+"""Identity and trigger scores of a training's samples (torch-free): what ``metrics.jsonl`` records.
+
+At every sample step the trainer scores each template-code sample against the LoRA's own
+training picture of that code (:mod:`charbuild.identity`); a group LoRA is scored against each
+member's pictures separately. Step 0 is the base model without the LoRA, so the curve starts
+at the baseline. The metrics lines::
+
+    {"step": 0, "identity": {"kuroneko/face": 0.41}, "identity_codes": {"kuroneko/face": {"f00": 0.39, ...}}}
+    {"step": 40, "trigger": 0.05}
+
+``trigger``: the mean distance between the samples of the same prompts *without* the trigger
+words, rendered with the LoRA after the last step and by the base model at step 0
+(``samples/<step>/notrigger/<code>.png``): near 0 when the keyword, not the rest of the
+prompt, carries the character.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from charbuild import identity
+from charbuild.captions import CAPTION_SEPARATOR
+from charbuild.codes import CODE_RE, parse_code
+from charbuild.sample_prompts import SAMPLE_CODE_KIND, SamplePrompt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from charbuild.train.job import TrainJob
+
+#: The folder (under ``samples/<step>/``) of the prompts without trigger words.
+NOTRIGGER_DIR = "notrigger"
+
+
+def member_of(path: Path) -> tuple[str, int] | None:
+    """(``character/part``, size) of a prepared picture ``.../<character>/<part>/<size>/<code>.png``."""
+    parts = path.parts
+    if len(parts) < 4 or not parts[-2].isdigit():
+        return None
+    return f"{parts[-4]}/{parts[-3]}", int(parts[-2])
+
+
+def references(job: "TrainJob") -> dict[str, dict[str, Path]]:
+    """member -> code -> the training picture a sample of that code is scored against.
+
+    Only codes of the LoRA's sample kind (face codes for a face LoRA, body codes otherwise);
+    of several prepared sizes the largest.
+    """
+    kind = SAMPLE_CODE_KIND.get(job.kind, "b")
+    best: dict[str, dict[str, tuple[int, Path]]] = {}
+    for raw in job.inputs:
+        path = Path(raw)
+        code = parse_code(path.name)
+        found = member_of(path)
+        if path.suffix.lower() != ".png" or not code or code[0] != kind or path.stem.lower() != code or not found:
+            continue
+        member, size = found
+        held = best.setdefault(member, {}).get(code)
+        if held is None or size > held[0]:
+            best[member][code] = (size, path)
+    return {m: {c: p for c, (_, p) in sorted(codes.items())} for m, codes in sorted(best.items())}
+
+
+def without_triggers(samples: Iterable[SamplePrompt], keywords: Iterable[str]) -> tuple[SamplePrompt, ...]:
+    """The template-code samples with the trigger words taken out of their prompts (same seeds),
+    named ``notrigger/<code>``."""
+    words = {k.strip().lower() for k in keywords if k and k.strip()}
+    out = []
+    for s in samples:
+        if not CODE_RE.fullmatch(s.name):
+            continue
+        tags = [t for t in s.prompt.split(CAPTION_SEPARATOR.strip()) if t.strip() and t.strip().lower() not in words]
+        out.append(SamplePrompt(f"{NOTRIGGER_DIR}/{s.name}", CAPTION_SEPARATOR.join(t.strip() for t in tags), s.index))
+    return tuple(out)
+
+
+def code_distances(samples: Mapping[str, Path], refs: Mapping[str, Path]) -> dict[str, float]:
+    """code -> distance of the sample of that code to its reference (codes both have)."""
+    return {code: round(identity.distance(samples[code], refs[code]), 4) for code in sorted(refs) if code in samples}
+
+
+def identity_line(step: int, samples: Mapping[str, Path], refs: Mapping[str, Mapping[str, Path]]) -> dict | None:
+    """The metrics line of one sample step (None when no sample has a reference)."""
+    per_code = {member: code_distances(samples, codes) for member, codes in refs.items()}
+    per_code = {m: d for m, d in per_code.items() if d}
+    if not per_code:
+        return None
+    means = {m: round(identity.mean(d.values()), 4) for m, d in per_code.items()}
+    return {"step": int(step), "identity": means, "identity_codes": per_code}
+
+
+def trigger_line(step: int, with_lora: Mapping[str, Path], base: Mapping[str, Path]) -> dict | None:
+    """The trigger score line: mean distance of the LoRA's no-trigger samples to the base model's."""
+    codes = sorted(set(with_lora) & set(base))
+    if not codes:
+        return None
+    value = identity.mean(identity.distance(with_lora[c], base[c]) for c in codes)
+    return {"step": int(step), "trigger": round(value, 4)}
+
+
+def files_by_name(paths: Iterable[Path]) -> dict[str, Path]:
+    """Sample files by their code (``samples/<step>/f00.png`` or ``.../notrigger/f00.png`` -> ``f00``)."""
+    out = {}
+    for p in paths:
+        p = Path(p)
+        if CODE_RE.fullmatch(p.stem):
+            out[p.stem.lower()] = p
+    return out
