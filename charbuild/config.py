@@ -345,9 +345,14 @@ def load_project(root: str | Path, *, verify_images: bool = False) -> Project:
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise ConfigError(problems)
-    project = Project(root, chars_dir, root / layout.BUILD, settings.model, settings.dataset, settings.training,
-                      settings.trainer, settings.merge, settings.compress, settings.captions, characters,
-                      loras, [p for p in problems if p.severity != "error"], settings.origin)
+    return _project(root, settings, characters, loras, [p for p in problems if p.severity != "error"])
+
+
+def _project(root: Path, settings, characters: dict, loras: dict, warnings: list[Problem]) -> Project:
+    """The loaded project, with the model and trainer as every training job gets them (paths absolute)."""
+    project = Project(root, root / "characters", root / layout.BUILD, settings.model, settings.dataset,
+                      settings.training, settings.trainer, settings.merge, settings.compress, settings.captions,
+                      characters, loras, warnings, settings.origin)
     project.model_spec, project.trainer_spec = job_specs(project, layout.Layout(root))
     return project
 

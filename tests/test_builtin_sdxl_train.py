@@ -34,13 +34,13 @@ from charbuild.train.builtin.data import ImageItem, sdxl_size_conditioning  # no
 from charbuild.train.builtin.trainer import (  # noqa: E402
     LossSetup,
     batch_loss,
-    build_metadata,
     prepare,
     resolve_loss,
     resolve_setup,
     run_job,
     vae_dtype_for,
 )
+from charbuild.train.builtin.metadata import build_metadata  # noqa: E402
 from conftest import SDXL_CAPTIONS as CAPTIONS, builtin_job, make_tiny_sdxl_dataset  # noqa: E402
 
 STEPS = 2

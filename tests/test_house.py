@@ -130,3 +130,24 @@ def test_no_test_module_imports_another():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             wrong += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
     assert not wrong, "\n".join(wrong)
+
+
+#: Rooms of a readable size (docs/architecture.md): split a module along a seam a newcomer would
+#: guess before it passes these.
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def test_modules_and_functions_stay_a_readable_size():
+    too_big = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        rel = path.relative_to(PACKAGE.parent).as_posix()
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_big.append(f"{rel}: {text.count(chr(10))} lines (> {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_big.append(f"{rel}:{node.lineno} {node.name}: {length} lines (> {MAX_FUNCTION_LINES})")
+    assert not too_big, "\n".join(too_big)

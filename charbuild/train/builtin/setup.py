@@ -300,3 +300,36 @@ def ignored_settings_notes(job: TrainJob) -> list[str]:
         notes.append(f"data_loader_workers = {job.params.data_loader_workers} is ignored: the builtin trainer "
                      "keeps the cached latents in memory and has no data loader")
     return notes
+
+
+@dataclass
+class Prepared:
+    """Everything the loop needs, in memory."""
+
+    device: Any
+    weight_dtype: Any
+    model_name: str
+    dataset: Any
+    latents: dict
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    network: Any
+    optimizer: Any
+    lr_scheduler: Any
+    optimizer_desc: str
+    prior_steps: int | None = None  # steps already in the file it continues from
+    arch: str = "sd15"  # what the loaded model is: "sd15" | "sdxl"
+    text_encoder_2: Any = None  # SDXL's second text encoder (OpenCLIP bigG)
+    tokenizer_2: Any = None
+    loss: LossSetup = LossSetup("epsilon", False, None, 0.0)
+    text_cache: dict = field(default_factory=dict)  # caption -> frozen encoders' output (UNet-only)
+    vae: Any = None  # kept (on the CPU) only when the training renders samples
+    precision: Any = None  # the .device.Precision (device, weight dtype) it trains in
+    skipped_steps: list = field(default_factory=list)  # 1-based steps skipped for a non-finite loss or gradient
+
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return len(self.network.te_loras) > 0
