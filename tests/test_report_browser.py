@@ -98,5 +98,6 @@ def test_the_report_renders_in_chromium_with_every_image_chart_and_lora(report_p
     assert state["blockBars"] == [26] * len(project.loras)  # the FACE and BODY presets use all 26 blocks
     assert state["missing"] > 0
     assert state["bodyBackground"] == "rgb(31, 31, 31)"  # report.css loaded from the folder
-    assert sorted(state["tags"]) == sorted(f"<lora:{n}-{V}:1>" for n in project.loras)
+    # each LoRA's copy-ready tag: in the first table and in its own section
+    assert sorted(state["tags"]) == sorted(2 * [f"<lora:{n}-{V}:1>" for n in project.loras])
     assert requests and all(u.startswith("file://") for u in requests), requests  # nothing from the network
