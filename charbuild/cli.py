@@ -220,7 +220,10 @@ def train(loras, dry_run, root, jobs, force):
         return
     labels = [f"{lora.name}/{p.name}" for lora in selected for p in g.variants(lora)]
     argv = ["run", "--continue"] + (["-n", str(jobs), "-P", "process"] if jobs > 1 else [])
+    from .report.summary import TrainSummaryReporter
+
     sys.exit(run_doit(root_path, argv + [f"train:{label}" for label in labels],
+                      extra_config={"reporter": TrainSummaryReporter},
                       force_train=frozenset(labels) if force else frozenset()))
 
 

@@ -108,6 +108,11 @@ def test_train_force_retrains_an_up_to_date_lora_and_not_from_the_run_cache(trai
     root = trained
     build(root)
     with pytest.raises(SystemExit) as exit_:
+        main(["train", "--root", str(root), "bbo"])  # up to date: nothing to do, and how to train anyway
+    assert exit_.value.code == 0
+    said = capsys.readouterr().out
+    assert "nothing to do: everything is up to date" in said and "`charbuild train --force LORA`" in said, said
+    with pytest.raises(SystemExit) as exit_:
         main(["train", "--force", "--root", str(root), "bbo"])
     assert exit_.value.code == 0
     out = capsys.readouterr()

@@ -79,8 +79,11 @@ class SummaryReporter(ConsoleReporter):
     """doit's console reporter, less its noise, plus one line per LoRA built in the run when it ends.
 
     Up-to-date tasks print nothing (doit prints a ``--`` line each: hundreds on a no-op build);
-    a run that ran nothing says so in one line.
+    a run that ran nothing says so in one line (plus ``nothing_to_do_hint``).
     """
+
+    #: What to add to "nothing to do" (``charbuild train`` names ``--force``).
+    nothing_to_do_hint = ""
 
     def __init__(self, outstream, options):
         super().__init__(outstream, options)
@@ -105,6 +108,13 @@ class SummaryReporter(ConsoleReporter):
     def complete_run(self):
         super().complete_run()
         if not self.executed and not self.failures and not self.runtime_errors:
-            self.write(f"nothing to do: everything is up to date ({self.up_to_date} task(s) checked)\n")
+            self.write(f"nothing to do: everything is up to date ({self.up_to_date} task(s) checked)"
+                       f"{self.nothing_to_do_hint}\n")
         if self.built:
             self.write("\n".join(summary_lines(self.built)) + "\n")
+
+
+class TrainSummaryReporter(SummaryReporter):
+    """:class:`SummaryReporter` for ``charbuild train``: an up-to-date LoRA is trained again with ``--force``."""
+
+    nothing_to_do_hint = "; `charbuild train --force LORA` trains a LoRA again"
