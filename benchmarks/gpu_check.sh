@@ -4,7 +4,8 @@
 # On a machine with network, once: the wheels and the sd-scripts code it needs (~28 MB) into DIR:
 #     benchmarks/gpu_check.sh --download DIR SD_SCRIPTS_CHECKOUT
 # On the GPU machine (no network; python3 with CUDA torch, transformers, accelerate, safetensors,
-# tensorboard, pillow, numpy, opencv already there), from the repository root, <= 8 minutes on an H100:
+# tensorboard, pillow, numpy, opencv already there; transformers >= 5 for charbuild's side, see
+# pyproject), from the repository root, <= 8 minutes on an H100:
 #     benchmarks/gpu_check.sh DIR [OUT_DIR]
 # It installs the wheels into two folders under /tmp (charbuild's: diffusers 0.42, doit, tomli-w;
 # sd-scripts' pins: transformers 4.54.1, diffusers 0.32.1, accelerate 1.6.0, ...), makes random
