@@ -76,7 +76,6 @@ class Graph:
         self._model_sig: dict | None = None
         self._part_files: dict[str, list] = {}
         self._dataset_texts: dict[str, str] = {}
-        self._variants: dict[str, list] = {}
         #: "<lora>/<variant>" labels to train even when up to date, without the run cache (train --force)
         self.force_train: frozenset[str] = frozenset()
         self._masks: dict | None = None
