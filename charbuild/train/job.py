@@ -17,7 +17,7 @@ Pure: no torch, no I/O except :meth:`TrainJob.from_json` reading its file.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,6 +25,7 @@ from ..base_arch import tiny_base_arch
 from ..errors import TrainingError
 from ..fsutil import under_root
 from ..layout import deliverable_stem
+from .settings import declared, default_of
 from .variants import LATER_KEYS, OBSERVING_KEYS, TrainParams
 
 #: The backend a project trains with when ``[trainer] backend`` is not set.
@@ -259,8 +260,7 @@ def signature_params(params: TrainParams) -> dict[str, Any]:
     they change what a user sees, not what is trained.
     """
     d = params.to_dict()
-    defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory())
-                for f in fields(TrainParams) if f.name in LATER_KEYS}
+    defaults = {f.name: default_of(f) for f in declared() if f.name in LATER_KEYS}
     for key in LATER_KEYS:
         if d.get(key) == defaults[key] or (isinstance(defaults[key], tuple) and not d.get(key)):
             d.pop(key, None)
