@@ -56,7 +56,7 @@ def resolve_merge_weights(spec: Any, settings_or_project: "Project | Mapping[str
     else:
         merge, model = settings_or_project.merge, settings_or_project.model
     arch = model["arch"]
-    return resolve_block_weights(_stripped(spec), arch=arch, presets=arch_presets(arch, merge.get("presets")) or None)
+    return resolve_block_weights(_stripped(spec), arch=arch, presets=merge.get("presets") or None)
 
 
 def _stripped(spec: Any) -> Any:

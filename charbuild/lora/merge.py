@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from charbuild.errors import LoraFileError
-from charbuild.lora.blocks import all_blocks, arch_presets, block_of, resolve_block_weights
+from charbuild.lora.blocks import all_blocks, block_of, resolve_block_weights
 from charbuild.lora.io import LoraFile, LoraModule, load_lora, save_lora
 from charbuild.lora.provenance import with_output_name
 
@@ -93,7 +93,7 @@ def merge_file(
     lora = load_lora(src)
     try:
         with_output_name({}, output_name)
-        resolved = resolve_block_weights(weights, lora.arch, arch_presets(lora.arch, presets))
+        resolved = resolve_block_weights(weights, lora.arch, presets)
     except ValueError as exc:
         raise LoraFileError(str(exc), src) from None
     merged = merge_lora(lora, resolved)
