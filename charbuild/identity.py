@@ -46,13 +46,10 @@ def load_rgb(path: str | Path):
     """A picture as a float RGB array (H, W, 3), 0-255; transparency flattened onto black."""
     from PIL import Image
 
+    from .images import flatten
+
     with Image.open(path) as img:
-        if img.mode in ("RGBA", "LA", "P"):
-            rgba = img.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            canvas.alpha_composite(rgba)
-            img = canvas
-        return np.asarray(img.convert("RGB"), dtype=np.float64)
+        return np.asarray(flatten(img, "black"), dtype=np.float64)
 
 
 def shrink(rgb: np.ndarray, grid: int = GRID) -> np.ndarray:
