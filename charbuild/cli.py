@@ -1,4 +1,4 @@
-"""The ``charbuild`` command: check, build, status, new, tags, train, tensorboard, and the
+"""The ``charbuild`` command: check, build, status, new, tags, train, explore, tensorboard, and the
 LoRA tools (inspect, merge, compress, combine).
 
 Every user-facing failure is a ``CharbuildError``; :func:`main` is the one place
@@ -225,6 +225,18 @@ def train(loras, dry_run, root, jobs, force):
     sys.exit(run_doit(root_path, argv + [f"train:{label}" for label in labels],
                       extra_config={"reporter": TrainSummaryReporter},
                       force_train=frozenset(labels) if force else frozenset()))
+
+
+@cli.command()
+@click.argument("lora")
+@click.option("--blocks", is_flag=True, help="Also the per-block analysis: each block of the chosen weights off in turn.")
+@click.option("--no-build", is_flag=True, help="Print what was built last; build nothing.")
+@click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
+def explore(lora, blocks, no_build, root):
+    """Compare LORA's candidate block weights ([merge] explore): build what is stale, print the scores."""
+    from .explore_cli import explore_command
+
+    sys.exit(explore_command(_root(root), lora, blocks=blocks, build=not no_build))
 
 
 @cli.command()

@@ -63,6 +63,7 @@ def _lora_table(c: Collector, table: dict, keypath: tuple, kind: str) -> LoraTab
         variants=c.get(table, "variants", variants_check, None, keypath),
         training=training,
         merge=table.get("merge"),
+        explore=table.get("explore"),
         compress=compress_table(c, c.get(table, "compress", is_table, {}, keypath), keypath + ("compress",)),
         continue_from=c.get(table, "continue_from", is_str, None, keypath),
         origin=c.origin.at(*keypath),
@@ -359,4 +360,4 @@ def _project(root: Path, settings, characters: dict, loras: dict, warnings: list
 
 def _make_lora(name: str, kind: str, parts: list[Part], t: LoraTable, keywords: list[str], chars: list[str]) -> Lora:
     return Lora(name, kind, parts, t.repeats, t.steps, t.variants, t.training, t.merge, t.compress, keywords, chars,
-                t.origin.file, t.origin.line(), t.continue_from, t.origin)
+                t.origin.file, t.origin.line(), t.continue_from, t.explore, t.origin)

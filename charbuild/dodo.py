@@ -18,7 +18,7 @@ from .report.summary import SummaryReporter
 from .tasks import GROUP_DOCS
 
 __all__ = ["DOIT_CONFIG", "task_mask", "task_image", "task_caption", "task_dataset", "task_preview", "task_train",
-           "task_merge", "task_compress", "task_samples", "task_report", "task__prune", "task__aliases"]
+           "task_merge", "task_compress", "task_samples", "task_candidate", "task_explore", "task_blocks", "task_report", "task__prune", "task__aliases"]
 
 DOIT_CONFIG = {
     "backend": "sqlite3",
@@ -136,6 +136,24 @@ def task_samples():
     yield from samples_tasks(graph(), GROUP_DOCS["samples"])
 
 
+def task_candidate():
+    from .explore_tasks import candidate_tasks
+
+    yield from candidate_tasks(graph())
+
+
+def task_explore():
+    from .explore_tasks import explore_tasks
+
+    yield from explore_tasks(graph())
+
+
+def task_blocks():
+    from .explore_tasks import blocks_tasks
+
+    yield from blocks_tasks(graph())
+
+
 def task_report():
     from .report.tasks import report_tasks
 
@@ -193,12 +211,13 @@ _guard_plain_doit()
 
 
 def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = None,
-             force_train: frozenset[str] = frozenset()) -> int:
+             force_train: frozenset[str] = frozenset(), analyse: frozenset[str] = frozenset()) -> int:
     """Run doit on the project at ``root`` in this process, holding the build lock for runs.
 
     ``argv`` is doit's command line (``["run", "-n", "4", "krnk"]``, ``["list"]``).
     ``force_train``: ``"<lora>/<variant>"`` labels whose training runs even when up to date,
-    without the run cache (``charbuild train --force``).
+    without the run cache (``charbuild train --force``). ``analyse``: LoRA names that get the
+    per-block analysis (``blocks:`` tasks) although ``[merge] explore_blocks`` is off.
     Returns doit's exit code, except for doit's own errors before any task runs (an unknown
     target, a bad option: doit's ``ERROR: …`` line, exit 3), which are printed as
     ``charbuild: error: …`` and return 2. A project with errors raises ConfigError.
@@ -226,7 +245,8 @@ def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = N
         config = {"outfile": sys.stdout, **(extra_config or {})}
         main = DoitMain(ModuleTaskLoader(namespace), extra_config={"GLOBAL": config})
         main.BIN_NAME = "doit"  # doit's hints ("Type "doit list" …") name a command that exists
-        project_graph(root).force_train = frozenset(force_train)  # a project with errors: ConfigError here
+        graph_ = project_graph(root)  # a project with errors: ConfigError here
+        graph_.force_train, graph_.analyse = frozenset(force_train), frozenset(analyse)
         if command in READ_ONLY_COMMANDS:
             return _run_main(main, argv)
         build_dir = Layout(root).build_dir

@@ -49,6 +49,7 @@ METRICS_NAME = "metrics.jsonl"  # the format: charbuild/report/metrics.py
 SAMPLES_DIR = "samples"
 SAVES_DIR = "saves"  # save_every's LoRAs of a training before its end (builtin trainer)
 MASK_DIR = "mask"
+EXPLORE_DIR = "explore"  # block-weight candidates, their samples and scores (charbuild/explore.py)
 
 
 # ---------------------------------------------------------------- relative POSIX strings (the graph's)
@@ -124,6 +125,33 @@ def samples_dir(lora: str, variant: str) -> str:
 def sample_png(lora: str, variant: str, step: int, name: str) -> str:
     """``<variant>/samples/<step>/<name>.png`` (``name``: an angle code, or ``p1``… for a user prompt)."""
     return f"{samples_dir(lora, variant)}/{int(step)}/{name}.png"
+
+
+def explore_dir(lora: str, variant: str) -> str:
+    """``<variant>/explore``: candidate block weights, their samples (``<row>/<name>.png``) and scores."""
+    return f"{variant_dir(lora, variant)}/{EXPLORE_DIR}"
+
+
+def candidate_lora(lora: str, variant: str, candidate: str) -> str:
+    """``<variant>/explore/<candidate>/<lora>-<variant>-<candidate>.safetensors``: the LoRA merged
+    with a candidate's weights and compressed as the deliverable is."""
+    return f"{explore_dir(lora, variant)}/{candidate}/{deliverable_stem(lora, variant)}-{candidate}.safetensors"
+
+
+def explore_png(lora: str, variant: str, row: str, name: str) -> str:
+    """``<variant>/explore/<row>/<name>.png``: a sample of an exploration row (``base``, ``chosen``,
+    a candidate, ``blocks/<block>``); ``name`` a code, ``notrigger/<code>`` or ``neutral``."""
+    return f"{explore_dir(lora, variant)}/{row}/{name}.png"
+
+
+def explore_scores(lora: str, variant: str) -> str:
+    """``<variant>/explore/scores.json``: every row's identity, leak and size, and the best one."""
+    return f"{explore_dir(lora, variant)}/scores.json"
+
+
+def blocks_scores(lora: str, variant: str) -> str:
+    """``<variant>/explore/blocks.json``: the per-block analysis (each block off in turn)."""
+    return f"{explore_dir(lora, variant)}/blocks.json"
 
 
 # ---------------------------------------------------------------- absolute paths

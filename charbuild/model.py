@@ -43,6 +43,7 @@ class LoraTable:
     variants: list[Any] | None          # preset strings or variant tables; None: the project's
     training: dict                      # training overrides (the table's own steps included)
     merge: Any                          # None: the kind's project default
+    explore: Any                        # None: the project's [merge] explore
     compress: dict                      # compression overrides
     continue_from: str | None           # raw user string: a .safetensors path or "<lora>/<variant>"
     origin: Origin                      # the table: its file, key path and lines
@@ -90,11 +91,13 @@ class Lora:
     source: str                     # file that defines it (for messages)
     line: int | None = None         # line of its table in ``source``
     continue_from: str | None = None  # raw user string: a .safetensors path or "<lora>/<variant>"
+    explore: Any = None             # candidate block weights to compare (None: the project's list)
     origin: Origin | None = field(default=None, compare=False, repr=False)  # its table's key lines
     # resolved once by the loader (config.py); the graph, the report and the backends read these
     variant_params: tuple = field(default=(), compare=False, repr=False)  # TrainParams of each variant
     merge_weights: dict | None = field(default=None, compare=False, repr=False)  # {block: weight}
     merge_label: str = field(default="", compare=False, repr=False)  # preset name, or "custom block weights"
+    explore_candidates: tuple = field(default=(), compare=False, repr=False)  # charbuild.explore.Candidate
     continue_path: str | None = field(default=None, compare=False, repr=False)  # absolute LoRA file to start from
     continue_task: str | None = field(default=None, compare=False, repr=False)  # train task that makes it, if any
 

@@ -17,6 +17,7 @@ from .block_weights import preset_values, resolve_merge_weights
 from .checks import (Collector, Origin, is_bool, is_choice, is_fraction, is_int, is_number, is_str,
                      is_str_list, is_table, show_path)
 from .errors import Problem
+from .explore import DEFAULT_MAX_LEAK, resolve_candidates
 from .fsutil import under_root
 from .resolve import SDXL_NATIVE, lbw_notes
 from .train import BACKENDS
@@ -60,13 +61,13 @@ DATASET_KEYS = {"sizes", "batch_sizes"}
 # "extra": an opaque, backend-specific table (test knobs of the fake backend), passed through unchecked
 TRAINER_KEYS = {"backend", "gpus", "sd_scripts", "python", "accelerate", "xformers", "extra_args",
                 "run_cache", "extra"} | EXECUTOR_KEYS
-MERGE_KEYS = {"presets", "face", "body", "group"}
+MERGE_KEYS = {"presets", "face", "body", "group", "explore", "explore_max_leak", "explore_blocks"}
 COMPRESS_KEYS = {"method", "sv_ratio", "sv_fro", "sv_cumulative", "new_rank", "new_conv_rank", "save_precision"}
 COMPRESS_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative", "rank")
 COMPRESS_CHECKS = {"method": is_choice(*COMPRESS_METHODS), "sv_ratio": is_number(), "sv_fro": is_fraction,
                    "sv_cumulative": is_fraction, "new_rank": is_int(1), "new_conv_rank": is_int(1),
                    "save_precision": is_choice("fp16", "bf16", "float")}
-LORA_KEYS = {"repeats", "steps", "variants", "training", "merge", "compress", "continue_from"}
+LORA_KEYS = {"repeats", "steps", "variants", "training", "merge", "explore", "compress", "continue_from"}
 
 
 @dataclass
@@ -79,7 +80,9 @@ class ProjectSettings:
     trainer: dict = field(default_factory=lambda: {
         "backend": "builtin", "gpus": [0], "sd_scripts": None, "python": None, "accelerate": "accelerate",
         "xformers": False, "extra_args": [], "run_cache": True, "extra": {}})
-    merge: dict = field(default_factory=lambda: {"presets": {}, "face": "FACE", "body": "BODY", "group": "BODY"})
+    merge: dict = field(default_factory=lambda: {"presets": {}, "face": "FACE", "body": "BODY", "group": "BODY",
+                                                  "explore": [], "explore_max_leak": DEFAULT_MAX_LEAK,
+                                                  "explore_blocks": False})
     compress: dict = field(default_factory=lambda: {
         "method": "sv_ratio", "sv_ratio": 16.0, "sv_fro": 0.9, "sv_cumulative": 0.9, "new_rank": 128,
         "new_conv_rank": None, "save_precision": "fp16"})
@@ -281,6 +284,14 @@ def _load_merge(c: Collector, mg: dict, settings: ProjectSettings) -> None:
                 resolve_merge_weights(spec, {"merge": settings.merge, "model": settings.model})
         except ValueError as exc:
             c.error(f"'merge.{kind}': {exc}", kp + (kind,))
+    settings.merge["explore_max_leak"] = c.get(mg, "explore_max_leak", is_fraction, DEFAULT_MAX_LEAK, kp)
+    settings.merge["explore_blocks"] = c.get(mg, "explore_blocks", is_bool, False, kp)
+    if "explore" in mg:
+        settings.merge["explore"] = mg["explore"]
+        with lbw_notes(lambda note: c.warning(f"'merge.explore': {note}", kp + ("explore",))):
+            _, problems = resolve_candidates(mg["explore"], {"merge": settings.merge, "model": settings.model})
+        for message in problems:
+            c.error(f"[merge] {message}", kp + ("explore",))
 
 
 def _load_captions(c: Collector, caps: dict, settings: ProjectSettings) -> None:

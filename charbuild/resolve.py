@@ -52,6 +52,7 @@ def resolve_loras(root: Path, settings, characters: dict, loras: dict[str, Lora]
         for lora in loras.values():
             variant_names[lora.name] = _resolve_variants(lora, settings, problems)
             _resolve_merge(lora, settings, problems)
+            _resolve_explore(lora, settings, problems)
         _resolve_continue_from(root, loras, variant_names, problems)
     # every prepared folder's images must share one size class (the original's rule)
     for ch in characters.values():
@@ -127,6 +128,23 @@ def _resolve_merge(lora: Lora, settings, problems: list[Problem]) -> None:
             problems.append(Problem(lora.source, f"LoRA {lora.name!r} merge weights: {exc}", line))
         return
     lora.merge_label = spec.strip() if isinstance(spec, str) else "custom block weights"
+
+
+def _resolve_explore(lora: Lora, settings, problems: list[Problem]) -> None:
+    """``lora.explore_candidates`` from its own ``explore``, else the project's ``[merge] explore``
+    (whose problems were reported at its own line when project.toml was read)."""
+    from .explore import resolve_candidates
+
+    own = lora.explore is not None
+    entries = lora.explore if own else settings.merge.get("explore", [])
+    line = lora.origin.line("explore") if lora.origin and own else lora.line
+    note = (lambda text: problems.append(Problem(lora.source, f"LoRA {lora.name!r} explore: {text}", line, "warning"))
+            ) if own else (lambda text: None)
+    with lbw_notes(note):
+        candidates, messages = resolve_candidates(entries, {"merge": settings.merge, "model": settings.model})
+    if own:
+        problems.extend(Problem(lora.source, f"LoRA {lora.name!r} {m}", line) for m in messages)
+    lora.explore_candidates = tuple(candidates)
 
 
 def _resolve_continue_from(root: Path, loras: dict[str, Lora], variant_names: dict[str, list[str]],

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from charbuild.captions import CAPTION_SEPARATOR, DEFAULT_RULES, TagRules, caption_tags
-from charbuild.codes import TEMPLATE_CODES
+from charbuild.codes import CODE_RE, TEMPLATE_CODES
 
 #: The code kind whose template a LoRA kind samples.
 SAMPLE_CODE_KIND = {"face": "f", "body": "b", "group": "b"}
@@ -36,6 +36,8 @@ CPU_SAMPLE_SIZE = 128
 NATIVE_SIZE = {"sd15": 512, "sdxl": 1024}
 #: Names of the user's own prompts: ``p1``, ``p2`` …
 USER_PROMPT_PREFIX = "p"
+#: The folder (under ``samples/<step>/``) of the prompts without trigger words.
+NOTRIGGER_DIR = "notrigger"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,19 @@ def sample_set(kind: str, keywords: Iterable[str], rules: TagRules = DEFAULT_RUL
            for i, code in enumerate(TEMPLATE_CODES[SAMPLE_CODE_KIND[kind]])]
     for j, prompt in enumerate(p.strip() for p in extra if p and p.strip()):
         out.append(SamplePrompt(f"{USER_PROMPT_PREFIX}{j + 1}", prompt, len(out)))
+    return tuple(out)
+
+
+def without_triggers(samples: Iterable[SamplePrompt], keywords: Iterable[str]) -> tuple[SamplePrompt, ...]:
+    """The template-code samples with the trigger words taken out of their prompts (same seeds),
+    named ``notrigger/<code>``."""
+    words = {k.strip().lower() for k in keywords if k and k.strip()}
+    out = []
+    for s in samples:
+        if not CODE_RE.fullmatch(s.name):
+            continue
+        tags = [t for t in s.prompt.split(CAPTION_SEPARATOR.strip()) if t.strip() and t.strip().lower() not in words]
+        out.append(SamplePrompt(f"{NOTRIGGER_DIR}/{s.name}", CAPTION_SEPARATOR.join(t.strip() for t in tags), s.index))
     return tuple(out)
 
 

@@ -41,6 +41,9 @@ GROUP_DOCS = {
     "merge": "block-weight-merged LoRA (FACE/BODY presets or your own)",
     "compress": "compressed LoRA (SVD rank reduction): the file to use",
     "samples": "the last row of samples of a trained LoRA (with sample_every set), without retraining",
+    "candidate": "a LoRA merged with candidate block weights ([merge] explore) and compressed",
+    "explore": "samples and scores of the base model, the chosen weights and each candidate",
+    "blocks": "per-block analysis: each block of the chosen weights switched off in turn (when asked for)",
     "report": "the project report page build/report/index.html (open it from disk)",
 }
 
@@ -78,6 +81,8 @@ class Graph:
         self._dataset_texts: dict[str, str] = {}
         #: "<lora>/<variant>" labels to train even when up to date, without the run cache (train --force)
         self.force_train: frozenset[str] = frozenset()
+        #: LoRA names whose per-block analysis runs although [merge] explore_blocks is off (charbuild explore --blocks)
+        self.analyse: frozenset[str] = frozenset()
         self._masks: dict | None = None
 
     # -- helpers
@@ -240,6 +245,10 @@ class Graph:
                 "uptodate": [config_changed({"captions": [e[1:] for e in entries], "v": 1})],
                 "clean": True,
             }
+
+    def analyse_blocks(self, lora: Lora) -> bool:
+        """Whether ``lora`` gets the per-block analysis (``blocks:`` tasks)."""
+        return bool(self.project.merge.get("explore_blocks")) or lora.name in self.analyse
 
     def variants(self, lora: Lora):
         """The training variants of ``lora`` (TrainParams, resolved by the loader)."""
@@ -407,5 +416,9 @@ class Graph:
         deps = [f"dataset:{lora.name}", f"preview:{lora.name}"]
         deps += [f"compress:{lora.name}/{p.name}" for p in self.variants(lora)]
         deps += [f"samples:{lora.name}/{p.name}" for p in self.variants(lora) if p.sample_every]
+        if lora.explore_candidates:
+            deps += [f"explore:{lora.name}/{p.name}" for p in self.variants(lora)]
+        if self.analyse_blocks(lora):
+            deps += [f"blocks:{lora.name}/{p.name}" for p in self.variants(lora)]
         return deps
 

@@ -239,7 +239,7 @@ def test_settings_hold_the_users_values_only(project):
     _write_project_toml(project, f'[merge.presets]\nMYFACE = "{FACE_LBW}"\n')
     p = load_project(project)
     assert p.training == {"variants": ["Lora1x1A1-AdamW8"], "dim": 4}
-    assert set(p.merge) == {"presets", "face", "body", "group"}
+    assert set(p.merge) == {"presets", "face", "body", "group", "explore", "explore_max_leak", "explore_blocks"}
     assert p.merge["presets"]["MYFACE"] == [float(x) for x in FACE_LBW.split(",")]
     assert not [k for t in (p.model, p.trainer, p.dataset, p.compress, p.captions) for k in t if k.startswith("_")]
     alc = p.loras["alc"]

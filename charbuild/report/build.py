@@ -24,6 +24,7 @@ from charbuild.errors import CharbuildError, doit_action
 from charbuild.fsutil import write_bytes_atomic, write_text_atomic
 from charbuild.layout import METRICS_NAME, REPORT as REPORT_DIR
 
+from .explore_view import collect_explore, explore_files
 from .flatten_view import collect_flattened, flatten_files
 from .metrics import read_metrics
 from .samples import sample_files
@@ -48,6 +49,7 @@ def observed_files(plan: dict, root: Path) -> dict[str, list[int]]:
         for v in lora["variants"]:
             rels += [*v["files"].values(), f"{v['dir']}/{METRICS_NAME}"]
             rels += [p for codes in sample_files(root, v["dir"]).values() for p in codes.values()]
+            rels += explore_files(root, v.get("explore"))
     for rel in rels:
         try:
             st = (root / rel).stat()
@@ -159,6 +161,7 @@ def collect(plan: dict, root: Path, out_dir: Path, stale: list[tuple[str, str]])
             for step, codes in sample_files(root, v["dir"]).items():
                 vd["samples"][step] = {code: files.put(asset_name(rel), (root / rel).read_bytes())
                                        for code, rel in codes.items()}
+            vd["explore_view"] = collect_explore(v.get("explore"), root, files.put, asset_name)
             entry["variants"].append(vd)
         loras.append(entry)
     # the cut-out view of each part (new dicts: the plan is also the page's uptodate value)

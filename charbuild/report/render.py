@@ -10,6 +10,7 @@ from __future__ import annotations
 from html import escape
 from urllib.parse import quote
 
+from .explore_view import render_explore
 from .flatten_view import render_flattened
 from .overview import render_overview, sample_step_order
 from .samples import sample_name_key
@@ -166,7 +167,8 @@ def render_lora(lora: dict) -> str:
                 out.append(loss_chart_svg(v["metrics"], title=f'loss of {lora["name"]} {v["name"]}'))
             if v["metrics"].identity:
                 out += ["<h4>identity</h4>", identity_chart_svg(v["metrics"])]
-        out += ["<h4>samples</h4>", _samples_grid(v["samples"]), "</div>"]
+        out += ["<h4>samples</h4>", _samples_grid(v["samples"]), render_explore(v.get("explore_view"), f"{lid}-x{i}"),
+                "</div>"]
     out.append("</section>")
     return "".join(out)
 

@@ -18,7 +18,7 @@ from charbuild.codes import MIRROR_CODES, TEMPLATE_CODES
 
 from .flatten_view import flatten_entries
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 #: The fields of a training variant the report shows (the rest are in the trainer's log).
 SHOWN_PARAMS = ("network", "dim", "alpha", "conv_dim", "conv_alpha", "lr", "text_encoder_lr", "steps",
@@ -82,6 +82,16 @@ def _merge_blocks(graph, lora) -> dict:
             "blocks": [[b, float(weights.get(b, 0.0))] for b in names]}
 
 
+def _explore_entry(graph, lora, params) -> dict | None:
+    """Where the variant's exploration is (None when it has no candidates and no per-block analysis)."""
+    from charbuild import layout
+
+    if not lora.explore_candidates and not graph.analyse_blocks(lora):
+        return None
+    return {"dir": layout.explore_dir(lora.name, params.name), "scores": layout.explore_scores(lora.name, params.name),
+            "blocks": layout.blocks_scores(lora.name, params.name)}
+
+
 def report_plan(graph) -> dict:
     """The plan of the report of ``graph``'s project: what it shows and where the files are."""
     from charbuild import layout
@@ -111,6 +121,7 @@ def report_plan(graph) -> dict:
                 "files": {"raw": layout.raw_lora(lora.name, params.name),
                           "merged": layout.merged_lora(lora.name, params.name),
                           "compressed": layout.deliverable_lora(lora.name, params.name)},
+                "explore": _explore_entry(graph, lora, params),
             })
         loras.append({
             "name": lora.name, "kind": lora.kind, "keywords": list(lora.keywords),

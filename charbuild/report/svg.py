@@ -186,3 +186,32 @@ def block_bar_svg(blocks: Sequence[tuple[str, float]], *, cell: int = 26, height
                    f'{escape(short_block_label(name))}</text></g>')
     out.append(f'<line x1="2" y1="{_f(zero)}" x2="{width - 2}" y2="{_f(zero)}" class="axis"/></svg>')
     return "".join(out)
+
+
+def change_bar_svg(blocks: Sequence[tuple[str, float]], *, title: str, cell: int = 30, height: int = 150) -> str:
+    """An inline ``<svg>`` bar chart of signed changes per block (scaled to the largest one): bars
+    up for a positive change, down for a negative one, the value above each bar."""
+    if not blocks:
+        raise ValueError("no blocks to draw")
+    scale = max([abs(v) for _, v in blocks] + [1e-9])
+    label_h, top = 22, 26
+    half = (height - label_h - top) / 2
+    zero = top + half
+    width = len(blocks) * cell + 8
+    out = [f'<svg class="change-bar" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+           f'aria-label="{escape(title)}"><text x="4" y="12">{escape(title)}</text>']
+    for i, (name, v) in enumerate(blocks):
+        x = 4 + i * cell
+        h = abs(v) / scale * half
+        y = zero - h if v >= 0 else zero
+        cls = "change up" if v > 0 else "change down" if v < 0 else "change zero"
+        out.append(f'<g><title>{escape(name)}: {v:+.4f}</title>'
+                   f'<rect class="{cls}" data-block="{escape(name)}" data-change="{v:.4f}" x="{x + 3}" y="{y:.1f}" '
+                   f'width="{cell - 6}" height="{max(h, 0.5):.1f}"/>'
+                   f'<text x="{x + cell / 2:.0f}" y="{(y - 3 if v >= 0 else y + h + 10):.1f}" text-anchor="middle" '
+                   f'class="value">{v * 1000:+.0f}</text>'
+                   f'<text x="{x + cell / 2:.0f}" y="{height - label_h + 14}" text-anchor="middle" class="name">'
+                   f'{escape(short_block_label(name))}</text></g>')
+    out.append(f'<line x1="2" y1="{zero:.1f}" x2="{width - 2}" y2="{zero:.1f}" class="axis"/>'
+               f'<text x="{width - 4}" y="{height - 2}" text-anchor="end" class="name">values ×1000</text></svg>')
+    return "".join(out)

@@ -1,7 +1,7 @@
 """The fake backend's ``samples:`` renderer: ``python -m charbuild.train.fake_samples REQUEST.json``.
 
 A fake training's LoRA is a stand-in no model can render, so, as its trainings do, this writes
-a stand-in picture per sample (one colour from the sample's seed, prompt and step) into
+a stand-in picture per sample (a square of one colour from the sample's seed, prompt and step) into
 ``<folder>/samples/<step>/<name>.png``, with the ``parameters`` text a real sample carries.
 The request is :func:`charbuild.train.samples_action.request`'s.
 """
@@ -18,18 +18,35 @@ from ..fsutil import write_bytes_atomic
 
 
 def render_fake_samples(request: dict) -> list[Path]:
-    """Write the stand-in samples of ``request``; the files written."""
+    """Write the stand-in samples of ``request``; the files written. An exploration's request
+    (``rows``, :mod:`charbuild.train.explore_action`) gets one folder ``explore/<row>/`` per row,
+    its colours also from the row's file and weights."""
+    if "rows" in request:
+        written = []
+        for row in request["rows"]:
+            salt = json.dumps([_md5(row.get("file")), row.get("weights")], sort_keys=True)
+            written += _stand_ins(request, Path(request["folder"]) / "explore" / row["name"], salt)
+        return written
+    return _stand_ins(request, Path(request["folder"]) / "samples" / str(int(request["step"])), str(request["step"]))
+
+
+def _md5(path: str | None) -> str | None:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest() if path else None
+
+
+def _stand_ins(request: dict, folder: Path, salt: str) -> list[Path]:
     from PIL import Image, PngImagePlugin
 
-    folder = Path(request["folder"]) / "samples" / str(int(request["step"]))
     written = []
     for name, prompt, index in request["samples"]:
         seed = int(request["seed"]) + int(index)
-        digest = hashlib.sha256(f"{seed}:{prompt}:{request['step']}".encode("utf-8")).digest()
+        digest = hashlib.sha256(f"{seed}:{prompt}:{salt}".encode("utf-8")).digest()
         info = PngImagePlugin.PngInfo()
-        info.add_itxt("parameters", f"{prompt}\nSteps: 0, Sampler: fake, Seed: {seed}, Size: 8x8")
+        info.add_itxt("parameters", f"{prompt}\nSteps: 0, Sampler: fake, Seed: {seed}, Size: 16x16")
         buf = io.BytesIO()
-        Image.new("RGB", (8, 8), tuple(digest[:3])).save(buf, format="PNG", pnginfo=info)
+        picture = Image.new("RGB", (16, 16), (40, 40, 40))  # a "figure" of the digest's colour on grey
+        picture.paste(tuple(digest[:3]), (4, 4, 12, 12))
+        picture.save(buf, format="PNG", pnginfo=info)
         write_bytes_atomic(folder / f"{name}.png", buf.getvalue())
         written.append(folder / f"{name}.png")
     return written

@@ -78,17 +78,23 @@ def samples_action(job: TrainJob) -> bool:
         return True
     if not Path(job.output).is_file():
         raise TrainingError(f"no trained LoRA to render samples of: train {job.label} first", path=job.output)
+    run_renderer(job, request(job), f"the samples of {job.label}")
+    return True
+
+
+def run_renderer(job: TrainJob, request: dict, what: str) -> None:
+    """Run the renderer of ``job``'s backend on ``request`` in a process of its own, holding a GPU
+    lock of ``[trainer] gpus`` as a training does; TrainingError when it fails (``what`` rendered)."""
     with gpu_lease(job.trainer.lock_dir, job.trainer.gpus, poll=job.trainer.lock_poll) as lease:
+        Path(job.variant_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".samples-", dir=job.variant_dir) as temp:
             request_file = Path(temp) / "request.json"
-            write_text_atomic(request_file, json.dumps(request(job), ensure_ascii=False))
+            write_text_atomic(request_file, json.dumps(request, ensure_ascii=False))
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(lease.gpu)}
             module = RENDERERS.get(job.trainer.backend, DEFAULT_RENDERER)
             rc = subprocess.call([sys.executable, "-m", module, str(request_file)], cwd=job.project_root, env=env)
     if rc != 0:
-        raise TrainingError(f"rendering the samples of {job.label} failed (exit status {rc}; its output is above)",
-                            path=job.output)
-    return True
+        raise TrainingError(f"rendering {what} failed (exit status {rc}; its output is above)", path=job.output)
 
 
 def samples_tasks(graph, doc: str):

@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from charbuild import identity
-from charbuild.captions import CAPTION_SEPARATOR
 from charbuild.codes import CODE_RE, parse_code
-from charbuild.sample_prompts import SAMPLE_CODE_KIND, SamplePrompt
+from charbuild.sample_prompts import NOTRIGGER_DIR, SAMPLE_CODE_KIND, without_triggers
+
+__all__ = ["NOTRIGGER_DIR", "code_distances", "files_by_name", "identity_line", "member_of", "references",
+           "trigger_line", "without_triggers"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from charbuild.train.job import TrainJob
 
-#: The folder (under ``samples/<step>/``) of the prompts without trigger words.
-NOTRIGGER_DIR = "notrigger"
 
 
 def member_of(path: Path) -> tuple[str, int] | None:
@@ -58,19 +58,6 @@ def references(job: "TrainJob") -> dict[str, dict[str, Path]]:
         if held is None or size > held[0]:
             best[member][code] = (size, path)
     return {m: {c: p for c, (_, p) in sorted(codes.items())} for m, codes in sorted(best.items())}
-
-
-def without_triggers(samples: Iterable[SamplePrompt], keywords: Iterable[str]) -> tuple[SamplePrompt, ...]:
-    """The template-code samples with the trigger words taken out of their prompts (same seeds),
-    named ``notrigger/<code>``."""
-    words = {k.strip().lower() for k in keywords if k and k.strip()}
-    out = []
-    for s in samples:
-        if not CODE_RE.fullmatch(s.name):
-            continue
-        tags = [t for t in s.prompt.split(CAPTION_SEPARATOR.strip()) if t.strip() and t.strip().lower() not in words]
-        out.append(SamplePrompt(f"{NOTRIGGER_DIR}/{s.name}", CAPTION_SEPARATOR.join(t.strip() for t in tags), s.index))
-    return tuple(out)
 
 
 def code_distances(samples: Mapping[str, Path], refs: Mapping[str, Path]) -> dict[str, float]:

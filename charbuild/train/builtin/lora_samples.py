@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from charbuild.errors import CharbuildError, TrainingError
+from charbuild.layout import SAMPLES_DIR
 from charbuild.sample_prompts import NATIVE_SIZE, SamplePrompt
 from charbuild.train.job import ModelSpec
 
@@ -34,40 +35,57 @@ def _adapted_modules(base) -> dict:
     return {m.stem: m._org[0] for m in list(network.unet_loras) + list(network.te_loras)}
 
 
-def add_lora_to_model(base, lora_file: str | Path) -> int:
+def add_lora_to_model(base, lora_file: str | Path, weights: dict | None = None, saved: dict | None = None,
+                      targets: dict | None = None) -> int:
     """Add the weight changes of ``lora_file`` to ``base``'s UNet and text encoder(s); the
-    number of modules changed. TrainingError when the file adapts nothing of this model."""
+    number of modules changed. TrainingError when the file adapts nothing of this model.
+
+    ``weights``: block weights ({block: w}) to scale each module's change by, as a merge with
+    them would (modules outside every block keep ×1). ``saved``: stem -> the weight before the
+    change is kept there (first change only), for :func:`restore_weights`.
+    """
     import torch
 
     from charbuild.lora.io import load_lora
+    from charbuild.lora.merge import module_weight
 
     lora = load_lora(lora_file)
-    targets = _adapted_modules(base)
+    targets = _adapted_modules(base) if targets is None else targets
     unknown = sorted(set(lora.modules) - set(targets))
     if len(unknown) == len(lora.modules):
         raise TrainingError(f"the LoRA adapts no module of the base model (a LoRA of another architecture?): "
                             f"{unknown[0]} …", path=lora_file)
     with torch.no_grad():
         for stem, module in lora.modules.items():
-            if stem in targets:
-                weight = targets[stem].weight
-                weight += module.delta().reshape(weight.shape).to(weight.device, weight.dtype)
+            if stem not in targets:
+                continue
+            scale = module_weight(stem, lora.arch, weights)[1] if weights is not None else 1.0
+            if scale == 0.0:
+                continue
+            weight = targets[stem].weight
+            if saved is not None and stem not in saved:
+                saved[stem] = weight.detach().to("cpu", copy=True)
+            weight += (module.delta().float() * scale).reshape(weight.shape).to(weight.device, weight.dtype)
     if unknown:
         print(f"charbuild: {len(unknown)} module(s) of the LoRA match nothing in the model, e.g. {unknown[0]}",
               file=sys.stderr)
     return len(lora.modules) - len(unknown)
 
 
-def render_lora_samples(lora_file: str | Path, model: ModelSpec, samples: tuple[SamplePrompt, ...],
-                        folder: str | Path, *, step: int, seed: int, project_root: str | Path,
-                        size: int | None = None, steps: int | None = None, v_prediction: bool = False,
-                        zero_terminal_snr: bool = False) -> list[Path]:
-    """Render ``samples`` of the LoRA ``lora_file`` on the base model ``model`` into
-    ``<folder>/samples/<step>/<name>.png``, seeds ``seed + index``; the files written.
+def restore_weights(targets: dict, saved: dict) -> None:
+    """Put back the weights :func:`add_lora_to_model` kept in ``saved`` (and forget them)."""
+    import torch
 
-    ``size``/``steps`` None: as during a training (the native size and 20 steps on a GPU,
-    128 px and 4 steps on a CPU). ``v_prediction``/``zero_terminal_snr``: the training's options.
-    """
+    with torch.no_grad():
+        for stem, original in saved.items():
+            targets[stem].weight.copy_(original.to(targets[stem].weight.device))
+    saved.clear()
+
+
+def _renderer(model: ModelSpec, samples: tuple[SamplePrompt, ...], folder: str | Path, *, seed: int,
+              project_root: str | Path, size: int | None, steps: int | None, v_prediction: bool,
+              zero_terminal_snr: bool, subdir: str = SAMPLES_DIR):
+    """(the base model on the render device, a SampleRenderer of ``samples`` into ``folder/subdir``)."""
     import torch
 
     from .loss import apply_zero_terminal_snr
@@ -75,7 +93,6 @@ def render_lora_samples(lora_file: str | Path, model: ModelSpec, samples: tuple[
     from .samples import SampleRenderer
 
     base = load_base_model(model.to_dict(), project_root, supported_archs=("sd15", "sdxl"))
-    add_lora_to_model(base, lora_file)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     encoders = [te for te in (base.text_encoder, base.text_encoder_2) if te is not None]
@@ -95,9 +112,49 @@ def render_lora_samples(lora_file: str | Path, model: ModelSpec, samples: tuple[
                            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
                            noise_scheduler=scheduler,
                            dataset=SimpleNamespace(datasets=[SimpleNamespace(resolution=(native, native))]))
-    renderer = SampleRenderer(setup, prep, samples, folder)
+    return base, SampleRenderer(setup, prep, samples, folder, subdir)
+
+
+def render_lora_samples(lora_file: str | Path, model: ModelSpec, samples: tuple[SamplePrompt, ...],
+                        folder: str | Path, *, step: int, seed: int, project_root: str | Path,
+                        size: int | None = None, steps: int | None = None, v_prediction: bool = False,
+                        zero_terminal_snr: bool = False) -> list[Path]:
+    """Render ``samples`` of the LoRA ``lora_file`` on the base model ``model`` into
+    ``<folder>/samples/<step>/<name>.png``, seeds ``seed + index``; the files written.
+
+    ``size``/``steps`` None: as during a training (the native size and 20 steps on a GPU,
+    128 px and 4 steps on a CPU). ``v_prediction``/``zero_terminal_snr``: the training's options.
+    """
+    base, renderer = _renderer(model, samples, folder, seed=seed, project_root=project_root, size=size, steps=steps,
+                               v_prediction=v_prediction, zero_terminal_snr=zero_terminal_snr)
+    add_lora_to_model(base, lora_file)
     print(f"charbuild: {renderer.describe()} of {Path(lora_file).name} on {base.name}", file=sys.stderr, flush=True)
     return renderer.render(step)
+
+
+def render_rows(rows: list[dict], model: ModelSpec, samples: tuple[SamplePrompt, ...], folder: str | Path, *,
+                seed: int, project_root: str | Path, size: int | None = None, steps: int | None = None,
+                v_prediction: bool = False, zero_terminal_snr: bool = False) -> dict[str, list[Path]]:
+    """Render ``samples`` once per row of an exploration into ``<folder>/explore/<row>/<name>.png``:
+    each row (``{"name", "file", "weights"}``) is the base model plus ``file``'s changes (none
+    for ``file`` None: the base model alone), scaled by the row's block ``weights`` when given.
+    The base model is loaded once; the weights are restored between rows. The files by row."""
+    from charbuild.layout import EXPLORE_DIR
+
+    base, renderer = _renderer(model, samples, folder, seed=seed, project_root=project_root, size=size, steps=steps,
+                               v_prediction=v_prediction, zero_terminal_snr=zero_terminal_snr, subdir=EXPLORE_DIR)
+    targets = _adapted_modules(base)
+    saved: dict = {}
+    print(f"charbuild: {len(rows)} row(s) of {renderer.describe()} on {base.name}", file=sys.stderr, flush=True)
+    written = {}
+    for k, row in enumerate(rows, 1):
+        restore_weights(targets, saved)
+        if row.get("file"):
+            add_lora_to_model(base, row["file"], row.get("weights"), saved, targets)
+        print(f"charbuild: row {k}/{len(rows)}: {row['name']}", file=sys.stderr, flush=True)
+        written[row["name"]] = renderer.render(row["name"])
+    restore_weights(targets, saved)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     request = json.loads(Path(args[0]).read_text(encoding="utf-8"))
     samples = tuple(SamplePrompt(name, prompt, index) for name, prompt, index in request["samples"])
+    if "rows" in request:
+        return _main_rows(request, samples)
     try:
         written = render_lora_samples(request["lora_file"], ModelSpec.from_dict(request["model"]), samples,
                                       request["folder"], step=request["step"], seed=request["seed"],
@@ -116,6 +175,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"charbuild: {len(written)} sample(s) in {Path(request['folder']).as_posix()}/samples/{request['step']}",
           file=sys.stderr)
+    return 0
+
+
+def _main_rows(request: dict, samples: tuple[SamplePrompt, ...]) -> int:
+    try:
+        written = render_rows(request["rows"], ModelSpec.from_dict(request["model"]), samples, request["folder"],
+                              seed=request["seed"], project_root=request["project_root"], size=request["size"],
+                              steps=request["steps"], v_prediction=request["v_prediction"],
+                              zero_terminal_snr=request["zero_terminal_snr"])
+    except CharbuildError as exc:
+        print(f"charbuild: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"charbuild: {sum(map(len, written.values()))} picture(s) in {len(written)} row(s)", file=sys.stderr)
     return 0
 
 

@@ -57,15 +57,16 @@ def sample_settings(setup, prep) -> tuple[int, int]:
 
 
 class SampleRenderer:
-    """Renders the samples of one training into ``<folder>/samples/<step>/``."""
+    """Renders the samples of one training into ``<folder>/<subdir>/<step>/`` (``subdir``:
+    ``samples``; an exploration's rows: ``explore``, with the row's name as the step)."""
 
-    def __init__(self, setup, prep, samples: tuple[SamplePrompt, ...], folder: str | Path):
+    def __init__(self, setup, prep, samples: tuple[SamplePrompt, ...], folder: str | Path, subdir: str = SAMPLES_DIR):
         from diffusers import DDIMScheduler
 
         if prep.vae is None:
             raise ValueError("sampling needs the VAE: prepare() keeps it when sample_every is set")
         self.setup, self.prep, self.samples = setup, prep, samples
-        self.folder = Path(folder) / SAMPLES_DIR
+        self.folder = Path(folder) / subdir
         self.size, self.steps = sample_settings(setup, prep)
         self.sdxl = getattr(prep, "text_encoder_2", None) is not None
         self.scheduler = DDIMScheduler.from_config(prep.noise_scheduler.config)
@@ -94,8 +95,8 @@ class SampleRenderer:
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
 
-    def render(self, step: int) -> list[Path]:
-        """Render every sample as it looks after ``step``; the files written."""
+    def render(self, step: int | str) -> list[Path]:
+        """Render every sample as it looks after ``step`` (or as row ``step`` of an exploration); the files written."""
         import torch
         from tqdm import tqdm
 
@@ -163,6 +164,6 @@ class SampleRenderer:
                                     f"Seed: {seed}, Size: {self.size}x{self.size}")
         buf = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buf, format="PNG", pnginfo=info)
-        target = self.folder / str(int(step)) / f"{sample.name}.png"
+        target = self.folder / str(step) / f"{sample.name}.png"
         write_bytes_atomic(target, buf.getvalue())
         return target
