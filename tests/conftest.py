@@ -42,7 +42,7 @@ SLOW_MODULES = {
     "test_builtin_sdxl_step", "test_builtin_sdxl_network", "test_builtin_single_file", "test_builtin_precision",
     "test_ray_executor",
     "test_report_browser", "test_sd_scripts_real", "test_sd_scripts_sdxl_real", "test_lora_compress",
-    "test_samples_target", "test_cli_errors",
+    "test_samples_target", "test_cli_errors", "test_explore_demo",
 }
 
 
