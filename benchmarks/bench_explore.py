@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,8 @@ def main() -> int:
     set_candidates(project, [])
     wall, cpu = run(doit, project)
     print(f"build without exploring: {wall:.0f} s wall, {cpu:.0f} s CPU")
+    for old in project.glob("build/loras/*/*/explore"):  # an earlier exploration: start from nothing
+        shutil.rmtree(old)
     set_candidates(project, args.candidates)
     wall, cpu = run(doit, project)
     load = os.getloadavg()[0]

@@ -36,6 +36,7 @@ def explore_command(root: Path, name: str, *, blocks: bool = False, build: bool 
         code = run_doit(root, ["run", "--continue", *targets], analyse=frozenset([name]) if blocks else frozenset())
     for variant in variants:
         _print_variant(root, name, variant, lora.explore_candidates, blocks)
+    click.echo("the pictures: `charbuild report` (the LoRA's section of build/report/index.html)")
     return code
 
 

@@ -193,3 +193,16 @@ def test_charbuild_explore_names_what_to_do_without_candidates(tmp_path, capsys)
     assert code != 0 and "has no candidate block weights to explore" in err and "explore = [" in err
     code, _, err = run_cli(capsys, "explore", "bob0", "--root", str(root))
     assert code != 0 and "no LoRA named 'bob0'" in err
+
+
+def test_the_per_block_analysis_and_the_report_show_what_each_block_does(explored, capsys):
+    root = explored
+    code, out, _ = run_cli(capsys, "explore", "bbo", "--blocks", "--root", str(root))
+    assert code == 0 and "(change when the block is off" in out
+    analysis = json.loads((root / f"build/loras/bbo/{V}/explore/blocks.json").read_text(encoding="utf-8"))
+    assert analysis["effects"] and set(analysis["effects"]) | set(analysis["skipped"]) == set(all_blocks("sd15"))
+    assert all(why in ("no module", "already 0") for why in analysis["skipped"].values())
+    assert "blocks" not in groups(build(root))  # asked for once: not part of every build
+    page = (root / "build/report/index.html").read_text(encoding="utf-8")
+    assert "block weights explored" in page and 'data-row="ALL"' in page and "class=best" in page
+    assert 'class="change-bar"' in page and 'data-copy="' in page

@@ -110,8 +110,10 @@ def _blocks(analysis: dict) -> str:
             "farther the samples get from the character (identity, up: the block carries the character) and how the "
             "leak changes (down: the block leaks). LBW's Effective Block Analyzer reports how many pixels change; "
             "this says whether the change is the character or the rest of the picture.</p>"
-            + change_bar_svg([(b, effects[b]["identity"]) for b in order], title="identity change without the block")
-            + change_bar_svg([(b, effects[b]["leak"]) for b in order], title="leak change without the block")
+            + change_bar_svg([(b, effects[b]["identity"]) for b in order],
+                             title="identity distance change without the block (up: the block carries the character)")
+            + change_bar_svg([(b, effects[b]["leak"]) for b in order],
+                             title="leak change without the block (down: the block leaks)")
             + (f'<p class="none">not switched off: {escape(skipped)}</p>' if skipped else ""))
 
 

@@ -188,18 +188,18 @@ def block_bar_svg(blocks: Sequence[tuple[str, float]], *, cell: int = 26, height
     return "".join(out)
 
 
-def change_bar_svg(blocks: Sequence[tuple[str, float]], *, title: str, cell: int = 30, height: int = 150) -> str:
+def change_bar_svg(blocks: Sequence[tuple[str, float]], *, title: str, cell: int = 30, height: int = 170) -> str:
     """An inline ``<svg>`` bar chart of signed changes per block (scaled to the largest one): bars
     up for a positive change, down for a negative one, the value above each bar."""
     if not blocks:
         raise ValueError("no blocks to draw")
     scale = max([abs(v) for _, v in blocks] + [1e-9])
-    label_h, top = 22, 26
+    label_h, top = 34, 28
     half = (height - label_h - top) / 2
     zero = top + half
-    width = len(blocks) * cell + 8
+    width = max(len(blocks) * cell + 8, 6 * len(title) + 110)
     out = [f'<svg class="change-bar" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="{escape(title)}"><text x="4" y="12">{escape(title)}</text>']
+           f'aria-label="{escape(title)}"><text x="4" y="12">{escape(title)} (values ×1000)</text>']
     for i, (name, v) in enumerate(blocks):
         x = 4 + i * cell
         h = abs(v) / scale * half
@@ -212,6 +212,5 @@ def change_bar_svg(blocks: Sequence[tuple[str, float]], *, title: str, cell: int
                    f'class="value">{v * 1000:+.0f}</text>'
                    f'<text x="{x + cell / 2:.0f}" y="{height - label_h + 14}" text-anchor="middle" class="name">'
                    f'{escape(short_block_label(name))}</text></g>')
-    out.append(f'<line x1="2" y1="{zero:.1f}" x2="{width - 2}" y2="{zero:.1f}" class="axis"/>'
-               f'<text x="{width - 4}" y="{height - 2}" text-anchor="end" class="name">values ×1000</text></svg>')
+    out.append(f'<line x1="2" y1="{zero:.1f}" x2="{width - 2}" y2="{zero:.1f}" class="axis"/></svg>')
     return "".join(out)
