@@ -22,6 +22,10 @@ transformers 4.54.1), e.g.::
 
     PYTHONPATH=$PWD:SD_SCRIPTS SDVENV/bin/python benchmarks/compare_one_step.py --work /tmp/onestep
 
+(``gpu_check.make_model`` needs transformers >= 5 for charbuild's tokenizer: under sd-scripts'
+4.54 pins, make ``<work>/model-sd15`` first with the project's python, e.g.
+``python -c "...gpu_check.make_model('sd15', Path('<work>/model-sd15'), 'cpu')"``.)
+
 With ``--algo loha`` the network is LoHa (``LohaA50p``: dim 8 alpha 4, conv dim 8 alpha 4) and
 sd-scripts' side is what charbuild's sd-scripts backend runs for it, LyCORIS
 (``--network_module lycoris.kohya --network_args algo=loha conv_dim=8 conv_alpha=4``; the

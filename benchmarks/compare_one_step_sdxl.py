@@ -167,7 +167,6 @@ def charbuild_side(work: Path, latent: tuple[int, int]) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     from types import SimpleNamespace
 
-    from charbuild.train.builtin import trainer
     from charbuild.train.builtin.conditioning import frozen_conditioning
     from charbuild.train.builtin.data import read_dataset_toml, sdxl_size_conditioning
     from charbuild.train.builtin.models import _bigg_padding
@@ -234,7 +233,6 @@ def charbuild_side(work: Path, latent: tuple[int, int]) -> None:
         print(f"  charbuild  {case}: loss {float(loss):.6f}, {len(grads)} gradients, {time.time() - t1:.0f} s", flush=True)
     out["peak_gib"] = _peak_gib()
     torch.save(out, work / "charbuild.pt")
-    assert trainer  # imported for its side effects on logging only
 
 
 # --------------------------------------------------------------------------- 3. sd-scripts
