@@ -22,7 +22,21 @@ transformers 4.54.1), e.g.::
 
     PYTHONPATH=$PWD:SD_SCRIPTS SDVENV/bin/python benchmarks/compare_one_step.py --work /tmp/onestep
 
-SDXL (size/crop conditioning) is not covered yet. Results: benchmarks/SD_SCRIPTS.md.
+(``gpu_check.make_model`` needs transformers >= 5 for charbuild's tokenizer: under sd-scripts'
+4.54 pins, make ``<work>/model-sd15`` first with the project's python, e.g.
+``python -c "...gpu_check.make_model('sd15', Path('<work>/model-sd15'), 'cpu')"``.)
+
+With ``--algo loha`` the network is LoHa (``LohaA50p``: dim 8 alpha 4, conv dim 8 alpha 4) and
+sd-scripts' side is what charbuild's sd-scripts backend runs for it, LyCORIS
+(``--network_module lycoris.kohya --network_args algo=loha conv_dim=8 conv_alpha=4``; the
+``lycoris-lora`` package in sd-scripts' venv). The builtin's initial ``hada_w2_a`` is zero (as
+LyCORIS'), which leaves every other factor without a gradient: the shared initial weights get
+``hada_w2_a`` ~ N(0, 0.01) (seeded) first. LyCORIS' default preset ("full") also adapts
+``conv_in``, ``conv_out`` and ``time_embedding.linear_1/2``, which the builtin does not: those
+modules keep LyCORIS' own initial weights (ΔW = 0, so the forward is unchanged) and their
+gradients are listed as on one side only.
+
+SDXL: ``compare_one_step_sdxl.py``. Results: benchmarks/SD_SCRIPTS.md.
 """
 
 from __future__ import annotations
@@ -46,6 +60,10 @@ CASES = {
     "noise offset 0.0357": {"noise_offset": 0.0357},
     "clip skip 1": {"clip_skip": 1},
 }
+LOHA_PRESET = "LohaA50p-AdamW8"
+#: LyCORIS' default ("full") preset adapts these UNet modules by name; the builtin (kohya's module choice) does not
+LYCORIS_ONLY = ("lora_unet_conv_in.", "lora_unet_conv_out.", "lora_unet_time_embedding_linear_1.",
+                "lora_unet_time_embedding_linear_2.")
 LORA = {"preset": "Lora3x3A50p-AdamW8", "optimizer": "AdamW", "dim": 8, "alpha": 4, "lr": 1e-4,
         "scheduler": "constant", "mixed_precision": "no", "gradient_checkpointing": False, "data_loader_workers": 0}
 
@@ -78,6 +96,11 @@ def charbuild_steps(work: Path, model: Path, toml: Path) -> tuple[dict, dict, di
 
     prep = prepare(resolve_setup(job({})))
     base = SimpleNamespace(noise_scheduler=prep.noise_scheduler, zero_terminal_snr=False)
+    if LORA["preset"] == LOHA_PRESET:  # hada_w2_a = 0 would leave w1a, w1b, w2b without a gradient
+        gen = torch.Generator().manual_seed(SEED + 1)
+        with torch.no_grad():
+            for m in list(prep.network.unet_loras) + list(prep.network.te_loras):
+                m.hada_w2_a.copy_(torch.randn(m.hada_w2_a.shape, generator=gen) * 0.01)
     init = prep.network.kohya_state_dict(torch.float32)
     batch = {"latents": torch.stack([prep.latents[k] for k in BATCH]),
              "captions": [prep.dataset.items[i].caption for i, _ in BATCH]}
@@ -102,9 +125,10 @@ def charbuild_steps(work: Path, model: Path, toml: Path) -> tuple[dict, dict, di
 def sd_scripts_args(model: Path, tokdir: Path, over: dict):
     import train_network
 
+    loha = LORA["preset"] == LOHA_PRESET
     argv = ["--pretrained_model_name_or_path", str(model), "--tokenizer_cache_dir", str(tokdir),
-            "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "4",
-            "--network_args", "conv_dim=8", "conv_alpha=4", "--mixed_precision", "no",
+            "--network_module", "lycoris.kohya" if loha else "networks.lora", "--network_dim", "8", "--network_alpha", "4",
+            "--network_args", "conv_dim=8", "conv_alpha=4", *(["algo=loha"] if loha else []), "--mixed_precision", "no",
             "--clip_skip", str(over.get("clip_skip", 2)), "--output_dir", "unused", "--seed", str(SEED)]
     if over.get("v_prediction"):
         argv.append("--v_parameterization")
@@ -131,9 +155,20 @@ def sd_scripts_steps(model: Path, tokdir: Path, init: dict, batch: dict) -> dict
     _, text_encoder, vae, unet = trainer.load_target_model(args, torch.float32, accelerator)
     tokenize_strategy = trainer.get_tokenize_strategy(args)
     strategy_base.TokenizeStrategy.set_strategy(tokenize_strategy)
-    network = lora.create_network(1.0, 8, 4, vae, [text_encoder], unet, conv_dim=8, conv_alpha=4)
-    network.apply_to([text_encoder], unet, True, True)
+    if LORA["preset"] == LOHA_PRESET:
+        from lycoris import kohya as lycoris_kohya
+
+        network = lycoris_kohya.create_network(1.0, 8, 4, vae, text_encoder, unet, conv_dim=8, conv_alpha=4, algo="loha")
+        network.apply_to(text_encoder, unet, True, True)
+    else:
+        network = lora.create_network(1.0, 8, 4, vae, [text_encoder], unet, conv_dim=8, conv_alpha=4)
+        network.apply_to([text_encoder], unet, True, True)
     missing, unexpected = network.load_state_dict(init, strict=False)
+    extra = [k for k in missing if k.startswith(LYCORIS_ONLY)]
+    if extra:
+        print(f"  sd-scripts: {len(extra)} LyCORIS tensors the builtin does not train (kept at LyCORIS' init, ΔW = 0): "
+              f"{sorted({k.split('.')[0] for k in extra})}", flush=True)
+    missing = [k for k in missing if k not in extra]
     if missing or unexpected:
         raise SystemExit(f"the LoRA does not fit sd-scripts' network: missing {missing[:5]}, unexpected {unexpected[:5]}")
     unet.requires_grad_(False)
@@ -170,8 +205,10 @@ def compare(ours: dict, theirs: dict) -> list[dict]:
         # at 64 px, is 1e-12 on the other through a different attention kernel)
         floor = 1e-6 * max(float(g.abs().max()) for g in g2.values())
         rel = [float((g1[k] - g2[k]).abs().max()) / max(float(g2[k].abs().max()), floor) for k in keys if k in g1 and k in g2]
+        one = [k for k in keys if not (k in g1 and k in g2)]
         rows.append({"case": case, "loss_charbuild": l1, "loss_sd_scripts": l2, "loss_rel": abs(l1 - l2) / abs(l2),
-                     "gradients": len(keys), "only_one_side": len([k for k in keys if not (k in g1 and k in g2)]),
+                     "gradients": len(keys), "only_one_side": len([k for k in one if not k.startswith(LYCORIS_ONLY)]),
+                     "lycoris_only": len([k for k in one if k.startswith(LYCORIS_ONLY)]),
                      "grad_rel_max": max(rel) if rel else None,
                      "grad_rel_median": sorted(rel)[len(rel) // 2] if rel else None})
     return rows
@@ -184,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--cases", help="comma list of case names (default: all)")
     ap.add_argument("--worst", type=int, default=0, help="print the N gradients that differ most")
+    ap.add_argument("--algo", choices=["lora", "loha"], default="lora", help="loha: the builtin's LoHa against LyCORIS'")
     a = ap.parse_args(argv)
+    if a.algo == "loha":
+        LORA["preset"] = LOHA_PRESET
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -211,14 +251,15 @@ def main(argv: list[str] | None = None) -> int:
                             for k in g1 if k in g2), reverse=True)
             for d, m1, m2, k in diffs[:a.worst]:
                 print(f"  {case}: {k}: max|diff| {d:.3e}, max|ours| {m1:.3e}, max|theirs| {m2:.3e}")
-    print(f"\nSD1.5 full size (random), 64 px, batch 2, fp32, torch {torch.__version__}, {time.time() - t0:.0f} s\n")
+    print(f"\nSD1.5 full size (random), {a.algo}, 64 px, batch 2, fp32, torch {torch.__version__}, {time.time() - t0:.0f} s\n")
     print("| case | loss charbuild | loss sd-scripts | loss rel. diff | gradients | max rel. diff | median rel. diff |")
     print("|---|---|---|---|---|---|---|")
     ok = True
     for r in rows:
         ok &= r["loss_rel"] <= a.tolerance and r["only_one_side"] == 0 and (r["grad_rel_max"] or 0) <= a.tolerance
         print(f"| {r['case']} | {r['loss_charbuild']:.6f} | {r['loss_sd_scripts']:.6f} | {r['loss_rel']:.1e} | "
-              f"{r['gradients']} ({r['only_one_side']} on one side) | {r['grad_rel_max']:.1e} | {r['grad_rel_median']:.1e} |")
+              f"{r['gradients']} ({r['only_one_side']} on one side"
+              + (f", {r['lycoris_only']} LyCORIS-only" if r["lycoris_only"] else "") + f") | {r['grad_rel_max']:.1e} | {r['grad_rel_median']:.1e} |")
     print(f"\n{'PASS' if ok else 'FAIL'} (tolerance {a.tolerance:g})")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
