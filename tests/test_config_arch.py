@@ -253,3 +253,16 @@ def test_an_sd15_weight_list_in_an_sdxl_project_is_applied_as_lbw_does(tmp_path)
     with pytest.warns(UserWarning, match="reach no SDXL block"):
         expected = sd15_list_on_sdxl([float(w) for w in weights.split(",")])
     assert next(lo for lo in project.loras.values() if lo.kind == "face").merge_weights == expected
+
+def test_sdxl_explore_candidates_take_the_sdxl_forms_and_warn_for_sd15_lists(tmp_path):
+    from charbuild.lora.blocks import SDXL_20
+
+    root = _project(tmp_path, 'base = "tiny-sdxl"\n', '[merge]\nexplore = ["FACE", "ALL", "IN04:0.5"]\n')
+    project = load_project(root)
+    lora = next(lo for lo in project.loras.values() if lo.kind == "face")
+    face, all17, named = lora.explore_candidates
+    assert list(face.weights) == SDXL_20 and list(face.weights.values()) == [float(x) for x in XL_FACE.split(",")]
+    assert all17.weights["IN00"] == 0.0 and all17.weights["IN04"] == 1.0  # as LBW applies a 17-value list
+    assert named.weights["IN04"] == 0.5 and named.weights["OUT08"] == 1.0
+    warned = [str(w) for w in project.warnings if "SD1.5 list on an SDXL LoRA" in w.message]
+    assert len(warned) == 1 and "project.toml:" in warned[0] and "'merge.explore'" in warned[0]
