@@ -40,8 +40,6 @@ def _render_config(graph, params, samples) -> dict:
 
 def candidate_tasks(graph):
     """``candidate:<lora>/<variant>/<cand>``: each non-empty candidate's merged, compressed file."""
-    from .train.explore_action import candidate_action
-
     yield {"basename": "candidate", "name": None, "doc": GROUP_DOCS["candidate"]}
     for lora in graph.project.loras.values():
         settings = graph.compress_settings(lora)
@@ -50,6 +48,8 @@ def candidate_tasks(graph):
             for cand in lora.explore_candidates:
                 if cand.empty:
                     continue
+                from .train.explore_action import candidate_action  # here: numpy only where a LoRA explores
+
                 out = layout.candidate_lora(lora.name, params.name, cand.name)
                 name = f"{layout.deliverable_stem(lora.name, params.name)}-{cand.name}"
                 note = f"explore candidate {cand.spec}"
@@ -84,8 +84,6 @@ def explore_rows(graph, lora: Lora, params) -> tuple[list[dict], dict]:
 
 def explore_tasks(graph):
     """``explore:<lora>/<variant>``: the rows rendered (the stale ones only) and scored."""
-    from .train.explore_action import explore_action
-
     yield {"basename": "explore", "name": None, "doc": GROUP_DOCS["explore"]}
     for lora in graph.project.loras.values():
         if not lora.explore_candidates:
@@ -93,6 +91,8 @@ def explore_tasks(graph):
         samples = explore_samples(graph, lora)
         if not samples:
             continue  # no picture of a template code: nothing to score
+        from .train.explore_action import explore_action
+
         for params in graph.variants(lora):
             rows, facts = explore_rows(graph, lora, params)
             folder = str(graph.layout.root / layout.explore_dir(lora.name, params.name))
@@ -116,8 +116,6 @@ def explore_tasks(graph):
 
 def blocks_tasks(graph):
     """``blocks:<lora>/<variant>`` for the LoRAs whose per-block analysis was asked for."""
-    from .train.explore_action import blocks_action
-
     yield {"basename": "blocks", "name": None, "doc": GROUP_DOCS["blocks"]}
     for lora in graph.project.loras.values():
         if not graph.analyse_blocks(lora):
@@ -125,6 +123,8 @@ def blocks_tasks(graph):
         samples = explore_samples(graph, lora)
         if not samples:
             continue
+        from .train.explore_action import blocks_action
+
         for params in graph.variants(lora):
             folder = str(graph.layout.root / layout.explore_dir(lora.name, params.name))
             out = layout.blocks_scores(lora.name, params.name)
