@@ -17,9 +17,10 @@ Scores of a row (lower is better for both distances; :mod:`charbuild.identity` m
   raise it (the original framework's "avoid BACKGROUND and POSE");
 * **size**: the candidate file's bytes after compression.
 
-The best candidate (:func:`best_row`): the lowest identity distance among the rows whose leak is at
-most ``explore_max_leak`` (default :data:`DEFAULT_MAX_LEAK`); ties go to the smaller leak, then the
-smaller file. The chosen weights compete too: when they win, keep them.
+The best candidate (:func:`best_row`): the lowest identity distance among the rows that are closer
+to the character than the base model and whose leak is at most ``explore_max_leak`` (default
+:data:`DEFAULT_MAX_LEAK`); ties go to the smaller leak, then the smaller file. The chosen weights
+compete too: when they win, keep them.
 """
 
 from __future__ import annotations
@@ -134,12 +135,19 @@ def row_scores(identity_codes: Mapping[str, Mapping[str, float]], leak_codes: Ma
 def best_row(rows: Mapping[str, Mapping[str, Any]], max_leak: float) -> tuple[str | None, str]:
     """The best of ``rows`` (name -> scores; the base row never competes) and why, in words.
 
-    The lowest identity distance among the rows with ``leak <= max_leak``; ties: smaller leak,
-    then smaller file. None when no row qualifies (the reason says which bound failed).
+    The lowest identity distance among the rows closer to the character than the base model
+    and with ``leak <= max_leak``; ties: smaller leak, then smaller file. None when no row
+    qualifies (the reason says which bound failed).
     """
     scored = {n: r for n, r in rows.items() if n != BASE_ROW and r.get("identity") is not None and r.get("leak") is not None}
     if not scored:
         return None, "no candidate has scores yet"
+    base = rows.get(BASE_ROW, {}).get("identity")
+    if base is not None:
+        scored = {n: r for n, r in scored.items() if r["identity"] < base}
+        if not scored:
+            return None, (f"no row is closer to the character than the base model alone ({base:.3f}): the LoRA "
+                          "itself has not learnt it (more steps, a higher lr, or check its pictures)")
     eligible = {n: r for n, r in scored.items() if r["leak"] <= max_leak}
     if not eligible:
         low = min(scored, key=lambda n: scored[n]["leak"])

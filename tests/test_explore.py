@@ -68,16 +68,23 @@ def test_exploration_prompts_are_the_pictured_codes_then_level_ones_without_trig
 
 
 def test_the_best_row_is_the_closest_under_the_leak_bound_and_the_base_never_competes():
-    rows = {"base": {"identity": 0.1, "leak": 0.0, "size": 0},
+    rows = {"base": {"identity": 0.65, "leak": 0.0, "size": 0},
             "chosen": {"identity": 0.50, "leak": 0.10, "size": 10},
             "ALL": {"identity": 0.40, "leak": 0.30, "size": 12},     # closer, but leaks
             "SOFT": {"identity": 0.45, "leak": 0.05, "size": 8},
             "NONE": {"identity": 0.60, "leak": 0.0, "size": 0}}
+    rows["base"]["identity"] = 0.65
     assert explore.best_row(rows, 0.15)[0] == "SOFT"
     assert explore.best_row(rows, 0.5)[0] == "ALL"
     name, why = explore.best_row(rows, 0.01)
-    assert name == "NONE"
+    assert name == "NONE" and "leak <= 0.01" in why
     assert explore.best_row({k: v for k, v in rows.items() if k != "NONE"}, 0.01)[0] is None
+    rows["base"]["identity"] = 0.42  # only ALL is closer than the base model, and it leaks
+    name, why = explore.best_row(rows, 0.15)
+    assert name is None and "leaks more than 0.15" in why
+    rows["base"]["identity"] = 0.3
+    name, why = explore.best_row(rows, 0.15)
+    assert name is None and "closer to the character than the base model" in why
 
 
 def test_block_effects_are_the_change_from_the_chosen_weights():
@@ -204,5 +211,5 @@ def test_the_per_block_analysis_and_the_report_show_what_each_block_does(explore
     assert all(why in ("no module", "already 0") for why in analysis["skipped"].values())
     assert "blocks" not in groups(build(root))  # asked for once: not part of every build
     page = (root / "build/report/index.html").read_text(encoding="utf-8")
-    assert "block weights explored" in page and 'data-row="ALL"' in page and "class=best" in page
+    assert "block weights explored" in page and 'data-row="ALL"' in page and "best: <b>" in page
     assert 'class="change-bar"' in page and 'data-copy="' in page
