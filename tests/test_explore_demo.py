@@ -47,3 +47,24 @@ def test_scores_rank_the_broken_candidate_last_and_the_base_model_lowest_on_leak
     assert scores["best"] in {"chosen", "ALL"}, scores["why"]
     page = (root / "build/report/index.html").read_text(encoding="utf-8")
     assert "block weights explored" in page and 'data-row="NONE"' in page
+
+
+def test_an_sdxl_lora_is_explored_with_the_sdxl_forms(tmp_path, reproducible_training):
+    """The same pipeline on SDXL (the tiny random SDXL model: the scores mean nothing, the files do)."""
+    from conftest import make_project
+
+    root = make_project(tmp_path / "p", sizes=(64,),
+                        characters={"bob": {"keyword": "bbo", "face": ["f00", "f01"], "outfits": {}}},
+                        project_extra='[model]\nbase = "tiny-sdxl"\n[merge]\nexplore = ["BODY", "NONE"]\n')
+    toml = root / "characters/project.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace('backend = "fake"', 'backend = "builtin"')
+                    .replace("dim = 4", "dim = 4\nsteps = 2\nsample_steps = 1\nsample_size = 64"), encoding="utf-8")
+    (root / "characters/bob/character.toml").write_text('keyword = "bbo"\n[face]\n', encoding="utf-8")
+    ran = groups(build(root))
+    v = "Lora1x1A1-AdamW8"
+    assert ran["candidate"] == {f"bbo/{v}/BODY"} and ran["explore"] == {f"bbo/{v}"}
+    scores = json.loads((root / f"build/loras/bbo/{v}/explore/scores.json").read_text(encoding="utf-8"))
+    assert len(scores["rows"]["BODY"]["weights"].split(",")) == 20  # the SDXL form of BODY
+    assert scores["rows"]["NONE"]["leak"] == 0.0 and scores["rows"]["BODY"]["size"] > 0
+    for row in ("base", "chosen", "BODY", "NONE"):
+        assert (root / f"build/loras/bbo/{v}/explore/{row}/f00.png").is_file()
