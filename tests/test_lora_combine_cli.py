@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_cli
 from lora_fixtures import make_lora, reference_delta, rel_err, write_lora
 
 from charbuild.errors import LoraFileError
@@ -124,21 +125,21 @@ def test_cli_merge_with_preset_file_and_list(files):
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    "args,message,status",
     [
-        (["-w", "FAEC"], "Did you mean FACE"),
-        (["-w", "1,2,3"], "3 block weights given"),
-        (["-w", "nofile.txt:X"], "no such preset file"),
+        (["-w", "FAEC"], "Did you mean FACE", 1),
+        (["-w", "1,2,3"], "3 block weights given", 1),
+        (["-w", "nofile.txt:X"], "no such preset file", 2),  # an option's value: OptionError
     ],
 )
-def test_cli_merge_errors(files, args, message):
+def test_cli_merge_errors(files, args, message, status, capsys):
     tmp, a, _, _ = files
-    r = CliRunner().invoke(merge_cmd, [str(a), str(tmp / "bad.safetensors"), *args])
-    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+    code, _, err = run_cli(capsys, "merge", str(a), str(tmp / "bad.safetensors"), *args)
+    assert code == status and message in err and "Traceback" not in err  # charbuild's own handler, as every command's
     assert not (tmp / "bad.safetensors").exists()
 
 
-def test_cli_compress_and_combine(files):
+def test_cli_compress_and_combine(files, capsys):
     tmp, a, b, _ = files
     r = CliRunner().invoke(compress_cmd, [str(a), str(tmp / "c.safetensors"), "--sv-ratio", "8", "--new-rank", "2", "--no-progress"])
     assert r.exit_code == 0, r.output
@@ -152,10 +153,10 @@ def test_cli_compress_and_combine(files):
     assert r.exit_code == 2 and "--threads" in r.output and not (tmp / "f.safetensors").exists()
     r = CliRunner().invoke(combine_cmd, [f"{a}:0.8", str(b), str(tmp / "ab.safetensors")])
     assert r.exit_code == 0 and "exact" in r.output, r.output
-    r = CliRunner().invoke(combine_cmd, [f"{a}:0.8", str(tmp / "missing.safetensors"), str(tmp / "x.safetensors")])
-    assert r.exit_code == 1 and "no such LoRA file" in r.output and not (tmp / "x.safetensors").exists()
-    r = CliRunner().invoke(inspect_cmd, [str(tmp / "nothing.safetensors")])
-    assert r.exit_code == 1 and "nothing.safetensors: error: no such LoRA file" in r.output
+    code, _, err = run_cli(capsys, "combine", f"{a}:0.8", str(tmp / "missing.safetensors"), str(tmp / "x.safetensors"))
+    assert code == 1 and "missing.safetensors: error: no such LoRA file" in err and not (tmp / "x.safetensors").exists()
+    code, _, err = run_cli(capsys, "inspect", str(tmp / "nothing.safetensors"))
+    assert code == 1 and err.strip().endswith("nothing.safetensors: error: no such LoRA file") and "Error:" not in err
 
 
 def test_merge_of_an_sdxl_file_with_lbws_all_warns_and_zeroes_what_lbw_zeroes(tmp_path):

@@ -1,7 +1,9 @@
 """Click commands of the LoRA toolkit: ``inspect``, ``merge``, ``compress``, ``combine``.
 
 The main ``charbuild`` group adds them with ``for c in COMMANDS: main.add_command(c)``. User
-errors (bad files, bad weights) become one-line ``click`` errors, never tracebacks.
+errors (bad files, bad weights) are CharbuildErrors, printed by ``charbuild``'s one handler as
+every other command's are (``FILE: error: message``, or ``charbuild: error: message``), never
+tracebacks.
 """
 
 from __future__ import annotations
@@ -12,19 +14,12 @@ from pathlib import Path
 
 import click
 
-from charbuild.errors import CharbuildError
-
-
-class LoraCommandError(click.ClickException):
-    """A CharbuildError (or bad value) shown as click shows errors, with its exit code."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+from charbuild.errors import CharbuildError, OptionError
 
 
 def _user_errors(fn):
-    """Turn the toolkit's errors into one-line messages, and its SDXL-list notes into warning lines."""
+    """A bad value (ValueError) becomes an OptionError for the one handler, and the toolkit's
+    SDXL-list notes warning lines."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import warnings
@@ -39,10 +34,10 @@ def _user_errors(fn):
                 finally:
                     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, SdxlListWarning)):
                         click.echo(f"charbuild: warning: {message}", err=True)
-        except CharbuildError as err:
-            raise LoraCommandError(str(err), err.exit_code) from None
+        except CharbuildError:
+            raise
         except ValueError as err:
-            raise LoraCommandError(str(err)) from None
+            raise OptionError(str(err)) from None
 
     return wrapper
 
