@@ -225,3 +225,17 @@ def test_prepare_image_action_prints_its_place_in_the_image_stage(tmp_path, caps
     good = _save(Image.new("RGB", (64, 48)), tmp_path / "f00.png")
     assert prepare_image_action(str(good), str(tmp_path / "o.png"), 32, "white", (3, 40)) is True
     assert capsys.readouterr().err == f"charbuild: picture 3/40: {(tmp_path / 'o.png').as_posix()} (32x24)\n"
+
+
+def test_the_builtin_trainer_reads_a_transparent_picture_flattened_on_white(tmp_path):
+    """Transparency, a palette's transparent colour (tRNS) included, becomes white as images.flatten does."""
+    pytest.importorskip("torch")
+    from charbuild.train.builtin.data import load_image_tensor
+
+    rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    rgba.save(tmp_path / "a.png")
+    grey = Image.new("L", (8, 8), 7)
+    grey.save(tmp_path / "t.png", transparency=7)
+    for name in ("a.png", "t.png"):
+        t = load_image_tensor(tmp_path / name, (8, 8))
+        assert t.shape == (3, 8, 8) and float(t.min()) == 1.0, name  # white in [-1, 1]

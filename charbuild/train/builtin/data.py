@@ -288,14 +288,11 @@ def load_image_tensor(path: Path, bucket: tuple[int, int], resized: tuple[int, i
     import torch
     from PIL import Image
 
+    from charbuild.images import flatten
+
     bw, bh = bucket
     with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            bg.alpha_composite(im)
-            im = bg
-        im = im.convert("RGB")
+        im = flatten(im, "white")  # the project's one way (tRNS and 16-bit grey too)
         w, h = im.size
         if resized is None:
             scale = max(bw / w, bh / h)
