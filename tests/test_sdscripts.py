@@ -67,23 +67,81 @@ def test_lora3x3_a50p_adamw8_is_the_originals_command():
     assert raw_output_path(job()) == Path(OUT_DIR) / f"{NAME}.safetensors"
 
 
+PRESET_ARG = f"preset={Path(OUT_DIR) / 'lycoris_preset.toml'}"
+
+
 def test_loha_has_algo_and_its_own_dim():
     cmd = build_command(job("LohaA50p-AdamW8"))
     i = cmd.index("--network_args")
-    assert cmd[i - 4:i + 5] == [
+    assert cmd[i - 4:i + 6] == [
         "--output_name=krnk-V", "--network_module=lycoris.kohya",
         "--network_dim=32", "--network_alpha=16",
-        "--network_args", "conv_dim=32", "conv_alpha=16", "algo=loha", "--optimizer_type=AdamW8bit",
+        "--network_args", "conv_dim=32", "conv_alpha=16", "algo=loha", PRESET_ARG, "--optimizer_type=AdamW8bit",
     ]
 
 
 def test_locon_a1_and_lora1x1():
     cmd = build_command(job("LoconA1-AdamW8"))
     i = cmd.index("--network_args")
-    assert cmd[i:i + 4] == ["--network_args", "conv_dim=128", "conv_alpha=1", "algo=lora"]
+    assert cmd[i:i + 5] == ["--network_args", "conv_dim=128", "conv_alpha=1", "algo=lora", PRESET_ARG]
     assert "--network_alpha=1" in cmd
     cmd = build_command(job("Lora1x1A1-AdamW8"))
     assert "--network_args" not in cmd and "--network_module=networks.lora" in cmd
+
+
+@pytest.mark.parametrize("preset", ["LoconA1-AdamW8", "LohaA50p-AdaFactor", "LoconA50p-AdamW8"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_lycoris_variants_get_kohyas_modules_as_a_preset(preset, arch):
+    """LyCORIS's default preset ("full") adapts conv_in, conv_out and the time embedding, which
+    kohya's networks.lora and the builtin do not, and in lycoris-lora 4.x builds
+    time_embedding.linear_1 twice ("duplicated lora name"): Locon/Loha name a preset file of
+    kohya's module choice."""
+    import tomllib
+
+    from charbuild.train.sdscripts_command import lycoris_preset_path, lycoris_preset_text
+
+    j = job(preset, arch=arch)
+    cmd = build_command(j)
+    i = cmd.index("--network_args")
+    args = cmd[i + 1:cmd.index("--optimizer_type=" + j.params.optimizer)]
+    assert args[-1] == f"preset={lycoris_preset_path(j)}" == PRESET_ARG
+    assert tomllib.loads(lycoris_preset_text(j.params)) == {
+        "enable_conv": True,
+        "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
+        "unet_target_name": [],  # LyCORIS's default: conv_in, conv_out, time_embedding.linear_1/2
+        "text_encoder_target_module": ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"],
+        "text_encoder_target_name": [],
+    }
+
+
+def test_lycoris_preset_without_conv_is_transformers_only():
+    """conv_dim = 0: kohya searches the transformer blocks only (their 1x1 proj_in/out included)."""
+    import tomllib
+
+    from charbuild.train.sdscripts_command import lycoris_preset_text
+
+    params = resolve_variant({"preset": "LoconA1-AdamW8", "conv_dim": 0}, steps=10)
+    preset = tomllib.loads(lycoris_preset_text(params))
+    assert preset["enable_conv"] is False and preset["unet_target_module"] == ["Transformer2DModel"]
+    assert not [a for a in build_command(job(params)) if a.startswith("conv_dim=")]
+
+
+def test_prepare_files_writes_the_lycoris_preset_only_for_lycoris(tmp_path):
+    from charbuild.train.backends import get_backend, prepare_files
+    from charbuild.train.sdscripts_command import LYCORIS_PRESET_NAME, lycoris_preset_path, lycoris_preset_text
+
+    backend = get_backend("sd-scripts")
+    for preset, wanted in (("LohaA1-AdamW8", True), ("Lora3x3A1-AdamW8", False), ("Lora1x1A1-AdamW8", False)):
+        j = dataclasses.replace(job(preset), output=str(tmp_path / preset / ".train" / "raw.safetensors"))
+        (tmp_path / preset / ".train").mkdir(parents=True)
+        prepare_files(backend, j)
+        path = lycoris_preset_path(j)
+        assert path.name == LYCORIS_PRESET_NAME and path.is_file() == wanted, preset
+        if wanted:
+            assert path.read_text(encoding="utf-8") == lycoris_preset_text(j.params)
+            assert f"preset={path}" in build_command(j)
+        else:
+            assert not [a for a in build_command(j) if a.startswith("preset=")]
 
 
 def test_adafactor_flags_and_no_learning_rates():

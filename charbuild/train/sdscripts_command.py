@@ -135,7 +135,7 @@ def build_command(job: TrainJob) -> list[str]:
     if model.vae:
         cmd.append(f"--vae={model.vae}")
     cmd += [f"--dataset_config={job.dataset_toml}", f"--output_dir={out_dir}", f"--output_name={name}"]
-    cmd += network_flags(params)
+    cmd += network_flags(params, lycoris_preset_path(job) if params.network_module == LYCORIS_MODULE else None)
     cmd += optimizer_flags(params)
     cmd.append(f"--max_train_steps={params.steps}")
     if model.arch != "sdxl":
@@ -236,8 +236,67 @@ def collect_samples(job: TrainJob) -> list[Path]:
     return moved
 
 
-def network_flags(params) -> list[str]:
-    """``--network_module`` … ``--network_args``: the network a variant trains."""
+# ---------------------------------------------------------------------------- LyCORIS
+
+LYCORIS_MODULE = "lycoris.kohya"
+#: The LyCORIS preset file beside the job's output (the runner's temp folder).
+LYCORIS_PRESET_NAME = "lycoris_preset.toml"
+
+
+def lycoris_preset_path(job: TrainJob) -> Path:
+    """``<dir of job.output>/lycoris_preset.toml``: what ``--network_args preset=`` names."""
+    return Path(job.output).parent / LYCORIS_PRESET_NAME
+
+
+def lycoris_preset_text(params) -> str:
+    """The LyCORIS preset of a Locon/Loha variant: the modules kohya's ``networks.lora`` picks.
+
+    LyCORIS's default preset ("full") adapts more than kohya's LoRA does (``conv_in``,
+    ``conv_out``, ``time_embedding.linear_1/2``), and from lycoris-lora 4.x on it names
+    ``TimestepEmbedding`` among its module types as well as ``time_embedding.linear_1`` by
+    name, so it builds that module twice and stops (``AssertionError: duplicated lora name:
+    lora_unet_time_embedding_linear_1``) on an SD1.5/SDXL UNet. This preset gives LyCORIS
+    (2.x to 4.x read the same keys) kohya's choice, the one the builtin trainer's network
+    makes: the linear layers and 1x1 convs inside ``Transformer2DModel``; with ``conv_dim``
+    also everything inside ``ResnetBlock2D``/``Downsample2D``/``Upsample2D`` (3x3 convs at
+    ``conv_dim``); the text encoders' ``CLIPAttention``/``CLIPMLP`` linears. Every key is
+    written: LyCORIS keeps a preset's values on its class, and an absent key would keep the
+    default's.
+    """
+    conv = bool(params.conv_dim)
+    unet = ["Transformer2DModel"] + (["ResnetBlock2D", "Downsample2D", "Upsample2D"] if conv else [])
+    text = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+
+    def toml_list(items: list[str]) -> str:
+        return "[" + ", ".join(f'"{x}"' for x in items) + "]"
+
+    return (
+        "# charbuild: kohya networks.lora's modules (the builtin trainer's), not LyCORIS's \"full\" preset\n"
+        f"enable_conv = {'true' if conv else 'false'}\n"
+        f"unet_target_module = {toml_list(unet)}\n"
+        "unet_target_name = []\n"
+        f"text_encoder_target_module = {toml_list(text)}\n"
+        "text_encoder_target_name = []\n"
+    )
+
+
+def write_lycoris_preset(job: TrainJob) -> Path | None:
+    """Write the LyCORIS preset of a ``lycoris.kohya`` job (atomically); its path, or None."""
+    from ..fsutil import write_text_atomic
+
+    if job.params.network_module != LYCORIS_MODULE:
+        return None
+    path = lycoris_preset_path(job)
+    write_text_atomic(path, lycoris_preset_text(job.params))
+    return path
+
+
+def network_flags(params, lycoris_preset: Path | None = None) -> list[str]:
+    """``--network_module`` … ``--network_args``: the network a variant trains.
+
+    ``lycoris_preset`` (the file :func:`write_lycoris_preset` writes) is passed to LyCORIS as
+    ``preset=<path>``, last of the network arguments.
+    """
     cmd = [f"--network_module={params.network_module}", f"--network_dim={params.dim}",
            f"--network_alpha={_num(params.alpha)}"]
     network_args = []
@@ -245,6 +304,8 @@ def network_flags(params) -> list[str]:
         network_args += [f"conv_dim={params.conv_dim}", f"conv_alpha={_num(params.conv_alpha)}"]
     if params.algo:
         network_args.append(f"algo={params.algo}")
+    if lycoris_preset is not None:
+        network_args.append(f"preset={lycoris_preset}")
     if network_args:
         cmd += ["--network_args", *network_args]
     return cmd

@@ -131,6 +131,9 @@ def main(sdxl: bool) -> int:
     net = dict(a.split("=", 1) for a in args.network_args or [])
     if args.network_module == "lycoris.kohya" and net.get("algo") not in ("lora", "loha"):
         fail("lycoris.kohya needs network_args algo=lora|loha")
+    if "preset" in net and net["preset"] not in ("full", "full-lin", "attn-mlp", "attn-only", "unet-only") \
+            and not Path(net["preset"]).is_file():  # LyCORIS reads any other preset as a TOML file
+        fail(f"Error: cannot read preset file. {net['preset']} (LyCORIS: assert preset is not None)")
     if ("conv_dim" in net) != ("conv_alpha" in net):
         fail("conv_dim and conv_alpha come together")
     if args.optimizer_type == "adafactor":

@@ -30,10 +30,11 @@ class SdScriptsBackend:
         return dict(base)
 
     def prepare_files(self, job: TrainJob) -> None:
-        """The ``--sample_prompts`` file (when the job samples)."""
-        from ..sdscripts_command import write_sample_prompts
+        """The ``--sample_prompts`` file (when the job samples) and the LyCORIS preset (Locon/Loha)."""
+        from ..sdscripts_command import write_lycoris_preset, write_sample_prompts
 
         write_sample_prompts(job)
+        write_lycoris_preset(job)
 
     def collect_outputs(self, job: TrainJob) -> None:
         """sd-scripts' ``sample/`` files as ``samples/<step>/<name>.png``."""
