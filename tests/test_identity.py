@@ -34,6 +34,25 @@ def test_the_background_does_not_count():
     assert identity.distance_arrays(on_white, on_black) < 0.05
 
 
+def framed(rgb: np.ndarray, shift: float, width: int = 2) -> np.ndarray:
+    """``rgb`` with its outermost ``width`` pixels a shade off (``shift`` per channel): a VAE decoder's edge."""
+    out = rgb.copy()
+    for sl in (np.s_[:width], np.s_[-width:]):
+        out[sl] = np.clip(out[sl] + shift, 0, 255)
+        out[:, sl] = np.clip(rgb[:, sl] + shift, 0, 255)
+    return out
+
+
+@pytest.mark.parametrize("bg,shift", [((255, 255, 255), -25.0), ((0, 0, 0), 25.0)])
+def test_an_off_shade_frame_is_not_the_background(bg, shift):
+    """A decoder's darker (lighter) edge on a white (black) picture: the same figure, near 0
+    (with the outermost ring as the background the whole background counted as figure: 0.6)."""
+    ref = figure(bg=bg, size=64)
+    assert identity.distance_arrays(framed(ref, shift), ref) < 0.05
+    other = figure(hair=(242, 150, 192), outfit=(246, 246, 250), skin=(140, 95, 65), ears=False, bg=bg, size=64)
+    assert identity.distance_arrays(framed(other, shift), ref) > 0.4  # another character stays far
+
+
 def test_the_distance_grows_with_a_colour_shift():
     ref = figure()
     small = figure(hair=(60, 40, 30))  # black hair turning dark brown
