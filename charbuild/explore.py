@@ -18,9 +18,9 @@ Scores of a row (lower is better for both distances; :mod:`charbuild.identity` m
 * **size**: the candidate file's bytes after compression.
 
 The best candidate (:func:`best_row`): the lowest identity distance among the rows that are closer
-to the character than the base model and whose leak is at most ``explore_max_leak`` (default
-:data:`DEFAULT_MAX_LEAK`); ties go to the smaller leak, then the smaller file. The chosen weights
-compete too: when they win, keep them.
+to the character than the base model and whose leak is at most ``explore_max_leak``, or, without
+it, :data:`LEAK_SLACK` times the chosen weights' leak (a leak's scale depends on the model); ties go
+to the smaller leak, then the smaller file. The chosen weights compete too: when they win, keep them.
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ CHOSEN_ROW = "chosen"
 #: The folder (under ``explore/``) of the per-block analysis.
 BLOCKS_ROW = "blocks"
 RESERVED_ROWS = {BASE_ROW, CHOSEN_ROW, BLOCKS_ROW}
-#: Default upper bound of a best candidate's leak (``[merge] explore_max_leak``).
-DEFAULT_MAX_LEAK = 0.15
+#: Without ``[merge] explore_max_leak`` (an absolute bound), a best row may leak at most this times
+#: the chosen weights' leak: what the leak means in numbers depends on the model, so the chosen
+#: weights, which the user already accepts, set the scale.
+LEAK_SLACK = 1.1
+DEFAULT_MAX_LEAK = None
 #: The neutral prompt: no words at all (what the model draws unasked; a LoRA that moves it leaks
 #: into every prompt), rendered as ``neutral.png`` with the first template code's seed.
 NEUTRAL_NAME = "neutral"
@@ -132,13 +135,19 @@ def row_scores(identity_codes: Mapping[str, Mapping[str, float]], leak_codes: Ma
     }
 
 
-def best_row(rows: Mapping[str, Mapping[str, Any]], max_leak: float) -> tuple[str | None, str]:
+def best_row(rows: Mapping[str, Mapping[str, Any]], max_leak: float | None) -> tuple[str | None, str]:
     """The best of ``rows`` (name -> scores; the base row never competes) and why, in words.
 
     The lowest identity distance among the rows closer to the character than the base model
-    and with ``leak <= max_leak``; ties: smaller leak, then smaller file. None when no row
-    qualifies (the reason says which bound failed).
+    and with ``leak <= max_leak`` (None: :data:`LEAK_SLACK` × the chosen row's leak); ties:
+    smaller leak, then smaller file. None when no row qualifies (the reason says which bound
+    failed).
     """
+    bound, said = max_leak, f"{max_leak:g}" if max_leak is not None else ""
+    chosen_leak = rows.get(CHOSEN_ROW, {}).get("leak")
+    if bound is None:
+        bound = chosen_leak * LEAK_SLACK if chosen_leak is not None else float("inf")
+        said = f"{bound:.3f} (the chosen weights' leak + {round((LEAK_SLACK - 1) * 100)} %)"
     scored = {n: r for n, r in rows.items() if n != BASE_ROW and r.get("identity") is not None and r.get("leak") is not None}
     if not scored:
         return None, "no candidate has scores yet"
@@ -148,12 +157,12 @@ def best_row(rows: Mapping[str, Mapping[str, Any]], max_leak: float) -> tuple[st
         if not scored:
             return None, (f"no row is closer to the character than the base model alone ({base:.3f}): the LoRA "
                           "itself has not learnt it (more steps, a higher lr, or check its pictures)")
-    eligible = {n: r for n, r in scored.items() if r["leak"] <= max_leak}
+    eligible = {n: r for n, r in scored.items() if r["leak"] <= bound}
     if not eligible:
         low = min(scored, key=lambda n: scored[n]["leak"])
-        return None, f"every candidate leaks more than {max_leak:g} (the least: {low}, {scored[low]['leak']:.3f})"
+        return None, f"every candidate leaks more than {said} (the least: {low}, {scored[low]['leak']:.3f})"
     name = min(eligible, key=lambda n: (eligible[n]["identity"], eligible[n]["leak"], eligible[n].get("size") or 0, n))
-    return name, f"lowest identity distance ({eligible[name]['identity']:.3f}) with leak <= {max_leak:g}"
+    return name, f"lowest identity distance ({eligible[name]['identity']:.3f}) with leak <= {said}"
 
 
 def block_effects(rows: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any]) -> dict[str, dict]:

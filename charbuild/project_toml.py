@@ -284,7 +284,7 @@ def _load_merge(c: Collector, mg: dict, settings: ProjectSettings) -> None:
                 resolve_merge_weights(spec, {"merge": settings.merge, "model": settings.model})
         except ValueError as exc:
             c.error(f"'merge.{kind}': {exc}", kp + (kind,))
-    settings.merge["explore_max_leak"] = c.get(mg, "explore_max_leak", is_fraction, DEFAULT_MAX_LEAK, kp)
+    settings.merge["explore_max_leak"] = c.get(mg, "explore_max_leak", is_fraction, DEFAULT_MAX_LEAK, kp)  # None: relative
     settings.merge["explore_blocks"] = c.get(mg, "explore_blocks", is_bool, False, kp)
     if "explore" in mg:
         settings.merge["explore"] = mg["explore"]

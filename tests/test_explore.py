@@ -87,6 +87,16 @@ def test_the_best_row_is_the_closest_under_the_leak_bound_and_the_base_never_com
     assert name is None and "closer to the character than the base model" in why
 
 
+def test_without_a_leak_bound_the_chosen_weights_leak_sets_the_scale():
+    rows = {"base": {"identity": 0.65, "leak": 0.0}, "chosen": {"identity": 0.50, "leak": 0.20},
+            "ALL": {"identity": 0.45, "leak": 0.23},    # 15 % more leak than chosen: out
+            "SOFT": {"identity": 0.48, "leak": 0.21},   # 5 % more: in, and closer than chosen
+            "LOW": {"identity": 0.55, "leak": 0.05}}
+    name, why = explore.best_row(rows, None)
+    assert name == "SOFT" and "0.220 (the chosen weights' leak + 10 %)" in why
+    assert explore.best_row(rows, 0.3)[0] == "ALL"
+
+
 def test_block_effects_are_the_change_from_the_chosen_weights():
     eff = explore.block_effects({"IN01": {"identity": 0.55, "leak": 0.08}, "OUT03": {"identity": 0.49, "leak": 0.12}},
                                 {"identity": 0.50, "leak": 0.10})
