@@ -303,6 +303,11 @@ class Graph:
         continue_from, _ = self.continue_from(lora)
         if continue_from:
             inputs.append(continue_from)  # its content is part of the training's signature
+        extra = {}
+        if trainer.backend == "sd-scripts" and params.network_module == "lycoris.kohya":
+            # the modules LyCORIS is told to adapt (sdscripts_command.lycoris_preset_text): before
+            # this preset it adapted 4 more (or, from LyCORIS 4, failed)
+            extra["lycoris_modules"] = "kohya"
         return TrainJob(
             lora=lora.name,
             kind=lora.kind,
@@ -322,6 +327,7 @@ class Graph:
                 "backend": trainer.backend,
                 "dataset": dataset_semantics(self.dataset_text(lora)),
                 "keywords": lora.keywords,
+                **extra,
             },
             continue_from=continue_from,
             sample_set=self.sample_set(lora, params),

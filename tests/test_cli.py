@@ -152,3 +152,23 @@ def test_status_says_each_thing_once_in_plain_words(project, capsys):
     assert report_line.endswith("new input: characters/bob/face/f01.png"), report_line
     assert "error while checking" not in out and "waits for inputs that are not built yet: build/images/" in out
     assert "_prune" not in out
+
+
+def test_sd_scripts_lycoris_trainings_sign_the_module_choice_charbuild_gives_lycoris(tmp_path):
+    """A Locon/Loha trained through sd-scripts before LyCORIS was given kohya's modules adapted
+    more of them (or failed): its signature differs, so it trains again; LoRA variants are unchanged."""
+    from charbuild.config import load_project
+    from charbuild.tasks import Graph
+
+    root = make_project(tmp_path / "p")
+    proj = root / "characters/project.toml"
+    write_layout_checkpoint(root / "model.safetensors", "sd15")
+    text = proj.read_text(encoding="utf-8").replace(
+        'backend = "fake"', f'backend = "sd-scripts"\nsd_scripts = "{(REPO / "tests/fake_sd_scripts").as_posix()}"')
+    proj.write_text('[model]\nbase = "model.safetensors"\n' + text.replace(
+        'variants = ["Lora1x1A1-AdamW8"]', 'variants = ["Lora1x1A1-AdamW8", "LoconA1-AdamW8"]'), encoding="utf-8")
+    g = Graph(load_project(root))
+    lora = g.project.loras["alc"]
+    jobs = {p.name: g.train_job(lora, p) for p in g.variants(lora)}
+    assert jobs["LoconA1-AdamW8"].signature_extra["lycoris_modules"] == "kohya"
+    assert "lycoris_modules" not in jobs["Lora1x1A1-AdamW8"].signature_extra
