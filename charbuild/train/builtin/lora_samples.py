@@ -92,13 +92,15 @@ def _renderer(model: ModelSpec, samples: tuple[SamplePrompt, ...], folder: str |
     from .models import load_base_model
     from .samples import SampleRenderer
 
+    from .device import choose_precision
+
     base = load_base_model(model.to_dict(), project_root, supported_archs=("sd15", "sdxl"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = choose_precision("fp16")  # a GPU's fp16, or a CPU's float32; CHARBUILD_DEVICE as for a training
+    device, dtype = precision.device, precision.weight_dtype
     if device.type == "cpu":
         from .setup import choose_cpu_threads
 
         torch.set_num_threads(choose_cpu_threads())  # as a CPU training: spinning threads on busy cores ran 18x slower
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
     encoders = [te for te in (base.text_encoder, base.text_encoder_2) if te is not None]
     for part in [base.unet, *encoders]:
         part.to(device, dtype)
