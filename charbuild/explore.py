@@ -120,10 +120,9 @@ def mean(values: Iterable[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def row_scores(identity_codes: Mapping[str, Mapping[str, float]], leak_codes: Mapping[str, float],
-               size: int | None) -> dict:
+def row_scores(identity_codes: Mapping[str, Mapping[str, float]], leak_codes: Mapping[str, float]) -> dict:
     """The scores of one row: ``identity`` (mean over members of each member's mean distance),
-    ``identity_members``, ``identity_codes``, ``leak`` (mean over the leak prompts) and ``size``."""
+    ``identity_members``, ``identity_codes``, ``leak`` (mean over the leak prompts)."""
     members = {m: mean(d.values()) for m, d in identity_codes.items() if d}
     return {
         "identity": mean(members.values()),
@@ -131,7 +130,6 @@ def row_scores(identity_codes: Mapping[str, Mapping[str, float]], leak_codes: Ma
         "identity_codes": {m: dict(d) for m, d in identity_codes.items()},
         "leak": mean(leak_codes.values()),
         "leak_codes": dict(leak_codes),
-        "size": size,
     }
 
 

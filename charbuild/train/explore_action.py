@@ -118,7 +118,7 @@ def score_row(folder: Path, row: str, refs: dict, leak_names: list[str]) -> dict
         mine, base = where / f"{name}.png", folder / explore.BASE_ROW / f"{name}.png"
         if mine.is_file() and base.is_file():
             leak[name] = round(identity.distance(mine, base), 4)
-    return {k: v for k, v in explore.row_scores(codes, leak, None).items()}
+    return explore.row_scores(codes, leak)
 
 
 def leak_names(samples: tuple[SamplePrompt, ...]) -> list[str]:
