@@ -223,3 +223,4 @@ def test_the_per_block_analysis_and_the_report_show_what_each_block_does(explore
     page = (root / "build/report/index.html").read_text(encoding="utf-8")
     assert "block weights explored" in page and 'data-row="ALL"' in page and "best: <b>" in page
     assert 'class="change-bar"' in page and 'data-copy="' in page
+    assert "block weights explored: " in page.split('id="stale"')[0]  # on the first screen, the overview

@@ -51,6 +51,23 @@ def identity_cell(metrics) -> str:
     return "<br>".join(rows)
 
 
+def explore_note(variant: dict) -> str:
+    """A line under the file when the variant's block weights were explored: whether yours win."""
+    scores = (variant.get("explore_view") or {}).get("scores")
+    if not scores:
+        return ""
+    best, rows = scores.get("best"), scores["rows"]
+    if best is None:
+        text = "no row wins (see the LoRA's section)"
+    elif best == "chosen":
+        text = "your weights win"
+    else:
+        mine = rows.get("chosen", {}).get("identity")
+        text = (f"{best} is closer ({rows[best]['identity']:.3f} against your "
+                f"{'—' if mine is None else f'{mine:.3f}'})")
+    return f"<br><small>block weights explored: {_e(text)}</small>"
+
+
 def render_overview(loras: list[dict], stale: list[tuple[str, str]], anchor) -> str:
     """The overview table of every LoRA variant (``anchor(kind, name)``: the section ids)."""
     rows = []
@@ -69,7 +86,7 @@ def render_overview(loras: list[dict], stale: list[tuple[str, str]], anchor) -> 
                 f"<td>{identity_cell(m)}</td><td>{trigger}</td>"
                 f'<td><code>{_e(v["files"]["compressed"])}</code><br>'
                 f'<input class="lora-tag" id="{tag_id}" readonly value="{_e(f"<lora:{stem}:1>")}"> '
-                f'<button type="button" data-copy="{tag_id}">copy</button></td></tr>')
+                f'<button type="button" data-copy="{tag_id}">copy</button>{explore_note(v)}</td></tr>')
     if not rows:
         return '<section id="overview"><h2>LoRAs</h2><p class="none">no LoRA in this project</p></section>'
     return ('<section id="overview"><h2>LoRAs</h2>'
