@@ -147,7 +147,7 @@ def test_sd_scripts_command_samples_through_a_prompt_file(tmp_path):
     assert sample_args(make_job(tmp_path, backend="sd-scripts")) == []
     cmd = build_command(job)
     assert f"--sample_prompts={sample_prompts_path(job)}" in cmd
-    assert "--sample_every_n_steps=3" in cmd and "--sample_sampler=ddim" in cmd
+    assert "--sample_every_n_steps=3" in cmd and "--sample_sampler=ddim" in cmd and "--sample_at_first" in cmd
 
 
 def test_sd_scripts_samples_are_collected_into_samples_step_code(tmp_path):
@@ -156,8 +156,29 @@ def test_sd_scripts_samples_are_collected_into_samples_step_code(tmp_path):
     run_training(job, echo=False)
     vdir = Path(job.variant_dir)
     names = sorted(_files(vdir / "samples"))
-    assert names == sorted(f"{step}/{n}.png" for step in (4, 8) for n in (*TEMPLATE_CODES["f"], "p1"))
+    assert names == sorted(f"{step}/{n}.png" for step in (0, 4, 8) for n in (*TEMPLATE_CODES["f"], "p1"))
     assert not (vdir / "sample").exists()
+
+
+def test_an_sd_scripts_training_gets_metrics_from_its_tensorboard_log_and_samples(tmp_path):
+    """sd-scripts logs to TensorBoard only: its losses and the identity of its samples (step 0
+    included) become metrics.jsonl, so the report draws its curves and its identity before -> after."""
+    from PIL import Image
+
+    job = _with(make_job(tmp_path, backend="sd-scripts"), sample_every=4)
+    pictures = tmp_path / "build/images/k/face/64"
+    pictures.mkdir(parents=True)
+    for i, code in enumerate(("f00", "f01")):  # prepared pictures: what a sample is scored against
+        img = Image.new("RGB", (64, 64), (0, 0, 0))
+        img.paste((200, 40 * i, 90), (16, 8, 48, 60))
+        img.save(pictures / f"{code}.png")
+    job = dataclasses.replace(job, inputs=(str(pictures / "f00.png"), str(pictures / "f01.png")))
+    run_training(job, echo=False)
+    log = read_metrics(Path(job.variant_dir) / "metrics.jsonl")
+    assert [s for s, _ in log.loss] == list(range(1, int(job.params.steps) + 1))
+    assert abs(log.loss[0][1] - 0.5) < 1e-6  # the fake's loss at step 1: 1 / (1 + 1)
+    assert sorted(log.identity_codes["k/face"]) == [0, 4, 8]
+    assert set(log.identity_codes["k/face"][0]) == {"f00", "f01"}
 
 
 def test_collect_samples_ignores_other_files(tmp_path):

@@ -181,12 +181,14 @@ def sample_args(job: TrainJob) -> list[str]:
     """sd-scripts' sampling flags for ``job`` (none when ``sample_every`` is off).
 
     ``--sample_every_n_steps`` samples at every multiple of it (sd-scripts samples at the end of
-    a step-counted training only when the steps are such a multiple); DDIM, as the builtin.
+    a step-counted training only when the steps are such a multiple); DDIM, as the builtin;
+    ``--sample_at_first``: step 0, the baseline the identity score starts from (the LoRA's
+    initial weights change nothing), as the builtin's step 0.
     """
     if not job.params.sample_every:
         return []
     return [f"--sample_prompts={sample_prompts_path(job)}", f"--sample_every_n_steps={job.params.sample_every}",
-            "--sample_sampler=ddim"]
+            "--sample_sampler=ddim", "--sample_at_first"]
 
 
 def sample_prompt_text(job: TrainJob) -> str:

@@ -57,6 +57,7 @@ def parser(sdxl: bool) -> argparse.ArgumentParser:
     p.add_argument("--sample_prompts")
     p.add_argument("--sample_every_n_steps", type=int)
     p.add_argument("--sample_sampler", choices=["ddim", "euler_a", "k_euler_a", "dpmsolver++"])
+    p.add_argument("--sample_at_first", action="store_true")
     p.add_argument("--noise_offset", type=float)
     p.add_argument("--min_snr_gamma", type=float)
     p.add_argument("--v_parameterization", action="store_true")
@@ -84,13 +85,27 @@ def write_samples(args) -> int:
     folder.mkdir(exist_ok=True)
     stamp = _time.strftime("%Y%m%d%H%M%S", _time.localtime())
     n = 0
-    for step in range(args.sample_every_n_steps, args.max_train_steps + 1, args.sample_every_n_steps):
+    first = 0 if args.sample_at_first else args.sample_every_n_steps
+    for step in range(first, args.max_train_steps + 1, args.sample_every_n_steps):
         for i, line in enumerate(lines):
             seed = re.search(r" --d (\d+)", line)
             suffix = f"_{seed.group(1)}" if seed else ""
             (folder / f"{args.output_name}_{step:06d}_{i:02d}_{stamp}{suffix}.png").write_bytes(_png((i, step % 256, 0)))
             n += 1
     return n
+
+
+def write_tensorboard(args) -> None:
+    """sd-scripts' TensorBoard log: ``<logging_dir>/<log_prefix><time>/network_train/``, a
+    ``loss/current`` and ``lr/unet`` scalar per step (made-up values)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = Path(args.logging_dir) / f"{args.log_prefix}{time.strftime('%Y%m%d%H%M%S')}" / "network_train"
+    writer = SummaryWriter(str(run))
+    for step in range(1, args.max_train_steps + 1):
+        writer.add_scalar("loss/current", 1.0 / (1 + step), step)
+        writer.add_scalar("lr/unet", args.learning_rate or 1e-4, step)
+    writer.close()
 
 
 def fail(msg: str) -> None:
@@ -181,6 +196,7 @@ def main(sdxl: bool) -> int:
     write_fake_lora(out, params, arch="sdxl" if sdxl else "sd15", name=args.output_name,
                     seed_material=Path(args.dataset_config).read_text(encoding="utf-8"))
     print(f"fake sd-scripts: saved {out}", flush=True)
+    write_tensorboard(args)
     if args.sample_prompts:
         print(f"fake sd-scripts: wrote {write_samples(args)} samples", flush=True)
     return 0

@@ -37,10 +37,13 @@ class SdScriptsBackend:
         write_lycoris_preset(job)
 
     def collect_outputs(self, job: TrainJob) -> None:
-        """sd-scripts' ``sample/`` files as ``samples/<step>/<name>.png``."""
+        """sd-scripts' ``sample/`` files as ``samples/<step>/<name>.png``, and ``metrics.jsonl``
+        from its TensorBoard losses and the samples' identity."""
+        from ..sd_scripts_logs import write_metrics
         from ..sdscripts_command import collect_samples
 
         collect_samples(job)
+        write_metrics(job, Path(job.variant_dir) / "logs", job.title)
 
 
 BACKEND = register(SdScriptsBackend())
