@@ -22,8 +22,10 @@ it. Stages:
    VAE is (``--vae-only`` stops there; ``--measure`` prints it for a saved model): the identity
    distance of each of the example project's training pictures (64 px, on its character's
    background) to its own round trip, per LoRA's picture set (the floor a LoRA on this VAE can
-   reach), a flat white and a flat black picture's round trip (the colour cast) and the error in
-   the 2 px frame at the edge against the rest.
+   reach), those pictures' backgrounds after the round trip (the colour cast the identity metric
+   would see), a flat white and a flat black picture's round trip (out of the VAE's domain: its
+   group norms see no contrast) and the error in the 2 px frame at the edge against the rest.
+   ``--vae-only`` keeps the VAE in ``--work``/vae-only/vae.safetensors.
 4. *UNet + text encoder*, together, on the cached latents (half of them mirrored):
    ``--steps`` of epsilon-prediction loss on SD1.5's DDPM schedule, clip skip 2 (the example
    project's), 10 % of captions emptied (classifier-free guidance), AdamW with warm-up and
@@ -205,14 +207,20 @@ def vae_report(vae) -> dict:
 
     from charbuild.identity import distance_arrays
 
+    from charbuild.identity import EDGE, shrink
+
     vae = copy.deepcopy(vae).half().float().eval()
     out: dict = {"roundtrip": {}}
-    frame, inner = [], []
+    frame, inner, backgrounds = [], [], {"white": [], "black": []}
     for group, pics in example_pictures().items():
         recs = roundtrip(vae, pics)
         out["roundtrip"][group] = round(float(np.mean([distance_arrays(r.astype(float), p.astype(float))
                                                        for r, p in zip(recs, pics)])), 3)
         for r, p in zip(recs, pics):
+            # the background the identity metric sees: the median of the ring EDGE cells in
+            ring = shrink(r.astype(float))[EDGE:-EDGE, EDGE:-EDGE]
+            ring = np.concatenate([ring[0], ring[-1], ring[1:-1, 0], ring[1:-1, -1]])
+            backgrounds["white" if p[0, 0].mean() > 127 else "black"].append(np.median(ring, axis=0))
             err = np.abs(r.astype(float) - p.astype(float)).mean(-1)
             edge = np.ones_like(err, dtype=bool)
             edge[2:-2, 2:-2] = False
@@ -222,6 +230,9 @@ def vae_report(vae) -> dict:
     flat = [np.full((size, size, 3), v, np.uint8) for v in (255, 0)]
     for name, rec in zip(("white", "black"), roundtrip(vae, flat)):
         out[name] = [round(float(c), 1) for c in rec[8:-8, 8:-8].reshape(-1, 3).mean(0)]
+    for name, meds in backgrounds.items():
+        if meds:
+            out[f"{name}_background"] = [round(float(c), 1) for c in np.mean(meds, axis=0)]
     out["frame_err"], out["inner_err"] = round(float(np.mean(frame)), 1), round(float(np.mean(inner)), 1)
     return out
 
@@ -230,6 +241,8 @@ def print_vae_report(rep: dict) -> None:
     rt = rep["roundtrip"]
     log("round trip through the VAE, identity distance to itself: "
         + ", ".join(f"{g} {d:.3f}" for g, d in rt.items()) + f" (mean {sum(rt.values()) / len(rt):.3f})")
+    log("the example pictures' backgrounds after the round trip (mean RGB of the ring the identity metric "
+        "reads): " + ", ".join(f"{k.split('_')[0]} -> {v}" for k, v in rep.items() if k.endswith("_background")))
     log(f"flat white -> {rep['white']}, flat black -> {rep['black']} (mean RGB); mean |error| "
         f"{rep['inner_err']} inside, {rep['frame_err']} in the 2 px frame (0-255)")
 
@@ -449,6 +462,9 @@ def main(argv=None) -> int:
     report = vae_report(vae)
     print_vae_report(report)
     if args.vae_only:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().half().contiguous() for k, v in vae.state_dict().items()}, str(args.out / "vae.safetensors"))
         log(f"VAE stage done in {(time.time() - started) / 60:.1f} min")
         return 0
     latents = encode_latents(vae, images)
