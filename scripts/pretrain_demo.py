@@ -2,6 +2,8 @@
 
     python scripts/pretrain_demo.py                      # the shipped model: about 40 min on 2 cores
     python scripts/pretrain_demo.py --steps 300 --vae-steps 100 --characters 40 --out /tmp/demo   # a smoke run
+    python scripts/pretrain_demo.py --vae-only --work /tmp/vae        # the VAE stage alone (a few min)
+    python scripts/pretrain_demo.py --measure charbuild/train/builtin/demo_model   # the shipped VAE
 
 Deterministic from ``--seed`` (with the same torch version and thread count): the pictures
 (``scripts/demo_looks.py``), their captions, every initialisation and every batch follow from
@@ -16,7 +18,14 @@ it. Stages:
 3. *VAE*: ``--vae-steps`` of reconstruction (MSE + L1, and 20x the MSE of the chroma: the
    colours less their grey) of 32 px crops, the posterior's variance
    started tiny (the latents are the means) and a small penalty on the latents' size; the latent
-   scaling factor is then 1 / the latents' standard deviation.
+   scaling factor is then 1 / the latents' standard deviation. The stage prints how faithful the
+   VAE is (``--vae-only`` stops there; ``--measure`` prints it for a saved model): the identity
+   distance of each of the example project's training pictures (64 px, on its character's
+   background) to its own round trip, per LoRA's picture set (the floor a LoRA on this VAE can
+   reach), those pictures' backgrounds after the round trip (the colour cast the identity metric
+   would see), a flat white and a flat black picture's round trip (out of the VAE's domain: its
+   group norms see no contrast) and the error in the 2 px frame at the edge against the rest.
+   ``--vae-only`` keeps the VAE in ``--work``/vae-only/vae.safetensors.
 4. *UNet + text encoder*, together, on the cached latents (half of them mirrored):
    ``--steps`` of epsilon-prediction loss on SD1.5's DDPM schedule, clip skip 2 (the example
    project's), 10 % of captions emptied (classifier-free guidance), AdamW with warm-up and
@@ -102,14 +111,16 @@ def chroma(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(1, keepdim=True)
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, batch: int, gen: torch.Generator, crop: int = 32) -> list[float]:
+def train_vae(vae, images: torch.Tensor, steps: int, batch: int, gen: torch.Generator, crop: int = 32,
+              lr: float = 5e-4) -> list[float]:
     near_deterministic(vae)
-    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * (1 + math.cos(math.pi * s / steps)) / 2))
     vae.train()
     losses, t0 = [], time.time()
     for step in range(steps):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
+        crop = min(crop, images.shape[-1])
         ox, oy = (int(v) for v in torch.randint(0, images.shape[-1] - crop + 1, (2,), generator=gen))
         x = to_unit(images[idx, :, oy : oy + crop, ox : ox + crop])  # a crop: the VAE is convolutional
         flip = torch.rand(batch, generator=gen) < 0.5
@@ -146,6 +157,94 @@ def recon_preview(vae, images: torch.Tensor, path: Path, n: int = 8) -> None:
             sheet.paste(Image.fromarray(((img.clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).numpy()), (c * size, r * size))
     sheet.resize((sheet.width * 2, sheet.height * 2), Image.Resampling.NEAREST).save(path)
     log(f"VAE reconstructions: {path}")
+
+
+def example_pictures(size: int = demo.DEMO_SIZE) -> dict[str, list]:
+    """The example project's training pictures as its image stage makes them: each flattened onto
+    its character's background and shrunk to ``size`` px with Lanczos; ``{"kuroneko/face": [uint8
+    HxWx3, ...], "kuroneko/school": [...], ...}`` (an outfit: its own b?? pictures)."""
+    import tomllib
+
+    import numpy as np
+    from PIL import Image
+
+    from charbuild.images import flatten
+
+    groups: dict[str, list] = {}
+    for toml in sorted((ROOT / "characters").glob("*/character.toml")):
+        folder = toml.parent
+        background = tomllib.loads(toml.read_text(encoding="utf-8")).get("background", "black")
+        sets = [("face", folder / "face")] + [(o.name, o) for o in sorted((folder / "outfits").glob("*")) if o.is_dir()]
+        for name, src in sets:
+            pics = []
+            for png in sorted(src.glob("*.png")):
+                with Image.open(png) as img:
+                    rgb = flatten(img, background).resize((size, size), Image.Resampling.LANCZOS)
+                pics.append(np.asarray(rgb, dtype=np.uint8))
+            groups[f"{folder.name}/{name}"] = pics
+    return groups
+
+
+@torch.no_grad()
+def roundtrip(vae, pictures) -> list:
+    """Each uint8 HxWx3 picture encoded (the posterior's mean) and decoded by ``vae``: uint8 HxWx3."""
+    import numpy as np
+
+    x = to_unit(torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2))
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return list(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+
+
+@torch.no_grad()
+def vae_report(vae) -> dict:
+    """How faithful ``vae`` (with its weights rounded to fp16, as shipped) is on the example's pictures:
+    per group the mean identity distance of a picture to its own round trip (the floor a LoRA on this
+    VAE can reach), and the colour cast: a flat white and a flat black picture's round trip (mean RGB),
+    and the mean absolute error of the 2 px frame at the edge against the rest."""
+    import copy
+
+    import numpy as np
+
+    from charbuild.identity import distance_arrays
+
+    from charbuild.identity import EDGE, shrink
+
+    vae = copy.deepcopy(vae).half().float().eval()
+    out: dict = {"roundtrip": {}}
+    frame, inner, backgrounds = [], [], {"white": [], "black": []}
+    for group, pics in example_pictures().items():
+        recs = roundtrip(vae, pics)
+        out["roundtrip"][group] = round(float(np.mean([distance_arrays(r.astype(float), p.astype(float))
+                                                       for r, p in zip(recs, pics)])), 3)
+        for r, p in zip(recs, pics):
+            # the background the identity metric sees: the median of the ring EDGE cells in
+            ring = shrink(r.astype(float))[EDGE:-EDGE, EDGE:-EDGE]
+            ring = np.concatenate([ring[0], ring[-1], ring[1:-1, 0], ring[1:-1, -1]])
+            backgrounds["white" if p[0, 0].mean() > 127 else "black"].append(np.median(ring, axis=0))
+            err = np.abs(r.astype(float) - p.astype(float)).mean(-1)
+            edge = np.ones_like(err, dtype=bool)
+            edge[2:-2, 2:-2] = False
+            frame.append(err[edge].mean())
+            inner.append(err[~edge].mean())
+    size = demo.DEMO_SIZE
+    flat = [np.full((size, size, 3), v, np.uint8) for v in (255, 0)]
+    for name, rec in zip(("white", "black"), roundtrip(vae, flat)):
+        out[name] = [round(float(c), 1) for c in rec[8:-8, 8:-8].reshape(-1, 3).mean(0)]
+    for name, meds in backgrounds.items():
+        if meds:
+            out[f"{name}_background"] = [round(float(c), 1) for c in np.mean(meds, axis=0)]
+    out["frame_err"], out["inner_err"] = round(float(np.mean(frame)), 1), round(float(np.mean(inner)), 1)
+    return out
+
+
+def print_vae_report(rep: dict) -> None:
+    rt = rep["roundtrip"]
+    log("round trip through the VAE, identity distance to itself: "
+        + ", ".join(f"{g} {d:.3f}" for g, d in rt.items()) + f" (mean {sum(rt.values()) / len(rt):.3f})")
+    log("the example pictures' backgrounds after the round trip (mean RGB of the ring the identity metric "
+        "reads): " + ", ".join(f"{k.split('_')[0]} -> {v}" for k, v in rep.items() if k.endswith("_background")))
+    log(f"flat white -> {rep['white']}, flat black -> {rep['black']} (mean RGB); mean |error| "
+        f"{rep['inner_err']} inside, {rep['frame_err']} in the 2 px frame (0-255)")
 
 
 @torch.no_grad()
@@ -312,6 +411,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--characters", type=int, default=160)
     ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--vae-crop", type=int, default=32, help="the VAE's training crops, px (64: whole pictures)")
+    ap.add_argument("--vae-lr", type=float, default=5e-4)
+    ap.add_argument("--vae-only", action="store_true",
+                    help="stop after the VAE stage (writes nothing into --out) and print its round trips")
+    ap.add_argument("--measure", type=Path, default=None, metavar="MODEL_DIR",
+                    help="only print the round trips of the VAE of a saved demo model (e.g. the shipped one)")
     ap.add_argument("--steps", type=int, default=3200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -327,6 +432,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "pretrain-demo")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.measure:
+        print_vae_report(vae_report(demo.load_demo_parts(args.measure)[1]))
+        return 0
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -335,6 +443,8 @@ def main(argv=None) -> int:
     log(f"drawing {args.characters} characters x 30 codes x 2 backgrounds")
     images, captions, keywords = make_data(args.seed, args.characters)
     log(f"{len(images)} pictures; e.g. {captions[0]!r}")
+    if args.vae_only:
+        args.out = args.work / "vae-only"
     args.out.mkdir(parents=True, exist_ok=True)
     vocab_size = demo.write_tokenizer_files(args.out, demo.train_bpe(tokenizer_words(captions, keywords)))
     tokenizer = demo.load_tokenizer(args.out)
@@ -347,8 +457,16 @@ def main(argv=None) -> int:
         # tokens, not positions, dominate the text encoder's input from the start (see train_unet)
         with torch.no_grad():
             text_encoder.get_input_embeddings().weight.normal_(0.0, args.token_std, generator=gen)
-    vae_losses = train_vae(vae, images, args.vae_steps, args.batch, gen)
+    vae_losses = train_vae(vae, images, args.vae_steps, args.batch, gen, crop=args.vae_crop, lr=args.vae_lr)
     recon_preview(vae, images, args.work / "vae.png")
+    report = vae_report(vae)
+    print_vae_report(report)
+    if args.vae_only:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().half().contiguous() for k, v in vae.state_dict().items()}, str(args.out / "vae.safetensors"))
+        log(f"VAE stage done in {(time.time() - started) / 60:.1f} min")
+        return 0
     latents = encode_latents(vae, images)
     scale = float(1 / latents.std())
     manifest["vae"]["scaling_factor"] = round(scale, 5)
@@ -359,7 +477,8 @@ def main(argv=None) -> int:
     def record(step: int, losses: list[float]) -> dict:
         return {"training": {
             "script": "scripts/pretrain_demo.py", "seed": args.seed, "characters": args.characters,
-            "pictures": len(images), "vae_steps": args.vae_steps, "steps": args.steps, "saved_at_step": step,
+            "pictures": len(images), "vae_steps": args.vae_steps,
+            "vae_crop": args.vae_crop, "vae_lr": args.vae_lr, "vae_roundtrip": report, "steps": args.steps, "saved_at_step": step,
             "batch": args.batch, "lr": args.lr, "text_lr_mult": args.text_lr_mult,
             "token_std": args.token_std, "ema": args.ema, "clip_skip": CLIP_SKIP, "threads": args.threads,
             "torch": torch.__version__, "minutes": round((time.time() - started) / 60, 1),
