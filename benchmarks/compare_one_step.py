@@ -122,6 +122,20 @@ def charbuild_steps(work: Path, model: Path, toml: Path) -> tuple[dict, dict, di
     return init, batch, out
 
 
+def loss_flags(over: dict) -> list[str]:
+    """sd-scripts' flags of a case's loss options (v-prediction, zero terminal SNR, min-SNR, noise offset)."""
+    flags = []
+    if over.get("v_prediction"):
+        flags.append("--v_parameterization")
+    if over.get("zero_terminal_snr"):
+        flags.append("--zero_terminal_snr")
+    if over.get("min_snr_gamma"):
+        flags += ["--min_snr_gamma", str(over["min_snr_gamma"])]
+    if over.get("noise_offset"):
+        flags += ["--noise_offset", str(over["noise_offset"])]
+    return flags
+
+
 def sd_scripts_args(model: Path, tokdir: Path, over: dict):
     import train_network
 
@@ -130,14 +144,7 @@ def sd_scripts_args(model: Path, tokdir: Path, over: dict):
             "--network_module", "lycoris.kohya" if loha else "networks.lora", "--network_dim", "8", "--network_alpha", "4",
             "--network_args", "conv_dim=8", "conv_alpha=4", *(["algo=loha"] if loha else []), "--mixed_precision", "no",
             "--clip_skip", str(over.get("clip_skip", 2)), "--output_dir", "unused", "--seed", str(SEED)]
-    if over.get("v_prediction"):
-        argv.append("--v_parameterization")
-    if over.get("zero_terminal_snr"):
-        argv.append("--zero_terminal_snr")
-    if over.get("min_snr_gamma"):
-        argv += ["--min_snr_gamma", str(over["min_snr_gamma"])]
-    if over.get("noise_offset"):
-        argv += ["--noise_offset", str(over["noise_offset"])]
+    argv += loss_flags(over)
     return train_network.setup_parser().parse_args(argv)
 
 

@@ -78,11 +78,16 @@ UP_STD = 0.01  # the random lora_up of the shared initial weights
 SDXL_VAE_SCALE = 0.13025
 
 
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", HERE / "gpu_check.py")
+def _sibling(name: str):
+    """A script of this folder as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _gpu_check():
+    return _sibling("gpu_check")
 
 
 def _peak_gib() -> float:
@@ -245,14 +250,7 @@ def sd_scripts_args(work: Path, over: dict):
             "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "4",
             "--network_args", "conv_dim=8", "conv_alpha=4", "--mixed_precision", "no", "--network_train_unet_only",
             "--cache_text_encoder_outputs", "--output_dir", "unused", "--seed", str(SEED)]
-    if over.get("v_prediction"):
-        argv.append("--v_parameterization")
-    if over.get("zero_terminal_snr"):
-        argv.append("--zero_terminal_snr")
-    if over.get("min_snr_gamma"):
-        argv += ["--min_snr_gamma", str(over["min_snr_gamma"])]
-    if over.get("noise_offset"):
-        argv += ["--noise_offset", str(over["noise_offset"])]
+    argv += _sibling("compare_one_step").loss_flags(over)
     return sdxl_train_network.setup_parser().parse_args(argv)
 
 
