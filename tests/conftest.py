@@ -206,6 +206,15 @@ def fake_backend_job(root: Path, *, backend="fake", lora="k", variant="Lora3x3A5
     return dataclasses.replace(job, signature_extra={"params": job.params.to_dict(), "backend": backend})
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (registered in sys.modules: its dataclasses need it)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def wait_for(predicate, timeout=15.0, step=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -12,25 +12,18 @@ The check lives in benchmarks/compare_sd_scripts_lycoris.py:
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("compare_sd_scripts_lycoris", REPO / "benchmarks" / "compare_sd_scripts_lycoris.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-cmp = _load()
+cmp = load_benchmark("compare_sd_scripts_lycoris")
 SD, WHY = cmp.sd_env_from_environ()
 if SD is not None:
     _probe = subprocess.run([str(SD.python), "-c", "import lycoris.kohya"], capture_output=True, text=True, env=SD.env())

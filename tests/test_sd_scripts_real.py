@@ -13,25 +13,18 @@ instead of one on the meta device. The resize_lora.py comparisons take 1-2 minut
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("compare_sd_scripts", REPO / "benchmarks" / "compare_sd_scripts.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
 
 
-cmp = _load_compare()
+cmp = load_benchmark("compare_sd_scripts")
 SD, WHY = cmp.sd_env_from_environ()
 
 pytestmark = [

@@ -6,24 +6,17 @@ The checks live in benchmarks/compare_sd_scripts_sdxl.py; its heavy ``train`` ch
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("compare_sd_scripts_sdxl", REPO / "benchmarks" / "compare_sd_scripts_sdxl.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-cmp = _load()
+cmp = load_benchmark("compare_sd_scripts_sdxl")
 SD, WHY = cmp.sd_env_from_environ()
 
 pytestmark = [pytest.mark.sdscripts, pytest.mark.skipif(SD is None, reason=f"real sd-scripts not configured: {WHY}")]
