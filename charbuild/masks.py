@@ -15,7 +15,6 @@ The verdicts are what ``charbuild check`` and the report list (:func:`unsure_pic
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from . import layout
 from .errors import CharbuildError, Problem, doit_action
 from .flatten_settings import FlattenRule
 from .fsutil import write_bytes_atomic, write_text_atomic
+from .signature import file_md5
 
 #: Bumped when the cut-out changes for the same picture and settings (rebuilds every mask).
 MASK_VERSION = 1
@@ -149,11 +149,6 @@ def unsure_line(src: str, verdict: dict) -> str:
     """``<src>: background kept/flattened, unsure: <reasons>`` (the check and build warning)."""
     done = "flattened anyway (method flood)" if verdict.get("flattened") else "kept as it is (method auto)"
     return f"{src}: the background was {done}; unsure: {'; '.join(verdict.get('reasons', []))}"
-
-
-def file_md5(path: str | Path) -> str:
-    """The MD5 of a file's bytes (what tells a verdict from a picture edited since)."""
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 def is_current(verdict: dict | None, entry: "MaskEntry", root: Path) -> bool:

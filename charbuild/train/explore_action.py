@@ -13,7 +13,6 @@ always redone (:mod:`charbuild.identity`), into ``scores.json`` / ``blocks.json`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from .. import explore, identity
 from ..errors import TrainingError, doit_action
 from ..fsutil import write_text_atomic
+from ..signature import file_md5
 from ..sample_prompts import SamplePrompt
 from . import scoring
 from .job import TrainJob
@@ -49,14 +49,6 @@ def candidate_action(raw: str, out: str, weights: dict, keywords: list[str], not
                                new_conv_rank=compress.get("new_conv_rank"), save_precision=compress["save_precision"],
                                output_name=name)
     return {"size": int(report["size_out"])}
-
-
-def file_md5(path: str | Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def lora_blocks(path: str | Path, arch: str) -> set[str]:

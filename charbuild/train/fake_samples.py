@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..fsutil import write_bytes_atomic
+from ..signature import file_md5
 
 
 def render_fake_samples(request: dict) -> list[Path]:
@@ -24,14 +25,10 @@ def render_fake_samples(request: dict) -> list[Path]:
     if "rows" in request:
         written = []
         for row in request["rows"]:
-            salt = json.dumps([_md5(row.get("file")), row.get("weights")], sort_keys=True)
+            salt = json.dumps([file_md5(row["file"]) if row.get("file") else None, row.get("weights")], sort_keys=True)
             written += _stand_ins(request, Path(request["folder"]) / "explore" / row["name"], salt)
         return written
     return _stand_ins(request, Path(request["folder"]) / "samples" / str(int(request["step"])), str(request["step"]))
-
-
-def _md5(path: str | None) -> str | None:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest() if path else None
 
 
 def _stand_ins(request: dict, folder: Path, salt: str) -> list[Path]:
