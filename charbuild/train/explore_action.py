@@ -26,7 +26,7 @@ from ..signature import file_md5
 from ..sample_prompts import SamplePrompt
 from . import scoring
 from .job import TrainJob
-from .samples_action import run_renderer
+from .samples_action import render_options, run_renderer
 
 ROW_STAMP = "row.json"
 
@@ -78,10 +78,10 @@ def _current(folder: Path, row: dict, stamp: dict, names: list[str]) -> bool:
 def render_rows(job: TrainJob, rows: list[dict], samples: tuple[SamplePrompt, ...], folder: str, model_sig: dict) -> int:
     """Render the rows of ``rows`` whose stamp does not hold (one renderer process for all of them);
     the number rendered."""
-    p = job.params
-    common = {"samples": [[s.name, s.prompt, s.index] for s in samples], "seed": int(p.seed), "size": p.sample_size,
-              "steps": p.sample_steps, "model": model_sig, "v_prediction": bool(p.v_prediction),
-              "zero_terminal_snr": bool(p.zero_terminal_snr)}
+    options = render_options(job)
+    # the stamp: the render options less where the project is, the model by its signature
+    common = {**{k: v for k, v in options.items() if k != "project_root"}, "model": model_sig,
+              "samples": [[s.name, s.prompt, s.index] for s in samples]}
     names = [s.name for s in samples]
     stamps = {row["name"]: _stamp(row, common) for row in rows}
     stale = [row for row in rows if not _current(Path(folder), row, stamps[row["name"]], names)]
@@ -90,9 +90,7 @@ def render_rows(job: TrainJob, rows: list[dict], samples: tuple[SamplePrompt, ..
         print(f"charbuild: {kept} row(s) of {job.label}'s exploration are up to date: kept", file=sys.stderr)
     if not stale:
         return 0
-    request = {"rows": stale, "model": job.model.to_dict(), "folder": str(Path(folder).parent), "samples": common["samples"],
-               "seed": int(p.seed), "project_root": job.project_root, "size": p.sample_size, "steps": p.sample_steps,
-               "v_prediction": bool(p.v_prediction), "zero_terminal_snr": bool(p.zero_terminal_snr)}
+    request = {"rows": stale, "folder": str(Path(folder).parent), "samples": common["samples"], **options}
     run_renderer(job, request, f"the exploration of {job.label}")
     for row in stale:
         write_text_atomic(Path(folder) / row["name"] / ROW_STAMP, json.dumps(stamps[row["name"]], sort_keys=True))

@@ -60,13 +60,19 @@ def current(job: TrainJob) -> bool:
     return True
 
 
+def render_options(job: TrainJob) -> dict:
+    """What every render request of ``job`` carries: its model, seed, project root, sample size and
+    steps, and the training's prediction options (the renderer's keyword arguments)."""
+    p = job.params
+    return {"model": job.model.to_dict(), "seed": int(p.seed), "project_root": job.project_root,
+            "size": p.sample_size, "steps": p.sample_steps, "v_prediction": bool(p.v_prediction),
+            "zero_terminal_snr": bool(p.zero_terminal_snr)}
+
+
 def request(job: TrainJob) -> dict:
     """The JSON request of :mod:`charbuild.train.builtin.lora_samples` for ``job``'s raw LoRA."""
-    p = job.params
-    return {"lora_file": job.output, "model": job.model.to_dict(), "folder": job.variant_dir,
-            "samples": [[s.name, s.prompt, s.index] for s in samples_of(job)], "step": int(p.steps),
-            "seed": int(p.seed), "project_root": job.project_root, "size": p.sample_size, "steps": p.sample_steps,
-            "v_prediction": bool(p.v_prediction), "zero_terminal_snr": bool(p.zero_terminal_snr)}
+    return {"lora_file": job.output, "folder": job.variant_dir, "step": int(job.params.steps),
+            "samples": [[s.name, s.prompt, s.index] for s in samples_of(job)], **render_options(job)}
 
 
 @doit_action

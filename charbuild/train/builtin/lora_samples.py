@@ -172,10 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main_rows(request, samples)
     try:
         written = render_lora_samples(request["lora_file"], ModelSpec.from_dict(request["model"]), samples,
-                                      request["folder"], step=request["step"], seed=request["seed"],
-                                      project_root=request["project_root"], size=request["size"],
-                                      steps=request["steps"], v_prediction=request["v_prediction"],
-                                      zero_terminal_snr=request["zero_terminal_snr"])
+                                      request["folder"], step=request["step"], **_options(request))
     except CharbuildError as exc:
         print(f"charbuild: error: {exc}", file=sys.stderr)
         return 2
@@ -184,12 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _options(request: dict) -> dict:
+    """The renderer's keyword arguments in a request (samples_action.render_options wrote them)."""
+    return {k: request[k] for k in ("seed", "project_root", "size", "steps", "v_prediction", "zero_terminal_snr")}
+
+
 def _main_rows(request: dict, samples: tuple[SamplePrompt, ...]) -> int:
     try:
         written = render_rows(request["rows"], ModelSpec.from_dict(request["model"]), samples, request["folder"],
-                              seed=request["seed"], project_root=request["project_root"], size=request["size"],
-                              steps=request["steps"], v_prediction=request["v_prediction"],
-                              zero_terminal_snr=request["zero_terminal_snr"])
+                              **_options(request))
     except CharbuildError as exc:
         print(f"charbuild: error: {exc}", file=sys.stderr)
         return 2
