@@ -115,14 +115,11 @@ def block_off(weights: Mapping[str, float], block: str) -> dict:
     return {**weights, block: 0.0}
 
 
-def mean(values: Iterable[float]) -> float | None:
-    vals = [float(v) for v in values]
-    return sum(vals) / len(vals) if vals else None
-
-
 def row_scores(identity_codes: Mapping[str, Mapping[str, float]], leak_codes: Mapping[str, float]) -> dict:
     """The scores of one row: ``identity`` (mean over members of each member's mean distance),
     ``identity_members``, ``identity_codes``, ``leak`` (mean over the leak prompts)."""
+    from .identity import mean  # here: numpy only where rows are scored, not where the project loads
+
     members = {m: mean(d.values()) for m, d in identity_codes.items() if d}
     return {
         "identity": mean(members.values()),

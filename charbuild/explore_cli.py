@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from . import explore, layout
 from .errors import CharbuildError
+from .fsutil import read_json
 
 
 def explore_command(root: Path, name: str, *, blocks: bool = False, build: bool = True) -> int:
@@ -43,7 +43,7 @@ def explore_command(root: Path, name: str, *, blocks: bool = False, build: bool 
 def _print_variant(root: Path, name: str, variant: str, candidates, blocks: bool) -> None:
     click.echo(f"{name}/{variant}")
     if candidates:
-        scores = _read(root / layout.explore_scores(name, variant))
+        scores = read_json(root / layout.explore_scores(name, variant))
         if scores is None:
             click.echo(f"  not explored yet: charbuild explore {name}")
         else:
@@ -52,16 +52,9 @@ def _print_variant(root: Path, name: str, variant: str, candidates, blocks: bool
             for line in explore.table_lines(scores):
                 click.echo(line)
     if blocks:
-        analysis = _read(root / layout.blocks_scores(name, variant))
+        analysis = read_json(root / layout.blocks_scores(name, variant))
         if analysis is None:
             click.echo(f"  no per-block analysis yet: charbuild explore {name} --blocks")
         else:
             for line in explore.blocks_lines(analysis):
                 click.echo(line)
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None

@@ -87,6 +87,16 @@ def write_text_atomic(target: str | Path, text: str, mode: int | None = None) ->
     write_bytes_atomic(target, text.encode("utf-8"), mode)
 
 
+def read_json(path: str | Path):
+    """The JSON value in a file, or None when the file is missing or unreadable (not JSON)."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def under_root(root: str | Path, value: str | Path) -> Path:
     """A path the user wrote (``~`` expanded): absolute as given, else relative to the project ``root``."""
     path = Path(value).expanduser()

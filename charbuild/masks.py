@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # Pillow is imported where pictures are read: never while doi
 from . import layout
 from .errors import CharbuildError, Problem, doit_action
 from .flatten_settings import FlattenRule
-from .fsutil import write_bytes_atomic, write_text_atomic
+from .fsutil import read_json, write_bytes_atomic, write_text_atomic
 from .signature import file_md5
 
 #: Bumped when the cut-out changes for the same picture and settings (rebuilds every mask).
@@ -163,10 +163,7 @@ def is_current(verdict: dict | None, entry: "MaskEntry", root: Path) -> bool:
 
 def read_verdict(sidecar: str | Path) -> dict | None:
     """The verdict written beside a mask, or None when there is none (yet) or it is unreadable."""
-    try:
-        return json.loads(Path(sidecar).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return read_json(sidecar)
 
 
 @dataclass(frozen=True)

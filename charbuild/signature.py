@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .fsutil import rel_posix, under_root, write_text_atomic
+from .fsutil import read_json, rel_posix, under_root, write_text_atomic
 
 SIDECAR_VERSION = 1
 
@@ -63,10 +63,7 @@ def write_sidecar(path: str | Path, signature: dict) -> None:
 
 def read_sidecar(path: str | Path) -> dict | None:
     """The sidecar's signature, or None when it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return read_json(path)
 
 
 def describe_difference(saved: dict | None, files: Iterable[str | Path], root: str | Path, extra: dict) -> str | None:

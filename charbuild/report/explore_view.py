@@ -10,12 +10,12 @@ per-block analysis ran, a bar chart of the identity and leak change of each bloc
 
 from __future__ import annotations
 
-import json
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
 from charbuild import explore
+from charbuild.fsutil import read_json
 
 from .samples import sample_name_key
 from .svg import change_bar_svg
@@ -32,18 +32,11 @@ def explore_files(root: Path, entry: dict | None) -> list[str]:
     return rels
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def collect_explore(entry: dict | None, root: Path, put, asset_name) -> dict | None:
     """The view's data: scores, analysis and the grid's pictures (copied by ``put``), or None."""
     if not entry:
         return None
-    scores, blocks = _read(root / entry["scores"]), _read(root / entry["blocks"])
+    scores, blocks = read_json(root / entry["scores"]), read_json(root / entry["blocks"])
     if scores is None and blocks is None:
         return {"missing": True, "dir": entry["dir"]}
     grid: dict[str, dict[str, str]] = {}

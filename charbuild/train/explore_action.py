@@ -14,14 +14,13 @@ always redone (:mod:`charbuild.identity`), into ``scores.json`` / ``blocks.json`
 from __future__ import annotations
 
 import json
-import struct
 import sys
 import tempfile
 from pathlib import Path
 
 from .. import explore, identity
 from ..errors import TrainingError, doit_action
-from ..fsutil import write_text_atomic
+from ..fsutil import read_json, write_text_atomic
 from ..signature import file_md5
 from ..sample_prompts import SamplePrompt
 from . import scoring
@@ -54,11 +53,9 @@ def candidate_action(raw: str, out: str, weights: dict, keywords: list[str], not
 def lora_blocks(path: str | Path, arch: str) -> set[str]:
     """The blocks a LoRA file has modules in (read from its safetensors header; no torch)."""
     from ..lora.blocks import block_of
+    from .builtin.checkpoint import read_safetensors_keys
 
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    stems = {key.split(".", 1)[0] for key in header if key != "__metadata__"}
+    stems = {key.split(".", 1)[0] for key in read_safetensors_keys(path)}
     return {b for b in (block_of(s, arch) for s in stems) if b is not None}
 
 
@@ -68,11 +65,7 @@ def _stamp(row: dict, common: dict) -> dict:
 
 def _current(folder: Path, row: dict, stamp: dict, names: list[str]) -> bool:
     where = folder / row["name"]
-    try:
-        saved = json.loads((where / ROW_STAMP).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return saved == stamp and all((where / f"{n}.png").is_file() for n in names)
+    return read_json(where / ROW_STAMP) == stamp and all((where / f"{n}.png").is_file() for n in names)
 
 
 def render_rows(job: TrainJob, rows: list[dict], samples: tuple[SamplePrompt, ...], folder: str, model_sig: dict) -> int:
