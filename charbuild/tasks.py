@@ -84,6 +84,7 @@ class Graph:
         #: LoRA names whose per-block analysis runs although [merge] explore_blocks is off (charbuild explore --blocks)
         self.analyse: frozenset[str] = frozenset()
         self._masks: dict | None = None
+        self._jobs: dict[tuple[str, str], object] = {}  # train_job's, once per variant (train, samples, explore tasks)
 
     # -- helpers
     def parts(self) -> Iterator[Part]:
@@ -288,7 +289,14 @@ class Graph:
         return lora.continue_path, lora.continue_task
 
     def train_job(self, lora: Lora, params):
-        """The :class:`~charbuild.train.job.TrainJob` of one variant of ``lora`` (absolute paths)."""
+        """The :class:`~charbuild.train.job.TrainJob` of one variant of ``lora`` (absolute paths;
+        made once: the train, samples, explore and blocks tasks all carry it)."""
+        key = (lora.name, params.name)
+        if key not in self._jobs:
+            self._jobs[key] = self._make_train_job(lora, params)
+        return self._jobs[key]
+
+    def _make_train_job(self, lora: Lora, params):
         from .dataset_toml import dataset_semantics
         from .train.job import TrainJob, signature_params
 
