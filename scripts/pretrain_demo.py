@@ -290,6 +290,7 @@ class Ema:
 def train_unet(unet, text_encoder, tokenizer, latents, captions, args, gen, on_save):
     from diffusers import DDPMScheduler
 
+    from charbuild.train.builtin.loss import apply_noise_offset
     from charbuild.train.builtin.tiny import SD15_SCHEDULER_CONFIG
 
     sched = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
@@ -318,6 +319,11 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, args, gen, on_s
         drop = torch.rand(args.batch, generator=gen) < 0.1
         caps = ["" if d else c for c, d in zip(caps, drop)]
         noise = torch.randn(z0.shape, generator=gen)
+        # offset noise: SD1.5's schedule never noises a picture's mean colour away (at t = 999 7 % of
+        # the latent is left), so a model trained without it starts every sample at the mean of the
+        # latents (which decodes to pink) and cannot reach a black or white background: the first
+        # demo models drew black as dark green and white as lilac, whatever a LoRA taught them
+        noise = apply_noise_offset(z0, noise, args.noise_offset, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         a = alphas[t].sqrt()[:, None, None, None]
         s = (1 - alphas[t]).sqrt()[:, None, None, None]
@@ -410,8 +416,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--characters", type=int, default=160)
-    ap.add_argument("--vae-steps", type=int, default=600)
-    ap.add_argument("--vae-crop", type=int, default=32, help="the VAE's training crops, px (64: whole pictures)")
+    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-crop", type=int, default=64, help="the VAE's training crops, px (64: whole pictures)")
     ap.add_argument("--vae-lr", type=float, default=5e-4)
     ap.add_argument("--vae-only", action="store_true",
                     help="stop after the VAE stage (writes nothing into --out) and print its round trips")
@@ -422,6 +428,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--text-lr-mult", type=float, default=5.0, help="the text encoder's lr: this times --lr")
     ap.add_argument("--token-std", type=float, default=1.0, help="std of the text encoder's initial token embeddings")
+    ap.add_argument("--noise-offset", type=float, default=0.1,
+                    help="offset noise of the UNet stage (sd-scripts' --noise_offset): lets samples reach black and white")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--threads", type=int, default=1)  # two threads on two busy cores ran 7x slower
     ap.add_argument("--save-every", type=int, default=400)
@@ -480,7 +488,7 @@ def main(argv=None) -> int:
             "pictures": len(images), "vae_steps": args.vae_steps,
             "vae_crop": args.vae_crop, "vae_lr": args.vae_lr, "vae_roundtrip": report, "steps": args.steps, "saved_at_step": step,
             "batch": args.batch, "lr": args.lr, "text_lr_mult": args.text_lr_mult,
-            "token_std": args.token_std, "ema": args.ema, "clip_skip": CLIP_SKIP, "threads": args.threads,
+            "token_std": args.token_std, "noise_offset": args.noise_offset, "ema": args.ema, "clip_skip": CLIP_SKIP, "threads": args.threads,
             "torch": torch.__version__, "minutes": round((time.time() - started) / 60, 1),
             "vae_loss": round(sum(vae_losses[-50:]) / max(1, len(vae_losses[-50:])), 5),
             "unet_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5),
