@@ -30,7 +30,7 @@ TINY_BASES = {"tiny": "sd15", "tiny-sdxl": "sdxl", "demo": "sd15"}
 DEMO_BASE = "demo"
 #: ``[training]`` defaults of a project on the demo model (unless it sets them): samples on, so
 #: the report shows what each LoRA learned (step 0 is the base model), at 10 DDIM steps.
-DEMO_TRAINING_DEFAULTS = {"sample_every": 20, "sample_steps": 10}
+DEMO_TRAINING_DEFAULTS = {"sample_every": 40, "sample_steps": 10}
 _CACHE_FILE = "base-arch.json"
 # in-process answers by (path, size, mtime_ns): one load of the project reads a file once
 _MEMO: dict[tuple[str, int, int], str] = {}

@@ -134,10 +134,11 @@ def test_a_lora_on_the_demo_model_learns_its_character(tmp_path, reproducible_tr
     assert gain["drop"] >= MIN_DROP and gain["closer"] >= MIN_CLOSER, gain
 
 
-#: Measured on the shipped model (3200 steps; 2-core CPU, one thread): the mean distance fell 8 %
-#: (0.514 -> 0.472) and 10 of the 15 codes got closer. With lr = 1e-12 (0 is refused) the LoRA stays
-#: zero: drop 0, no code closer. The bounds sit about halfway, leaving room for other machines' float sums.
+#: Measured on the shipped model (3200 steps, offset noise; 2-core CPU, one thread): the mean distance
+#: fell 16 % (0.457 -> 0.384) and 10 of the 15 codes got closer. With lr = 1e-12 (0 is refused) the
+#: LoRA stays zero: drop 0, no code closer. The bounds sit about halfway, leaving room for other
+#: machines' float sums.
 LORA_STEPS = 40
 LORA_LR = 3e-3
-MIN_DROP = 0.04
+MIN_DROP = 0.08
 MIN_CLOSER = 0.35
