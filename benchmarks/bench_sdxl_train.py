@@ -60,7 +60,6 @@ GPU the script defaults to 1024 px and bf16.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -74,16 +73,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-xl = _load("compare_sd_scripts_sdxl")
+import compare_sd_scripts_sdxl as xl  # noqa: E402  (a sibling script: benchmarks/ is sys.path[0])
 
 #: The job of both sides; ``mixed_precision`` is set per device.
 BENCH_PARAMS = {"preset": "Lora1x1A1-AdamW8", "optimizer": "AdamW", "dim": 4, "alpha": 1, "lr": 1e-4,

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import sys
 import time
@@ -69,10 +68,9 @@ LORA = {"preset": "Lora3x3A50p-AdamW8", "optimizer": "AdamW", "dim": 8, "alpha":
 
 
 def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", HERE / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import gpu_check  # a sibling script: benchmarks/ is sys.path[0]
+
+    return gpu_check
 
 
 def charbuild_steps(work: Path, model: Path, toml: Path) -> tuple[dict, dict, dict]:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import resource
@@ -78,16 +77,10 @@ UP_STD = 0.01  # the random lora_up of the shared initial weights
 SDXL_VAE_SCALE = 0.13025
 
 
-def _sibling(name: str):
-    """A script of this folder as a module (benchmarks/ is no package)."""
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _gpu_check():
-    return _sibling("gpu_check")
+    import gpu_check  # a sibling script: benchmarks/ is sys.path[0]
+
+    return gpu_check
 
 
 def _peak_gib() -> float:
@@ -244,13 +237,14 @@ def charbuild_side(work: Path, latent: tuple[int, int]) -> None:
 
 
 def sd_scripts_args(work: Path, over: dict):
+    import compare_one_step  # a sibling script: benchmarks/ is sys.path[0]
     import sdxl_train_network
 
     argv = ["--pretrained_model_name_or_path", str(work / "model-sdxl"), "--tokenizer_cache_dir", str(work / "tokenizers"),
             "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "4",
             "--network_args", "conv_dim=8", "conv_alpha=4", "--mixed_precision", "no", "--network_train_unet_only",
             "--cache_text_encoder_outputs", "--output_dir", "unused", "--seed", str(SEED)]
-    argv += _sibling("compare_one_step").loss_flags(over)
+    argv += compare_one_step.loss_flags(over)
     return sdxl_train_network.setup_parser().parse_args(argv)
 
 

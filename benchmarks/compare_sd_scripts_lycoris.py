@@ -22,7 +22,6 @@ Nothing here is imported by charbuild; ``tests/test_sd_scripts_lycoris_real.py``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import resource
 import shutil
 import subprocess
@@ -32,16 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cmp = _load("compare_sd_scripts")
+import compare_sd_scripts as cmp  # noqa: E402  (a sibling script: benchmarks/ is sys.path[0])
 Result, SdEnv, run_sd, sd_env_from_environ = cmp.Result, cmp.SdEnv, cmp.run_sd, cmp.sd_env_from_environ
 
 VARIANTS = ("LohaA1-AdamW8", "LoconA1-AdamW8")

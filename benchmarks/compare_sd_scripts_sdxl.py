@@ -30,7 +30,6 @@ Checks (PASS/FAIL lines; exit status 1 if any FAILs, 2 when sd-scripts is not co
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import resource
@@ -46,16 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("compare_sd_scripts", HERE / "compare_sd_scripts.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cmp = _load_compare()
+import compare_sd_scripts as cmp  # noqa: E402  (a sibling script: benchmarks/ is sys.path[0])
 Result, SdEnv, run_sd, sd_env_from_environ = cmp.Result, cmp.SdEnv, cmp.run_sd, cmp.sd_env_from_environ
 
 # The SD1.5 worker's head (imports and the offline tokenizer), then SDXL's commands.

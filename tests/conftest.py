@@ -207,12 +207,11 @@ def fake_backend_job(root: Path, *, backend="fake", lora="k", variant="Lora3x3A5
 
 
 def load_benchmark(name: str):
-    """``benchmarks/<name>.py`` as a module (registered in sys.modules: its dataclasses need it)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """``benchmarks/<name>.py`` as a module, imported with benchmarks/ on ``sys.path`` as when the
+    script is run, so that it imports its sibling scripts by name."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    return importlib.import_module(name)
 
 
 def wait_for(predicate, timeout=15.0, step=0.05):
