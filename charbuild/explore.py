@@ -178,20 +178,20 @@ def exploration_prompts(samples: Iterable, pictured: Iterable[str], keywords: It
     """The prompts every row of an exploration renders, from a LoRA's training sample set:
 
     * its template codes that have a training picture (the ones identity can score), with the
-      training samples' names and seeds;
+      training samples' names and seeds (``pictured``: the codes, and for a group's members
+      ``<member>/<code>``);
     * for the leak, the level-camera ones (``x0y``: :data:`LEAK_CAMERA`) without the trigger words
       (``notrigger/<code>``, the training's trigger-score prompts), and the neutral prompt.
 
     Few on purpose: every row renders all of them, and a CPU pays per picture.
     """
-    from .codes import CODE_RE
-    from .sample_prompts import SamplePrompt, without_triggers
+    from .sample_prompts import SamplePrompt, split_sample_name, without_triggers
 
-    have = {c.lower() for c in pictured}
-    codes = tuple(s for s in samples if CODE_RE.fullmatch(s.name) and s.name in have)
+    have = {n for c in pictured for n in (c, c.lower())}
+    codes = tuple(s for s in samples if split_sample_name(s.name)[1] and s.name in have)
     if not codes:
         return ()
-    level = tuple(s for s in codes if s.name[1] == LEAK_CAMERA)
+    level = tuple(s for s in codes if split_sample_name(s.name)[1][1] == LEAK_CAMERA)
     neutral = SamplePrompt(NEUTRAL_NAME, NEUTRAL_PROMPT, codes[0].index)
     return codes + without_triggers(level, keywords) + (neutral,)
 

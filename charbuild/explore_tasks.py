@@ -28,8 +28,9 @@ def explore_samples(graph, lora: Lora) -> tuple:
     """The prompts every row renders (:func:`charbuild.explore.exploration_prompts`) for ``lora``."""
     from .sample_prompts import sample_set
 
-    pictured = {img.code for part in lora.parts for img in part.images}
-    return explore.exploration_prompts(sample_set(lora.kind, lora.keywords, graph.rules), pictured, lora.keywords)
+    pictured = {name for part in lora.parts for img in part.images for name in (img.code, f"{part.key}/{img.code}")}
+    samples = sample_set(lora.kind, lora.keywords, graph.rules, members=lora.sample_members())
+    return explore.exploration_prompts(samples, pictured, lora.keywords)
 
 
 def _render_config(graph, params, samples) -> dict:

@@ -101,6 +101,15 @@ class Lora:
     continue_path: str | None = field(default=None, compare=False, repr=False)  # absolute LoRA file to start from
     continue_task: str | None = field(default=None, compare=False, repr=False)  # train task that makes it, if any
 
+    def sample_members(self) -> list[tuple[str, list[str]]]:
+        """A group LoRA's members as its samples show them: ``(character/outfit, [outfit keyword,
+        face keyword])``, the trigger words of the member's own body LoRA; [] for a face or body LoRA."""
+        if self.kind != "group":
+            return []
+        faces = {p.character: p.keyword for p in self.parts if p.kind == "face"}
+        return [(p.key, [p.keyword, *([faces[p.character]] if p.character in faces else [])])
+                for p in self.parts if p.kind == "body"]
+
 
 @dataclass
 class Character:

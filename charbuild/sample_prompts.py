@@ -11,6 +11,12 @@ Each sample has a *name* (its file stem under ``samples/<step>/``: the code, or 
 samples of the same step and name are the same picture, and a name keeps its seed from step
 to step, so a column of the grid shows one picture changing as the LoRA learns.
 
+A group LoRA is sampled per member: each member's body codes prompted with that member's own
+trigger words (as its training captions and its body LoRA's samples are), named
+``<character>/<part>/<code>``, so each member's samples are scored against that member's
+pictures. (One prompt with every member's keywords draws one figure on a small model, a mix
+that is close to neither.)
+
 Also here: which steps get samples (:func:`sample_steps_due`) and the sd-scripts prompt file
 (``--sample_prompts``; its syntax: ``prompt --n negative --w W --h H --d seed --s steps --l cfg``).
 """
@@ -54,31 +60,47 @@ class SamplePrompt:
 
 
 def sample_set(kind: str, keywords: Iterable[str], rules: TagRules = DEFAULT_RULES,
-               extra: Sequence[str] = ()) -> tuple[SamplePrompt, ...]:
+               extra: Sequence[str] = (), members: Sequence[tuple[str, Sequence[str]]] = ()) -> tuple[SamplePrompt, ...]:
     """The samples of a LoRA of ``kind`` (face | body | group): its template codes, then ``extra``.
+
+    ``members`` (a group LoRA): ``(member, its trigger words)`` pairs, ``member`` as
+    ``character/part``; the template codes are then rendered once per member with its words,
+    named ``<member>/<code>``.
 
     >>> [s.name for s in sample_set("face", ["krnk"])][:3]
     ['f00', 'f01', 'f02']
     >>> sample_set("body", ["krnk"], extra=["krnk, smile"])[-1]
     SamplePrompt(name='p1', prompt='krnk, smile', index=15)
+    >>> [s.name for s in sample_set("group", [], members=[("a/x", ["ax"]), ("b/y", ["by"])])][14:16]
+    ['a/x/b24', 'b/y/b00']
     """
     if kind not in SAMPLE_CODE_KIND:
         raise ValueError(f"unknown LoRA kind {kind!r}: expected one of {', '.join(SAMPLE_CODE_KIND)}")
-    lead = tuple(keywords)
-    out = [SamplePrompt(code, CAPTION_SEPARATOR.join(caption_tags(code, lead, rules)), i)
-           for i, code in enumerate(TEMPLATE_CODES[SAMPLE_CODE_KIND[kind]])]
+    codes = TEMPLATE_CODES[SAMPLE_CODE_KIND[kind]]
+    leads = [(f"{member}/", tuple(words)) for member, words in members] or [("", tuple(keywords))]
+    out = []
+    for prefix, lead in leads:
+        out += [SamplePrompt(prefix + code, CAPTION_SEPARATOR.join(caption_tags(code, lead, rules)), len(out) + i)
+                for i, code in enumerate(codes)]
     for j, prompt in enumerate(p.strip() for p in extra if p and p.strip()):
         out.append(SamplePrompt(f"{USER_PROMPT_PREFIX}{j + 1}", prompt, len(out)))
     return tuple(out)
 
 
+def split_sample_name(name: str) -> tuple[str | None, str | None]:
+    """(member or None, code or None) of a sample name: ``f00`` -> (None, "f00"),
+    ``kuroneko/school/b00`` -> ("kuroneko/school", "b00"), ``p1`` -> (None, None)."""
+    member, _, last = name.rpartition("/")
+    return (member or None), (last.lower() if CODE_RE.fullmatch(last) else None)
+
+
 def without_triggers(samples: Iterable[SamplePrompt], keywords: Iterable[str]) -> tuple[SamplePrompt, ...]:
     """The template-code samples with the trigger words taken out of their prompts (same seeds),
-    named ``notrigger/<code>``."""
+    named ``notrigger/<name>``."""
     words = {k.strip().lower() for k in keywords if k and k.strip()}
     out = []
     for s in samples:
-        if not CODE_RE.fullmatch(s.name):
+        if split_sample_name(s.name)[1] is None:
             continue
         tags = [t for t in s.prompt.split(CAPTION_SEPARATOR.strip()) if t.strip() and t.strip().lower() not in words]
         out.append(SamplePrompt(f"{NOTRIGGER_DIR}/{s.name}", CAPTION_SEPARATOR.join(t.strip() for t in tags), s.index))

@@ -347,7 +347,8 @@ class Graph:
             return ()
         from .sample_prompts import sample_set
 
-        return tuple((s.name, s.prompt) for s in sample_set(lora.kind, lora.keywords, self.rules, params.sample_prompts))
+        samples = sample_set(lora.kind, lora.keywords, self.rules, params.sample_prompts, lora.sample_members())
+        return tuple((s.name, s.prompt) for s in samples)
 
     def train_tasks(self):
         yield {"basename": "train", "name": None, "doc": GROUP_DOCS["train"]}

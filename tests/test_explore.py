@@ -67,6 +67,17 @@ def test_exploration_prompts_are_the_pictured_codes_then_level_ones_without_trig
     assert explore.exploration_prompts(samples, [], ["krnk"]) == ()
 
 
+def test_a_group_s_exploration_renders_each_member_s_pictured_codes():
+    from charbuild.sample_prompts import sample_set
+
+    members = [("kuro/school", ["krnksf", "krnk"]), ("cha/suit", ["tyankps", "tyank"])]
+    samples = sample_set("group", ["krnksf", "tyankps", "krnk", "tyank"], members=members)
+    out = explore.exploration_prompts(samples, ["b00", "kuro/school/b00", "kuro/school/b12", "cha/suit/b01"],
+                                      ["krnksf", "tyankps", "krnk", "tyank"])
+    assert [s.name for s in out] == ["kuro/school/b00", "kuro/school/b12", "cha/suit/b01",
+                                     "notrigger/kuro/school/b00", "notrigger/cha/suit/b01", "neutral"]
+
+
 def test_the_best_row_is_the_closest_under_the_leak_bound_and_the_base_never_competes():
     rows = {"base": {"identity": 0.65, "leak": 0.0, "size": 0},
             "chosen": {"identity": 0.50, "leak": 0.10, "size": 10},

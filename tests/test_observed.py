@@ -44,6 +44,19 @@ def test_body_and_group_loras_sample_the_body_codes(kind):
     assert [s.name for s in sample_set(kind, ["k"])] == list(TEMPLATE_CODES["b"])
 
 
+def test_a_group_lora_samples_each_member_with_its_own_trigger_words():
+    """One picture per body code per member, prompted as the member's own captions (its body
+    LoRA's samples) are; seeds run on, so no two samples share one."""
+    members = [("kuro/school", ["krnksf", "krnk"]), ("cha/suit", ["tyankps", "tyank"])]
+    samples = sample_set("group", ["krnksf", "tyankps", "krnk", "tyank"], extra=["krnksf, tyankps"], members=members)
+    codes = list(TEMPLATE_CODES["b"])
+    assert [s.name for s in samples] == [f"kuro/school/{c}" for c in codes] + [f"cha/suit/{c}" for c in codes] + ["p1"]
+    assert [s.index for s in samples] == list(range(31))
+    body = sample_set("body", ["tyankps", "tyank"])
+    assert [s.prompt for s in samples[15:30]] == [s.prompt for s in body]
+    assert samples[0].prompt.startswith("krnksf, krnk, ") and "tyank" not in samples[0].prompt
+
+
 def test_user_prompts_follow_and_project_rules_apply():
     rules = TagRules(expression=("smile",))
     samples = sample_set("face", ["k"], rules, extra=["k, sitting", "  ", "k, running"])

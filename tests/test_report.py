@@ -185,6 +185,25 @@ def test_sample_files_are_the_angle_codes_then_the_users_prompts(tmp_path):
     assert list(sample_files(tmp_path, "v")[10]) == ["f00", "f01", "p2", "p10"]
 
 
+def test_a_group_s_samples_are_one_grid_per_member(tmp_path):
+    """``samples/<step>/<member>/<code>.png``: named by member and code, member by member, the
+    ``notrigger/`` pictures left out; the page shows one table per member, captioned with it."""
+    from charbuild.report.build import sample_files
+    from charbuild.report.render import _samples_grid
+
+    for step in ("0", "80"):
+        for rel in ("kuro/school/b00.png", "kuro/school/b01.png", "cha/suit/b00.png", "notrigger/kuro/school/b00.png"):
+            (tmp_path / "v/samples" / step / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "v/samples" / step / rel).write_bytes(b"x")
+    found = sample_files(tmp_path, "v")
+    assert list(found[80]) == ["cha/suit/b00", "kuro/school/b00", "kuro/school/b01"]
+    assert found[80]["kuro/school/b01"] == "v/samples/80/kuro/school/b01.png"
+    html = _samples_grid(found)
+    assert html.count('<table class="samples">') == 2
+    assert "<caption>cha/suit</caption>" in html and "<caption>kuro/school</caption>" in html
+    assert "<th>b01</th>" in html
+
+
 def test_the_plan_of_an_sdxl_project_uses_sdxl_classes_and_blocks(tmp_path):
     """An SDXL project's dataset rows have SDXL's bucket resolutions and its merge bar SDXL's blocks."""
     from charbuild.config import load_project

@@ -450,3 +450,20 @@ def test_later_keys_at_their_default_and_observing_keys_stay_out_of_the_signatur
     assert watched == plain
     offset = signature_params(resolve_variant({"preset": "Lora3x3A1-AdamW8", "noise_offset": 0.05}, steps=10))
     assert offset["noise_offset"] == 0.05 and {k: v for k, v in offset.items() if k != "noise_offset"} == plain
+
+
+def test_the_example_s_group_samples_each_member_with_its_body_lora_s_prompts(example_copy):
+    """The group job renders kuroneko's school uniform with krnksf's prompts and chaneko's
+    plugsuit with tyankps's (what each member's own samples are scored on)."""
+    from charbuild.config import load_project
+    from charbuild.tasks import Graph
+
+    g = Graph(load_project(example_copy))
+    loras = g.project.loras
+    assert loras["krnksf_tyankps"].sample_members() == [("kuroneko/school", ["krnksf", "krnk"]),
+                                                        ("chaneko/plugsuit", ["tyankps", "tyank"])]
+    assert loras["krnksf"].sample_members() == []
+    group = dict(g.sample_set(loras["krnksf_tyankps"], g.variants(loras["krnksf_tyankps"])[0]))
+    body = dict(g.sample_set(loras["tyankps"], g.variants(loras["tyankps"])[0]))
+    assert {f"chaneko/plugsuit/{code}": prompt for code, prompt in body.items()}.items() <= group.items()
+    assert len(group) == 2 * len(body)

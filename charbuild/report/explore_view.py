@@ -11,13 +11,15 @@ per-block analysis ran, a bar chart of the identity and leak change of each bloc
 from __future__ import annotations
 
 from html import escape
+from itertools import groupby
 from pathlib import Path
 from urllib.parse import quote
 
 from charbuild import explore
 from charbuild.fsutil import read_json
+from charbuild.sample_prompts import NOTRIGGER_DIR
 
-from .samples import sample_name_key
+from .samples import sample_member, sample_name_key
 from .svg import change_bar_svg
 
 
@@ -42,9 +44,12 @@ def collect_explore(entry: dict | None, root: Path, put, asset_name) -> dict | N
     grid: dict[str, dict[str, str]] = {}
     for row in (scores or {}).get("order", []):
         folder = root / entry["dir"] / row
-        for png in sorted(folder.glob("*.png")):  # the codes and the neutral prompt, not notrigger/
+        for png in sorted(folder.rglob("*.png")):  # the codes (a group's per member) and the neutral prompt
+            name = png.relative_to(folder).with_suffix("").as_posix()
+            if name.startswith(NOTRIGGER_DIR + "/"):
+                continue
             rel = png.relative_to(root).as_posix()
-            grid.setdefault(row, {})[png.stem] = put(asset_name(rel), png.read_bytes())
+            grid.setdefault(row, {})[name] = put(asset_name(rel), png.read_bytes())
     return {"scores": scores, "blocks": blocks, "grid": grid}
 
 
@@ -83,14 +88,18 @@ def _score_table(scores: dict, uid: str) -> str:
 
 def _grid(grid: dict[str, dict[str, str]], order: list[str]) -> str:
     names = sorted({n for row in grid.values() for n in row}, key=sample_name_key)
-    head = "".join(f"<th>{escape(n)}</th>" for n in names)
+    head = "".join(f'<th title="{escape(n)}">{escape(n.rpartition("/")[2])}</th>' for n in names)
+    members = [(m, len(list(g))) for m, g in groupby(names, key=sample_member)]
+    over = ""
+    if any(m for m, _ in members):  # a group LoRA: its members over their columns
+        over = "<tr><th></th>" + "".join(f'<th colspan="{n}">{escape(m or "")}</th>' for m, n in members) + "</tr>"
     rows = []
     for row in order:
         pictures = grid.get(row, {})
         cells = "".join(f'<td><img src="{quote(pictures[n], safe="/")}" alt="{escape(row)} {escape(n)}"></td>'
                         if n in pictures else '<td class="none">—</td>' for n in names)
         rows.append(f"<tr><th>{escape(row)}</th>{cells}</tr>")
-    return f'<table class="samples explore-grid"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
+    return f'<table class="samples explore-grid">{over}<tr><th></th>{head}</tr>{"".join(rows)}</table>'
 
 
 def _blocks(analysis: dict) -> str:

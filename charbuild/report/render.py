@@ -13,7 +13,7 @@ from urllib.parse import quote
 from .explore_view import render_explore
 from .flatten_view import render_flattened
 from .overview import render_overview, sample_step_order
-from .samples import sample_name_key
+from .samples import sample_member, sample_name_key
 from .svg import block_bar_svg, identity_chart_svg, loss_chart_svg
 
 ROLES = (("raw", "raw (trained)"), ("merged", "merged (block weights)"), ("compressed", "compressed (the file to use)"))
@@ -115,15 +115,22 @@ def _samples_grid(samples: dict) -> str:
         return ('<p class="none">no samples yet: set <code>sample_every = N</code> in <code>[training]</code> '
                 '(or the LoRA\'s <code>training</code> table), then <code>doit samples</code> renders them for a '
                 'trained LoRA without training it again</p>')
-    codes = sorted({c for by_code in samples.values() for c in by_code}, key=sample_name_key)
-    head = "".join(f"<th>{c}</th>" for c in codes)
-    rows = []
-    for step in sample_step_order(samples):  # step 0 (the base model) and the last step first
-        cells = "".join(f'<td><img src="{_src(samples[step][c])}" alt="step {step} {c}"></td>' if c in samples[step]
-                        else '<td class="none">—</td>' for c in codes)
-        label = f"step {step}" + (" <small>(base model)</small>" if int(step) == 0 else "")
-        rows.append(f"<tr><th>{label}</th>{cells}</tr>")
-    return f'<table class="samples"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
+    names = sorted({c for by_code in samples.values() for c in by_code}, key=sample_name_key)
+    tables = {}  # a group LoRA's samples: one table per member, in name order
+    for name in names:
+        tables.setdefault(sample_member(name), []).append(name)
+    out = []
+    for member, columns in tables.items():
+        head = "".join(f"<th>{_e(c.rpartition('/')[2])}</th>" for c in columns)
+        rows = []
+        for step in sample_step_order(samples):  # step 0 (the base model) and the last step first
+            cells = "".join(f'<td><img src="{_src(samples[step][c])}" alt="step {step} {_e(c)}"></td>' if c in samples[step]
+                            else '<td class="none">—</td>' for c in columns)
+            label = f"step {step}" + (" <small>(base model)</small>" if int(step) == 0 else "")
+            rows.append(f"<tr><th>{label}</th>{cells}</tr>")
+        caption = f"<caption>{_e(member)}</caption>" if member else ""
+        out.append(f'<table class="samples">{caption}<tr><th></th>{head}</tr>{"".join(rows)}</table>')
+    return "".join(out)
 
 
 def _compress_shown(settings: dict) -> dict:

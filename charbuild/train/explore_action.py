@@ -94,8 +94,8 @@ def score_row(folder: Path, row: str, refs: dict, leak_names: list[str]) -> dict
     """Identity and leak of one rendered row (against the training pictures ``refs`` and the
     ``base`` row's pictures of the ``leak_names``)."""
     where = folder / row
-    samples = {p.stem.lower(): p for p in where.glob("*.png")}
-    codes = {m: scoring.code_distances(samples, r) for m, r in refs.items()}
+    samples = scoring.files_by_name(where.rglob("*.png"), where)
+    codes = {m: scoring.code_distances(scoring.member_samples(samples, m), r) for m, r in refs.items()}
     leak = {}
     for name in leak_names:
         mine, base = where / f"{name}.png", folder / explore.BASE_ROW / f"{name}.png"

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from charbuild import identity
-from charbuild.codes import CODE_RE, parse_code
-from charbuild.sample_prompts import NOTRIGGER_DIR, SAMPLE_CODE_KIND, without_triggers
+from charbuild.codes import parse_code
+from charbuild.sample_prompts import NOTRIGGER_DIR, SAMPLE_CODE_KIND, split_sample_name, without_triggers
 
-__all__ = ["NOTRIGGER_DIR", "code_distances", "files_by_name", "identity_line", "member_of", "references",
-           "trigger_line", "without_triggers"]
+__all__ = ["NOTRIGGER_DIR", "code_distances", "files_by_name", "identity_line", "member_of", "member_samples",
+           "references", "trigger_line", "without_triggers"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from charbuild.train.job import TrainJob
@@ -65,9 +65,23 @@ def code_distances(samples: Mapping[str, Path], refs: Mapping[str, Path]) -> dic
     return {code: round(identity.distance(samples[code], refs[code]), 4) for code in sorted(refs) if code in samples}
 
 
+def member_samples(samples: Mapping[str, Path], member: str) -> dict[str, Path]:
+    """code -> sample of ``member``, of the samples by name: its own ``<member>/<code>`` (a group
+    LoRA's), else the plain ``<code>`` ones (a face or body LoRA's, one member)."""
+    own, plain = {}, {}
+    for name, path in samples.items():
+        owner, code = split_sample_name(name)
+        if code and owner == member:
+            own[code] = path
+        elif code and owner is None:
+            plain[code] = path
+    return own or plain
+
+
 def identity_line(step: int, samples: Mapping[str, Path], refs: Mapping[str, Mapping[str, Path]]) -> dict | None:
-    """The metrics line of one sample step (None when no sample has a reference)."""
-    per_code = {member: code_distances(samples, codes) for member, codes in refs.items()}
+    """The metrics line of one sample step (None when no sample has a reference); ``samples``
+    by name (:func:`files_by_name`)."""
+    per_code = {member: code_distances(member_samples(samples, member), codes) for member, codes in refs.items()}
     per_code = {m: d for m, d in per_code.items() if d}
     if not per_code:
         return None
@@ -84,11 +98,17 @@ def trigger_line(step: int, with_lora: Mapping[str, Path], base: Mapping[str, Pa
     return {"step": int(step), "trigger": round(value, 4)}
 
 
-def files_by_name(paths: Iterable[Path]) -> dict[str, Path]:
-    """Sample files by their code (``samples/<step>/f00.png`` or ``.../notrigger/f00.png`` -> ``f00``)."""
+def files_by_name(paths: Iterable[Path], folder: str | Path) -> dict[str, Path]:
+    """The template-code sample files among ``paths`` by their name relative to ``folder``
+    (``folder/f00.png`` -> ``f00``, ``folder/kuroneko/school/b00.png`` -> ``kuroneko/school/b00``)."""
     out = {}
     for p in paths:
         p = Path(p)
-        if CODE_RE.fullmatch(p.stem):
-            out[p.stem.lower()] = p
+        try:
+            name = p.relative_to(folder).with_suffix("").as_posix()
+        except ValueError:
+            continue
+        member, code = split_sample_name(name)
+        if code:
+            out[f"{member}/{code}" if member else code] = p
     return out

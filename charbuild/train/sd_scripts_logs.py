@@ -60,7 +60,7 @@ def identity_lines(job, folder: Path) -> list[dict]:
         return []
     lines = []
     for step_dir in sorted((p for p in samples.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
-        line = scoring.identity_line(int(step_dir.name), scoring.files_by_name(step_dir.glob("*.png")), refs)
+        line = scoring.identity_line(int(step_dir.name), scoring.files_by_name(step_dir.rglob("*.png"), step_dir), refs)
         if line is not None:
             lines.append(line)
     return lines
