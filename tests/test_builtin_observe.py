@@ -190,3 +190,29 @@ def _sdxl_checks(tmp_path):
     values = [ValidationSet.build(latents, ["k, smile"], 1000, 1, sizes_hw=[(128, 128)])
               .evaluate(predict, base.noise_scheduler, prep.device) for _ in range(2)]
     assert values[0] == values[1] and values[0] > 0
+
+
+def test_a_group_s_member_samples_render_into_member_folders_and_score_per_member(project):
+    """Samples named ``<member>/<code>`` (a group LoRA's) are written under ``samples/<step>/<member>/``
+    by the real renderer, scored against that member's pictures only (another member's samples
+    are not its), and their prompts without trigger words give the trigger score."""
+    from charbuild.identity import distance
+    from charbuild.train.builtin.trainer import run_job
+    from charbuild.train.scoring import references
+
+    job = _small(project, "group", sample_every=1, sample_steps=1)
+    prompts = {"krnk/face/f00": "krnk, upper body", "krnk/face/f01": "krnk, from side",
+               "other/suit/f00": "krnk, full body"}
+    job = dataclasses.replace(job, params=job.params.with_values(steps=1), sample_set=tuple(prompts.items()))
+    run_job(job)
+    folder = Path(job.variant_dir) / "samples"
+    found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    assert found == sorted(f"{step}/{pre}{name}.png" for step in (0, 1) for name in prompts for pre in ("", "notrigger/"))
+    log = read_metrics(Path(job.variant_dir) / "metrics.jsonl")
+    assert list(log.identity) == ["krnk/face"]
+    assert sorted(log.identity_codes["krnk/face"][0]) == ["f00", "f01"]  # its own two, not other/suit's f00
+    ref = references(job)["krnk/face"]["f00"]
+    for step in (0, 1):
+        own, other = (distance(folder / str(step) / f"{m}/f00.png", ref) for m in ("krnk/face", "other/suit"))
+        assert own != other and log.identity_codes["krnk/face"][step]["f00"] == round(own, 4)
+    assert [s for s, _ in log.trigger] == [1]
