@@ -94,6 +94,15 @@ def split_sample_name(name: str) -> tuple[str | None, str | None]:
     return (member or None), (last.lower() if CODE_RE.fullmatch(last) else None)
 
 
+def code_sample_name(name: str) -> str | None:
+    """A template-code sample's name with its code in lower case (``F00`` -> ``f00``,
+    ``kuroneko/school/B00`` -> ``kuroneko/school/b00``); None for any other name."""
+    member, code = split_sample_name(name)
+    if code is None:
+        return None
+    return f"{member}/{code}" if member else code
+
+
 def without_triggers(samples: Iterable[SamplePrompt], keywords: Iterable[str]) -> tuple[SamplePrompt, ...]:
     """The template-code samples with the trigger words taken out of their prompts (same seeds),
     named ``notrigger/<name>``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from charbuild.sample_prompts import NOTRIGGER_DIR, split_sample_name
+from charbuild.sample_prompts import NOTRIGGER_DIR, code_sample_name, split_sample_name
 
 _USER_SAMPLE = re.compile(r"^p[1-9][0-9]*$")
 
@@ -40,8 +40,7 @@ def sample_files(root: Path, variant_dir: str) -> dict[int, dict[str, str]]:
             if f.suffix.lower() != ".png" or rel.startswith(NOTRIGGER_DIR + "/") or not f.is_file():
                 continue
             stem = rel[: -len(f.suffix)]
-            member, code = split_sample_name(stem)
-            name = (f"{member}/{code}" if member else code) if code else stem if _USER_SAMPLE.match(stem) else None
+            name = code_sample_name(stem) or (stem if _USER_SAMPLE.match(stem) else None)
             if name:
                 out.setdefault(int(step_dir.name), {})[name] = f"{variant_dir}/samples/{step_dir.name}/{rel}"
     return {s: dict(sorted(out[s].items(), key=lambda kv: sample_name_key(kv[0]))) for s in sorted(out)}

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from charbuild import identity
 from charbuild.codes import parse_code
-from charbuild.sample_prompts import NOTRIGGER_DIR, SAMPLE_CODE_KIND, split_sample_name, without_triggers
+from charbuild.sample_prompts import (NOTRIGGER_DIR, SAMPLE_CODE_KIND, code_sample_name, split_sample_name,
+                                      without_triggers)
 
 __all__ = ["NOTRIGGER_DIR", "code_distances", "files_by_name", "identity_line", "member_of", "member_samples",
            "references", "trigger_line", "without_triggers"]
@@ -108,7 +109,7 @@ def files_by_name(paths: Iterable[Path], folder: str | Path) -> dict[str, Path]:
             name = p.relative_to(folder).with_suffix("").as_posix()
         except ValueError:
             continue
-        member, code = split_sample_name(name)
-        if code:
-            out[f"{member}/{code}" if member else code] = p
+        code_name = code_sample_name(name)
+        if code_name:
+            out[code_name] = p
     return out

@@ -54,24 +54,21 @@ class IdentityWatch:
         with adapters_off(self.prep.network):
             written = self.renderer.render(0)
             if self.notrigger is not None:
-                self.base_notrigger = scoring.files_by_name(self.notrigger.render(0), self._step_folder(0))
+                self.base_notrigger = scoring.files_by_name(self.notrigger.render(0), self.renderer.step_folder(0))
         self._score(0, written)
 
     def after(self, step: int, written: list[Path], last: bool) -> None:
         """Score the samples just rendered at ``step``; after the last step also the trigger score."""
         self._score(step, written)
         if last and self.notrigger is not None and self.base_notrigger:
-            mine = scoring.files_by_name(self.notrigger.render(step), self._step_folder(step))
+            mine = scoring.files_by_name(self.notrigger.render(step), self.renderer.step_folder(step))
             line = scoring.trigger_line(step, mine, self.base_notrigger)
             if line is not None:
                 self.metrics.write(line)
 
-    def _step_folder(self, step: int) -> Path:
-        return self.renderer.folder / str(step)
-
     def _score(self, step: int, written: list[Path]) -> None:
         if not self.refs:
             return
-        line = scoring.identity_line(step, scoring.files_by_name(written, self._step_folder(step)), self.refs)
+        line = scoring.identity_line(step, scoring.files_by_name(written, self.renderer.step_folder(step)), self.refs)
         if line is not None:
             self.metrics.write(line)

@@ -72,6 +72,10 @@ class SampleRenderer:
         self.scheduler = DDIMScheduler.from_config(prep.noise_scheduler.config)
         self._pipe = None
 
+    def step_folder(self, step: int | str) -> Path:
+        """Where the samples of ``step`` go (a sample ``name`` is ``<step folder>/<name>.png``)."""
+        return self.folder / str(step)
+
     def describe(self) -> str:
         return (f"{len(self.samples)} samples of {self.size}x{self.size} px, {self.steps} DDIM steps, "
                 f"seeds {self.setup.seed}+i")
@@ -164,6 +168,6 @@ class SampleRenderer:
                                     f"Seed: {seed}, Size: {self.size}x{self.size}")
         buf = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buf, format="PNG", pnginfo=info)
-        target = self.folder / str(step) / f"{sample.name}.png"
+        target = self.step_folder(step) / f"{sample.name}.png"
         write_bytes_atomic(target, buf.getvalue())
         return target
