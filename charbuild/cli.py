@@ -52,9 +52,22 @@ def check(root, quick):
                f"{len(project.loras)} LoRA(s) ({summary}), {len(project.warnings)} warning(s)")
 
 
+JOBS_HELP = "Tasks run in parallel (default: as many as trainings can run at once: the GPUs of [trainer] gpus, or [trainer] cpu_trainings without a GPU; trainings still take one slot each)."
+
+
+def jobs_args(jobs: int | None) -> list[str]:
+    """doit's arguments for ``-n/--jobs`` (none when not given: the project's default,
+    :func:`charbuild.dodo.default_jobs`)."""
+    if jobs is None:
+        return []
+    if jobs == 1:  # one task at a time, in this process (doit's -n 0), whatever the default
+        return ["-n", "0"]
+    return ["-n", str(jobs), "-P", "process"]
+
+
 @cli.command()
 @click.argument("targets", nargs=-1)
-@click.option("-n", "--jobs", type=int, default=1, show_default=True, help="Tasks run in parallel (trainings still take one GPU each).")
+@click.option("-n", "--jobs", type=click.IntRange(min=1), default=None, help=JOBS_HELP)
 @click.option("--for", "for_file", type=click.Path(exists=True, dir_okay=False), help="Build what depends on this file.")
 @click.option("--train/--no-train", "with_training", default=False, help="With --for: also train, merge and compress.")
 @click.option("--continue", "keep_going", is_flag=True, help="Go on past failed tasks; summary at the end.")
@@ -70,9 +83,7 @@ def build(targets, jobs, for_file, with_training, keep_going, root):
         if not targets:
             click.echo(f"{for_file}: nothing in the project depends on this file")
             return
-    argv = ["run"]
-    if jobs > 1:
-        argv += ["-n", str(jobs), "-P", "process"]
+    argv = ["run"] + jobs_args(jobs)
     if keep_going:
         argv.append("--continue")
     code = run_doit(root_path, argv + targets)
@@ -196,7 +207,7 @@ def tags(folder, keyword, tags, overwrite):
 @click.argument("loras", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the training commands; run nothing.")
 @click.option("--root", type=click.Path(file_okay=False), help=ROOT_HELP)
-@click.option("-n", "--jobs", type=int, default=1, help="Parallel tasks (trainings still one per GPU).")
+@click.option("-n", "--jobs", type=click.IntRange(min=1), default=None, help=JOBS_HELP)
 @click.option("--force", is_flag=True, help="Train again even when up to date (and not from the run cache).")
 def train(loras, dry_run, root, jobs, force):
     """Train LORAS (default: every stale one), or print the commands with --dry-run."""
@@ -219,7 +230,7 @@ def train(loras, dry_run, root, jobs, force):
                     click.echo(line)
         return
     labels = [f"{lora.name}/{p.name}" for lora in selected for p in g.variants(lora)]
-    argv = ["run", "--continue"] + (["-n", str(jobs), "-P", "process"] if jobs > 1 else [])
+    argv = ["run", "--continue"] + jobs_args(jobs)
     from .report.summary import TrainSummaryReporter
 
     sys.exit(run_doit(root_path, argv + [f"train:{label}" for label in labels],

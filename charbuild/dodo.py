@@ -175,6 +175,22 @@ def task__aliases():
     yield from graph().alias_tasks()
 
 
+def default_jobs(root: Path) -> int:
+    """doit's ``-n`` when the command line gives none: as many tasks at once as trainings can run
+    at once here, the GPUs of ``[trainer] gpus`` or, without a GPU, ``[trainer] cpu_trainings``
+    (:func:`charbuild.train.hardware.training_slots`), so that a plain ``doit`` keeps every
+    training slot busy. 1 for another executor (a cluster: say ``-n``) or a project.toml with
+    errors (the build reports them)."""
+    from .project_toml import load_project_toml
+    from .train.hardware import training_slots
+
+    problems: list = []
+    trainer = load_project_toml(root, root / "characters", problems).trainer
+    if problems or trainer.get("executor", "local") != "local":
+        return 1
+    return len(training_slots(trainer["gpus"], trainer["cpu_trainings"]))
+
+
 def _command_of(argv: list[str]) -> str:
     for arg in argv:
         if not arg.startswith("-"):
@@ -188,6 +204,8 @@ def _guard_plain_doit() -> None:
     if not (prog.startswith("doit") or (prog == "__main__.py" and "doit" in sys.argv[0])):
         return
     command = _command_of(sys.argv[1:])
+    if command not in READ_ONLY_COMMANDS and (jobs := default_jobs(Path.cwd())) > 1:
+        DOIT_CONFIG["num_process"] = jobs
     # doit opens its state database (build/.doit.db) before loading any task
     build_dir = Layout(Path.cwd()).build_dir
     build_dir.mkdir(exist_ok=True)
@@ -239,8 +257,12 @@ def run_doit(root: str | Path, argv: list[str], *, extra_config: dict | None = N
         install_sigterm_handler()
         command = _command_of(argv)
         namespace = {name: getattr(this, name) for name in __all__}
+        doit_config = dict(DOIT_CONFIG)
+        if (jobs := default_jobs(root)) > 1:  # doit's own default (0) runs tasks in this process
+            doit_config["num_process"] = jobs
         if extra_config and "reporter" in extra_config:  # DOIT_CONFIG would override extra_config's
-            namespace["DOIT_CONFIG"] = {**DOIT_CONFIG, "reporter": extra_config["reporter"]}
+            doit_config["reporter"] = extra_config["reporter"]
+        namespace["DOIT_CONFIG"] = doit_config
         # doit binds its output stream when it is imported; use the current one
         config = {"outfile": sys.stdout, **(extra_config or {})}
         main = DoitMain(ModuleTaskLoader(namespace), extra_config={"GLOBAL": config})

@@ -59,7 +59,7 @@ PROJECT_KEYS = {"model", "dataset", "training", "trainer", "merge", "compress", 
 MODEL_KEYS = {"base", "vae", "clip_skip", "arch"}
 DATASET_KEYS = {"sizes", "batch_sizes"}
 # "extra": an opaque, backend-specific table (test knobs of the fake backend), passed through unchecked
-TRAINER_KEYS = {"backend", "gpus", "sd_scripts", "python", "accelerate", "xformers", "extra_args",
+TRAINER_KEYS = {"backend", "gpus", "cpu_trainings", "sd_scripts", "python", "accelerate", "xformers", "extra_args",
                 "run_cache", "extra"} | EXECUTOR_KEYS
 MERGE_KEYS = {"presets", "face", "body", "group", "explore", "explore_max_leak", "explore_blocks"}
 COMPRESS_KEYS = {"method", "sv_ratio", "sv_fro", "sv_cumulative", "new_rank", "new_conv_rank", "save_precision"}
@@ -78,7 +78,7 @@ class ProjectSettings:
     dataset: dict = field(default_factory=dict)
     training: dict = field(default_factory=lambda: {"variants": list(DEFAULT_VARIANTS)})
     trainer: dict = field(default_factory=lambda: {
-        "backend": "builtin", "gpus": [0], "sd_scripts": None, "python": None, "accelerate": "accelerate",
+        "backend": "builtin", "gpus": [0], "cpu_trainings": 1, "sd_scripts": None, "python": None, "accelerate": "accelerate",
         "xformers": False, "extra_args": [], "run_cache": True, "extra": {}})
     merge: dict = field(default_factory=lambda: {"presets": {}, "face": "FACE", "body": "BODY", "group": "BODY",
                                                   "explore": [], "explore_max_leak": DEFAULT_MAX_LEAK,
@@ -224,6 +224,7 @@ def _load_trainer(c: Collector, root: Path, tn: dict, model: dict, settings: Pro
     t, m = settings.trainer, settings.model
     t["backend"] = c.get(tn, "backend", is_choice(*BACKENDS), t["backend"], kp)
     t["gpus"] = c.get(tn, "gpus", _gpus_check, t["gpus"], kp)
+    t["cpu_trainings"] = c.get(tn, "cpu_trainings", is_int(1), t["cpu_trainings"], kp)
     t["sd_scripts"] = c.get(tn, "sd_scripts", is_str, None, kp)
     t["python"] = c.get(tn, "python", is_str, None, kp)
     if "accelerate" in tn and tn["accelerate"] is False:

@@ -351,3 +351,26 @@ def test_an_empty_picture_is_one_error_not_also_a_missing_code(project):
     assert any(p.startswith("characters/bob/face/f01.png: error:") for p in problems), problems
     missing = [p for p in problems if p.startswith("characters/bob/face: warning: angle codes missing")]
     assert missing and "f01" not in missing[0].split(":", 3)[3], missing
+
+
+def test_cpu_trainings_sets_the_cpu_slots_and_the_builds_default_parallelism(project, monkeypatch):
+    from charbuild.dodo import default_jobs, project_graph
+    from charbuild.train import hardware
+
+    monkeypatch.setattr(hardware, "has_cuda_gpu", lambda: False)
+    assert load_project(project).trainer["cpu_trainings"] == 1 and default_jobs(project) == 1
+    _write_project_toml(project, "cpu_trainings = 3\n")  # the fixture's project.toml ends in [trainer]
+    assert load_project(project).trainer["cpu_trainings"] == 3
+    assert default_jobs(project) == 3  # plain doit runs 3 tasks at once: every CPU slot busy
+    g = project_graph(project)
+    lora = g.project.loras["alc"]
+    assert g.train_job(lora, g.variants(lora)[0]).trainer.cpu_trainings == 3
+    monkeypatch.setattr(hardware, "has_cuda_gpu", lambda: True)
+    assert default_jobs(project) == 1  # with a GPU: one per GPU of [trainer] gpus (default [0])
+    _write_project_toml(project, "gpus = [0, 1]\n")
+    assert default_jobs(project) == 2
+    toml = project / "characters" / "project.toml"
+    toml.write_text(toml.read_text(encoding="utf-8").replace("cpu_trainings = 3", "cpu_trainings = 0"), encoding="utf-8")
+    msgs = problems_of(project)
+    assert any(m.startswith("characters/project.toml:8: error: 'trainer.cpu_trainings' must be") for m in msgs), msgs
+    assert default_jobs(project) == 1  # the build reports the error; no parallel run meanwhile

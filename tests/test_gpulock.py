@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from charbuild.train import hardware
 from charbuild.train.gpulock import acquire_gpu, gpu_lease, wait_message
 from charbuild.train.runner import run_training
 from conftest import fake_backend_job as make_job, wait_for
@@ -72,9 +73,24 @@ def test_no_gpus_is_an_error(tmp_path):
             pass
 
 
-def _two_trainings(tmp_path, gpus):
+@pytest.fixture
+def with_gpus(monkeypatch):
+    """This machine has NVIDIA GPUs, as far as the runner's slots go (the fake trainer uses none)."""
+    monkeypatch.setattr(hardware, "has_cuda_gpu", lambda: True)
+
+
+@pytest.fixture
+def without_gpu(monkeypatch):
+    monkeypatch.setattr(hardware, "has_cuda_gpu", lambda: False)
+    for var in hardware.THREAD_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hardware, "cpu_cores", lambda: 4)
+
+
+def _two_trainings(tmp_path, gpus, **trainer):
     record = tmp_path / "record.jsonl"
-    jobs = [make_job(tmp_path, lora=name, gpus=gpus, fake_seconds=0.8, fake_record=str(record), lock_poll=0.05)
+    jobs = [make_job(tmp_path, lora=name, gpus=gpus, fake_seconds=0.8, fake_record=str(record), lock_poll=0.05,
+                     **trainer)
             for name in "ab"]
     errors = []
 
@@ -96,16 +112,48 @@ def _two_trainings(tmp_path, gpus):
     return recs
 
 
-def test_one_gpu_serialises_trainings(tmp_path):
+def test_one_gpu_serialises_trainings(tmp_path, with_gpus):
     first, second = _two_trainings(tmp_path, [0])
     assert first["end"] <= second["start"]
     assert first["gpu"] == second["gpu"] == "0"
 
 
-def test_two_gpus_train_in_parallel_on_different_devices(tmp_path):
+def test_two_gpus_train_in_parallel_on_different_devices(tmp_path, with_gpus):
     first, second = _two_trainings(tmp_path, [0, 1])
     assert second["start"] < first["end"]  # they overlap
     assert {first["gpu"], second["gpu"]} == {"0", "1"}
+
+
+def test_without_a_gpu_one_cpu_training_at_a_time_whatever_the_gpus(tmp_path, without_gpu):
+    first, second = _two_trainings(tmp_path, [0, 1])
+    assert first["end"] <= second["start"]
+    assert first["gpu"] == second["gpu"] == ""  # no GPU shown to the trainer
+    assert sorted(p.name for p in (tmp_path / "build/locks").glob("*.lock")) == ["gpu-cpu0.lock"]
+
+
+def test_without_a_gpu_cpu_trainings_run_side_by_side_on_their_share_of_the_cores(tmp_path, without_gpu):
+    first, second = _two_trainings(tmp_path, [0], cpu_trainings=2)
+    assert second["start"] < first["end"]  # they overlap
+    assert sorted(p.name for p in (tmp_path / "build/locks").glob("*.lock")) == ["gpu-cpu0.lock", "gpu-cpu1.lock"]
+    for lora in "ab":
+        log = (tmp_path / f"build/loras/{lora}/Lora3x3A50p-AdamW8/train.log").read_text(encoding="utf-8")
+        assert "on the CPU (no GPU found; slot " in log and "of [trainer] cpu_trainings = 2, 2 threads)" in log
+
+
+def test_cpu_slots_and_what_a_trainer_on_one_is_given(monkeypatch, without_gpu):
+    assert hardware.training_slots([0, 1], 1) == ["cpu0"]
+    assert hardware.training_slots([0], 3) == ["cpu0", "cpu1", "cpu2"]
+    assert hardware.slot_env("cpu1", 2) == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}
+    assert hardware.slot_env("cpu0", 1) == {"CUDA_VISIBLE_DEVICES": ""}  # one at a time: the trainer picks
+    assert hardware.slot_env("cpu0", 8) == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # at least one
+    monkeypatch.setenv("CHARBUILD_TORCH_THREADS", "3")  # the user's count is kept
+    assert hardware.slot_env("cpu0", 2) == {"CUDA_VISIBLE_DEVICES": ""}
+    assert hardware.where_it_trains("cpu0", 2) == "on the CPU (no GPU found; slot 0 of [trainer] cpu_trainings = 2)"
+    assert "cpu_trainings = 2, all busy" in wait_message(["cpu0", "cpu1"])
+    monkeypatch.setattr(hardware, "has_cuda_gpu", lambda: True)
+    assert hardware.training_slots([0, 1], 4) == [0, 1]  # cpu_trainings counts only without a GPU
+    assert hardware.slot_env(1, 4) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert hardware.where_it_trains(1, 4) == "on GPU 1"
 
 
 def test_same_variant_waits_for_the_running_training(tmp_path):

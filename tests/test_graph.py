@@ -233,3 +233,25 @@ def test_reverting_a_setting_restores_the_earlier_training(tmp_path):
     assert len(record.read_text(encoding="utf-8").splitlines()) == trained + 1  # ... but trained nothing
     assert raw.read_bytes() == first
     assert "compress" in ran or "merge" in ran
+
+
+def test_plain_doit_without_a_gpu_trains_cpu_trainings_side_by_side(tmp_path):
+    """``[trainer] cpu_trainings = 2`` on a machine with no GPU: a plain ``doit`` (no ``-n``) runs
+    two tasks at once and two trainings overlap, each told its share of the cores."""
+    import json
+
+    root = make_project(tmp_path / "p", project_extra='cpu_trainings = 2\n[trainer.extra]\nfake_seconds = 1.5\n'
+                                                      'fake_record = "record.jsonl"\n')
+    (root / "dodo.py").write_text("from charbuild.dodo import *  # noqa\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("CHARBUILD_TORCH_THREADS", "OMP_NUM_THREADS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU here, on any machine
+    proc = subprocess.run([sys.executable, "-m", "doit", "train"], cwd=root, env=env, capture_output=True, text=True,
+                          encoding="utf-8", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = sorted((json.loads(line) for line in (root / "record.jsonl").read_text().splitlines()),
+                  key=lambda r: r["start"])
+    assert len(recs) == 3 and all(r["ok"] for r in recs)
+    assert recs[1]["start"] < recs[0]["end"]  # two at once
+    assert recs[2]["start"] >= min(r["end"] for r in recs[:2])  # never three
+    logs = "".join(p.read_text(encoding="utf-8") for p in (root / "build/loras").glob("*/*/train.log"))
+    assert logs.count("of [trainer] cpu_trainings = 2") == 3

@@ -19,6 +19,8 @@ from typing import Callable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
+from .hardware import is_cpu_slot
+
 
 @dataclass(frozen=True)
 class GpuLease:
@@ -43,6 +45,9 @@ def lock_fd(lock: FileLock) -> int | None:
 def wait_message(gpus: Sequence[int | str]) -> str:
     """The one line printed while every GPU is busy."""
     ids = ", ".join(str(g) for g in gpus)
+    if all(is_cpu_slot(g) for g in gpus):
+        return (f"charbuild: waiting for a free CPU slot (no GPU found; [trainer] cpu_trainings = {len(gpus)}, "
+                f"all busy with other trainings)")
     return f"charbuild: waiting for a free GPU (all of {ids} busy with other trainings)"
 
 

@@ -67,7 +67,8 @@ class TrainerSpec:
     """How and where a job is trained (paths absolute).
 
     ``backend`` a registered backend name (:mod:`charbuild.train.backends`); ``gpus`` the GPU
-    indices a training may take; ``sd_scripts`` the kohya-ss checkout; ``python`` and
+    indices a training may take; ``cpu_trainings`` how many trainings run at once on a machine
+    without a GPU (:func:`charbuild.train.hardware.training_slots`); ``sd_scripts`` the kohya-ss checkout; ``python`` and
     ``accelerate`` the sd-scripts launcher (``accelerate`` None: plain ``python script``);
     ``extra_args`` appended to the sd-scripts command; ``run_cache`` reuse earlier identical
     trainings; ``lock_dir`` the GPU lock folder; ``kill_grace``/``lock_poll`` seconds;
@@ -86,6 +87,7 @@ class TrainerSpec:
 
     backend: str = DEFAULT_BACKEND
     gpus: tuple[int, ...] = (0,)
+    cpu_trainings: int = 1
     sd_scripts: str | None = None
     python: str | None = None
     accelerate: str | None = "accelerate"
@@ -295,6 +297,7 @@ def job_specs(project, layout) -> tuple[ModelSpec, TrainerSpec]:
     trainer = TrainerSpec(
         backend=t.get("backend") or DEFAULT_BACKEND,
         gpus=tuple(t.get("gpus") or defaults.gpus),
+        cpu_trainings=int(t.get("cpu_trainings", defaults.cpu_trainings)),
         sd_scripts=_absolute(t.get("sd_scripts"), root),
         python=t.get("python"),
         accelerate=t.get("accelerate", defaults.accelerate),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import TrainingError
+from .hardware import slot_env
 
 #: Seconds a stopped process group gets between SIGTERM and SIGKILL.
 KILL_GRACE = 5.0
@@ -32,10 +33,11 @@ def command_line(cmd: list[str]) -> str:
     return subprocess.list2cmdline(cmd) if os.name == "nt" else shlex.join(cmd)
 
 
-def child_env(gpu: int | str) -> dict[str, str]:
-    """The environment of a trainer on ``gpu``: this process's, with ``CUDA_VISIBLE_DEVICES``."""
+def child_env(gpu: int | str, cpu_trainings: int = 1) -> dict[str, str]:
+    """The environment of a trainer on ``gpu`` (a GPU number or a CPU slot,
+    :func:`charbuild.train.hardware.slot_env`): this process's, with ``CUDA_VISIBLE_DEVICES``."""
     env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    env.update(slot_env(gpu, cpu_trainings))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

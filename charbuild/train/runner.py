@@ -51,7 +51,7 @@ from ..fsutil import replace_file, write_text_atomic
 from ..layout import Layout
 from ..signature import compute_signature, write_sidecar
 from . import observed, run_cache
-from .hardware import where_it_trains
+from .hardware import is_cpu_slot, training_slots, where_it_trains
 from .backends import check_capabilities, collect_outputs, get_backend, prepare_files
 from .executors import RAY
 from .freshness import Freshness, is_up_to_date, sidecar_path
@@ -86,7 +86,7 @@ def launch_local(launch: Launch) -> int:
     rc = run_process(
         cmd,
         cwd=job.project_root,
-        env=backend.env(job, child_env(launch.gpu)),
+        env=backend.env(job, child_env(launch.gpu, job.trainer.cpu_trainings)),
         pass_fds=launch.pass_fds,
         log_fh=launch.log,
         console=launch.console,
@@ -129,8 +129,12 @@ def dry_run_commands(job: TrainJob) -> list[str]:
     temp = Path(job.variant_dir) / f"{TEMP_PREFIX}XXXXXXXX"
     cmd = get_backend(job.backend).command(_backend_job(job, temp), temp / "job.json")
     if takes_local_gpu(launcher):
-        gpus = ", ".join(str(g) for g in job.trainer.gpus)
-        where = f"cwd {job.project_root}, CUDA_VISIBLE_DEVICES = first free of [{gpus}]"
+        slots = training_slots(job.trainer.gpus, job.trainer.cpu_trainings)
+        if is_cpu_slot(slots[0]):
+            where = f"cwd {job.project_root}, on the CPU (no GPU found; {len(slots)} training(s) at once)"
+        else:
+            gpus = ", ".join(str(g) for g in slots)
+            where = f"cwd {job.project_root}, CUDA_VISIBLE_DEVICES = first free of [{gpus}]"
     else:
         where = f"executor {job.trainer.executor}, in a copy of the project on the node it picks"
     lines = [f"# {job.label}: backend {job.backend}, {where}", command_line(cmd)]
@@ -198,7 +202,8 @@ def _gpu_lease_for(launcher: Launcher, job: TrainJob, lock_dir: Path, echo: bool
         yield None
         return
     on_wait = lambda m: say(m.removeprefix("charbuild: "), echo=echo)  # noqa: E731
-    with gpu_lease(lock_dir, list(job.trainer.gpus), poll=job.trainer.lock_poll, on_wait=on_wait) as lease:
+    slots = training_slots(job.trainer.gpus, job.trainer.cpu_trainings)
+    with gpu_lease(lock_dir, slots, poll=job.trainer.lock_poll, on_wait=on_wait) as lease:
         yield lease
 
 
@@ -243,7 +248,7 @@ def run_training(job: TrainJob, *, echo: bool = True, launcher: Launcher | None 
                 fds = tuple(fd for fd in (lease.lock_fd if lease else None, variant_fd) if fd is not None)
                 log = log_path(job)
                 with open(log, "wb") as log_fh:
-                    where = where_it_trains(gpu) if lease is not None else f"with executor {_launcher_name(launcher, job)}"
+                    where = where_it_trains(gpu, job.trainer.cpu_trainings) if lease is not None else f"with executor {_launcher_name(launcher, job)}"
                     say(f"training {job.label} {where} ({job.backend})", log_fh, echo)
                     rc = launcher(Launch(bjob, job_file, gpu, log_fh, console_writer(echo), fds))
                 raw = Path(bjob.output)

@@ -12,7 +12,6 @@ imports torch) holding a GPU lock of ``[trainer] gpus``, as a training does.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from .. import layout
 from ..errors import TrainingError, doit_action
 from ..fsutil import write_text_atomic
 from .gpulock import gpu_lease
+from .hardware import training_slots
+from .process import child_env
 from .job import TrainJob
 from .observed import samples_of
 
@@ -90,13 +91,14 @@ def samples_action(job: TrainJob) -> bool:
 
 def run_renderer(job: TrainJob, request: dict, what: str) -> None:
     """Run the renderer of ``job``'s backend on ``request`` in a process of its own, holding a GPU
-    lock of ``[trainer] gpus`` as a training does; TrainingError when it fails (``what`` rendered)."""
-    with gpu_lease(job.trainer.lock_dir, job.trainer.gpus, poll=job.trainer.lock_poll) as lease:
+    lock of ``[trainer] gpus`` (a CPU slot without a GPU) as a training does; TrainingError when it fails (``what`` rendered)."""
+    slots = training_slots(job.trainer.gpus, job.trainer.cpu_trainings)
+    with gpu_lease(job.trainer.lock_dir, slots, poll=job.trainer.lock_poll) as lease:
         Path(job.variant_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".samples-", dir=job.variant_dir) as temp:
             request_file = Path(temp) / "request.json"
             write_text_atomic(request_file, json.dumps(request, ensure_ascii=False))
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(lease.gpu)}
+            env = child_env(lease.gpu, job.trainer.cpu_trainings)
             module = RENDERERS.get(job.trainer.backend, DEFAULT_RENDERER)
             rc = subprocess.call([sys.executable, "-m", module, str(request_file)], cwd=job.project_root, env=env)
     if rc != 0:

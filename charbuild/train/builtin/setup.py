@@ -16,6 +16,7 @@ from typing import Any
 
 from charbuild.errors import TrainingError
 
+from ..hardware import cpu_cores
 from ..job import TrainJob, adafactor_relative_step, optimizer_kwargs, scheduler_in_effect
 from .models import UnsupportedError
 from .network import NetworkSpec
@@ -259,10 +260,7 @@ def choose_cpu_threads() -> int:
         v = os.environ.get(var, "").strip()
         if v.isdigit() and int(v) > 0:
             return int(v)
-    try:
-        ncpu = len(os.sched_getaffinity(0))
-    except AttributeError:
-        ncpu = os.cpu_count() or 1
+    ncpu = cpu_cores()
     try:
         busy = int(os.getloadavg()[0] + 0.5)
     except (OSError, AttributeError):
