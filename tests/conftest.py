@@ -327,3 +327,23 @@ def example_copy(tmp_path) -> Path:
     shutil.copytree(REPO / "characters", dst / "characters")
     return dst
 
+
+
+@pytest.fixture
+def with_gpus(monkeypatch):
+    """This machine has NVIDIA GPUs as far as the runner's slots go (``[trainer] gpus`` are locked
+    and shown to the trainer): for the fake trainers, which use none, on any machine."""
+    from charbuild.train import hardware
+
+    monkeypatch.setattr(hardware, "has_cuda_gpu", lambda: True)
+
+
+@pytest.fixture
+def without_gpu(monkeypatch):
+    """No GPU, 4 cores and no thread count in the environment, as far as the runner's slots go."""
+    from charbuild.train import hardware
+
+    monkeypatch.setattr(hardware, "has_cuda_gpu", lambda: False)
+    for var in hardware.THREAD_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hardware, "cpu_cores", lambda: 4)

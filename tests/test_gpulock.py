@@ -73,20 +73,6 @@ def test_no_gpus_is_an_error(tmp_path):
             pass
 
 
-@pytest.fixture
-def with_gpus(monkeypatch):
-    """This machine has NVIDIA GPUs, as far as the runner's slots go (the fake trainer uses none)."""
-    monkeypatch.setattr(hardware, "has_cuda_gpu", lambda: True)
-
-
-@pytest.fixture
-def without_gpu(monkeypatch):
-    monkeypatch.setattr(hardware, "has_cuda_gpu", lambda: False)
-    for var in hardware.THREAD_VARIABLES:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hardware, "cpu_cores", lambda: 4)
-
-
 def _two_trainings(tmp_path, gpus, **trainer):
     record = tmp_path / "record.jsonl"
     jobs = [make_job(tmp_path, lora=name, gpus=gpus, fake_seconds=0.8, fake_record=str(record), lock_poll=0.05,

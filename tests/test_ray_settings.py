@@ -200,6 +200,7 @@ def test_a_launcher_without_local_gpu_runs_while_every_gpu_lock_is_held(tmp_path
     from charbuild.train import runner
     from charbuild.train.fake_trainer import write_fake_lora
     from charbuild.train.gpulock import gpu_lease
+    from charbuild.train.hardware import training_slots
 
     class Remote:
         name = "remote-test"
@@ -218,7 +219,8 @@ def test_a_launcher_without_local_gpu_runs_while_every_gpu_lock_is_held(tmp_path
     job = TrainJob.from_dict({**_job(root).to_dict(), "output": str(root / "build/loras/k/v/raw.safetensors")})
     launcher = Remote()
     done = threading.Event()
-    with gpu_lease(Path(job.trainer.lock_dir), list(job.trainer.gpus)):  # every GPU of this machine is busy
+    slots = training_slots(job.trainer.gpus, job.trainer.cpu_trainings)
+    with gpu_lease(Path(job.trainer.lock_dir), slots):  # every GPU (or CPU slot) of this machine is busy
         worker = threading.Thread(target=lambda: (runner.run_training(job, echo=False, launcher=launcher), done.set()))
         worker.start()
         worker.join(timeout=60)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from charbuild.errors import TrainingError
 from charbuild.train.gpulock import acquire_gpu
+from charbuild.train.hardware import training_slots
 from charbuild.train.runner import (
     dry_run_commands,
     is_up_to_date,
@@ -52,7 +53,7 @@ def alive(pid: int) -> bool:
 # --------------------------------------------------------------------------- success
 
 
-def test_fake_backend_success_moves_raw_and_writes_sidecar(tmp_path, capfd):
+def test_fake_backend_success_moves_raw_and_writes_sidecar(tmp_path, capfd, with_gpus):
     record = tmp_path / "record.jsonl"
     job = make_job(tmp_path, fake_record=str(record), fake_seconds=0.3)
     run_training(job)
@@ -85,7 +86,7 @@ def test_fake_backend_success_moves_raw_and_writes_sidecar(tmp_path, capfd):
     assert out.read_bytes() == first
 
 
-def test_sd_scripts_backend_runs_the_script_in_the_project_root(tmp_path, monkeypatch):
+def test_sd_scripts_backend_runs_the_script_in_the_project_root(tmp_path, monkeypatch, with_gpus):
     argv_log = tmp_path / "argv.jsonl"
     monkeypatch.setenv("FAKE_SD_ARGV", str(argv_log))
     job = make_job(tmp_path, backend="sd-scripts", gpus=[3])
@@ -295,8 +296,9 @@ def test_interrupt_stops_the_process_group_and_leaves_nothing(tmp_path, sig):
     wait_for(lambda: not alive(child) and not alive(grandchild), timeout=5)
     assert not Path(job.output).exists() and not sidecar_path(job).exists()
     assert temp_dirs(job) == []
-    with acquire_gpu(job.trainer.lock_dir, [0], poll=0.05, on_wait=None) as gpu:  # lock released
-        assert gpu == 0
+    slot = training_slots(job.trainer.gpus)  # the runner's: a GPU here, or a CPU slot
+    with acquire_gpu(job.trainer.lock_dir, slot, poll=0.05, on_wait=None) as gpu:  # lock released
+        assert gpu == slot[0]
 
 
 @POSIX_ONLY
@@ -307,7 +309,7 @@ def test_sigkilled_runner_leaves_no_raw_and_the_next_run_trains(tmp_path):
     proc.wait(timeout=10)
     # The orphaned trainer dies at its next write to the closed pipe; until then it keeps
     # the GPU lock it inherited, so no other training can start on that GPU meanwhile.
-    with acquire_gpu(job.trainer.lock_dir, [0], poll=0.01, on_wait=None):
+    with acquire_gpu(job.trainer.lock_dir, training_slots(job.trainer.gpus), poll=0.01, on_wait=None):
         assert not alive(child)
     assert not Path(job.output).exists()
     assert len(temp_dirs(job)) == 1  # the partial output stays in the temp folder only
