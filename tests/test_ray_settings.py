@@ -264,6 +264,14 @@ def test_a_ray_client_server_that_fails_to_start_its_side_is_tried_again(capsys)
         init_with_retries(init_failing(9), lambda: None, "ray://h:10001", attempts=3, pause=0)
     assert len(calls) == 3
 
+    calls.clear()  # the same crash, seen by the proxy as a zombie when it reads the server's command line
+    zombie = ConnectionAbortedError(
+        "Initialization failure from server:\nTraceback (most recent call last):\n  File \".../proxier.py\", line 765,"
+        " in Datapath\n    if not self.proxy_manager.start_specific_server(\n...\npsutil.ZombieProcess: PID still "
+        "exists but it's a zombie (pid=24336)\n")
+    init_with_retries(init_failing(1, zombie), lambda: None, "ray://h:10001", pause=0)
+    assert len(calls) == 2
+
     calls.clear()  # any other failure is not Ray Client's crash: at once, as it came
     with pytest.raises(ConnectionRefusedError):
         init_with_retries(init_failing(9, ConnectionRefusedError("no")), lambda: None, "ray://h:10001", pause=0)

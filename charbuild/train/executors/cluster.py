@@ -47,6 +47,10 @@ def connect(address: str | None, gpus: int = 1) -> None:
 
 #: How often a Ray Client connection is tried when the server fails to start its side of it.
 CLIENT_ATTEMPTS = 4
+#: What ``ray.init`` says when the proxy's per-connection server crashed at once: the proxy saw it
+#: fail, or found it already a zombie when it read its command line (``start_specific_server``:
+#: psutil's ZombieProcess, seen on a loaded 2-core CI machine).
+CLIENT_SERVER_CRASHED = ("Starting Ray client server failed", "ZombieProcess")
 
 
 def init_with_retries(init, shutdown, address: str, attempts: int = CLIENT_ATTEMPTS, pause: float = 1.0) -> None:
@@ -57,14 +61,15 @@ def init_with_retries(init, shutdown, address: str, attempts: int = CLIENT_ATTEM
     sometimes crashes at once (ray-project/ray#63202): ``ray.init`` then fails with
     "Initialization failure from server … Starting Ray client server failed". A new
     connection gets a new process and normally works. Any other failure is raised at once;
-    this one, after ``attempts`` tries, as a :class:`TrainingError` that says what to do.
+    this one (:data:`CLIENT_SERVER_CRASHED`), after ``attempts`` tries, as a :class:`TrainingError`
+    that says what to do.
     """
     for attempt in range(1, attempts + 1):
         try:
             init()
             return
         except ConnectionError as e:
-            if "Starting Ray client server failed" not in str(e):
+            if not any(sign in str(e) for sign in CLIENT_SERVER_CRASHED):
                 raise
             if attempt == attempts:
                 raise TrainingError(
