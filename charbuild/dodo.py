@@ -203,6 +203,13 @@ def _guard_plain_doit() -> None:
     prog = Path(sys.argv[0]).name.lower() if sys.argv else ""
     if not (prog.startswith("doit") or (prog == "__main__.py" and "doit" in sys.argv[0])):
         return
+    import multiprocessing
+
+    if multiprocessing.current_process().name != "MainProcess":
+        # a worker of ``doit -n N`` started by "spawn" (Windows, macOS): it imports this module
+        # again with the build's command line (while unpickling its task, before
+        # ``parent_process()`` is set), but the build and its lock are its parent's
+        return
     command = _command_of(sys.argv[1:])
     if command not in READ_ONLY_COMMANDS and (jobs := default_jobs(Path.cwd())) > 1:
         DOIT_CONFIG["num_process"] = jobs
