@@ -52,7 +52,8 @@ def check(root, quick):
                f"{len(project.loras)} LoRA(s) ({summary}), {len(project.warnings)} warning(s)")
 
 
-JOBS_HELP = "Tasks run in parallel (default: as many as trainings can run at once: the GPUs of [trainer] gpus, or [trainer] cpu_trainings without a GPU; trainings still take one slot each)."
+JOBS_HELP = ("Tasks run in parallel (default: as many as trainings can run at once: the GPUs of [trainer] gpus, "
+             "or [trainer] cpu_trainings without a GPU; trainings still take one slot each).")
 
 
 def jobs_args(jobs: int | None) -> list[str]:

@@ -78,7 +78,8 @@ class ProjectSettings:
     dataset: dict = field(default_factory=dict)
     training: dict = field(default_factory=lambda: {"variants": list(DEFAULT_VARIANTS)})
     trainer: dict = field(default_factory=lambda: {
-        "backend": "builtin", "gpus": [0], "cpu_trainings": 1, "sd_scripts": None, "python": None, "accelerate": "accelerate",
+        "backend": "builtin", "gpus": [0], "cpu_trainings": 1, "sd_scripts": None, "python": None,
+        "accelerate": "accelerate",
         "xformers": False, "extra_args": [], "run_cache": True, "extra": {}})
     merge: dict = field(default_factory=lambda: {"presets": {}, "face": "FACE", "body": "BODY", "group": "BODY",
                                                   "explore": [], "explore_max_leak": DEFAULT_MAX_LEAK,

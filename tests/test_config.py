@@ -370,7 +370,8 @@ def test_cpu_trainings_sets_the_cpu_slots_and_the_builds_default_parallelism(pro
     _write_project_toml(project, "gpus = [0, 1]\n")
     assert default_jobs(project) == 2
     toml = project / "characters" / "project.toml"
-    toml.write_text(toml.read_text(encoding="utf-8").replace("cpu_trainings = 3", "cpu_trainings = 0"), encoding="utf-8")
+    text = toml.read_text(encoding="utf-8")
+    toml.write_text(text.replace("cpu_trainings = 3", "cpu_trainings = 0"), encoding="utf-8")
     msgs = problems_of(project)
     assert any(m.startswith("characters/project.toml:8: error: 'trainer.cpu_trainings' must be") for m in msgs), msgs
     assert default_jobs(project) == 1  # the build reports the error; no parallel run meanwhile

@@ -82,10 +82,11 @@ def slot_env(slot: int | str, cpu_trainings: int = 1) -> dict[str, str]:
 
 
 def where_it_trains(slot: int | str, cpu_trainings: int = 1) -> str:
-    """``on GPU 0``, or, without a GPU, ``on the CPU (no GPU found)`` and, with several CPU
-    trainings at once, the slot and its threads."""
+    """``on GPU 0`` for a GPU slot; for a CPU slot ``on the CPU (no GPU found)`` and, with several
+    CPU trainings at once, the slot and its threads (:func:`training_slots` gave a GPU only where
+    there is one)."""
     if not is_cpu_slot(slot):
-        return f"on GPU {slot}" if has_cuda_gpu() else "on the CPU (no GPU found)"
+        return f"on GPU {slot}"
     if cpu_trainings <= 1:
         return "on the CPU (no GPU found)"
     threads = threads_per_training(cpu_trainings)

@@ -68,7 +68,8 @@ class TrainerSpec:
 
     ``backend`` a registered backend name (:mod:`charbuild.train.backends`); ``gpus`` the GPU
     indices a training may take; ``cpu_trainings`` how many trainings run at once on a machine
-    without a GPU (:func:`charbuild.train.hardware.training_slots`); ``sd_scripts`` the kohya-ss checkout; ``python`` and
+    without a GPU (:func:`charbuild.train.hardware.training_slots`); ``sd_scripts`` the kohya-ss
+    checkout; ``python`` and
     ``accelerate`` the sd-scripts launcher (``accelerate`` None: plain ``python script``);
     ``extra_args`` appended to the sd-scripts command; ``run_cache`` reuse earlier identical
     trainings; ``lock_dir`` the GPU lock folder; ``kill_grace``/``lock_poll`` seconds;

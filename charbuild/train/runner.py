@@ -248,7 +248,10 @@ def run_training(job: TrainJob, *, echo: bool = True, launcher: Launcher | None 
                 fds = tuple(fd for fd in (lease.lock_fd if lease else None, variant_fd) if fd is not None)
                 log = log_path(job)
                 with open(log, "wb") as log_fh:
-                    where = where_it_trains(gpu, job.trainer.cpu_trainings) if lease is not None else f"with executor {_launcher_name(launcher, job)}"
+                    if lease is not None:
+                        where = where_it_trains(gpu, job.trainer.cpu_trainings)
+                    else:
+                        where = f"with executor {_launcher_name(launcher, job)}"
                     say(f"training {job.label} {where} ({job.backend})", log_fh, echo)
                     rc = launcher(Launch(bjob, job_file, gpu, log_fh, console_writer(echo), fds))
                 raw = Path(bjob.output)

@@ -91,7 +91,8 @@ def samples_action(job: TrainJob) -> bool:
 
 def run_renderer(job: TrainJob, request: dict, what: str) -> None:
     """Run the renderer of ``job``'s backend on ``request`` in a process of its own, holding a GPU
-    lock of ``[trainer] gpus`` (a CPU slot without a GPU) as a training does; TrainingError when it fails (``what`` rendered)."""
+    lock of ``[trainer] gpus`` (a CPU slot without a GPU) as a training does; TrainingError when it
+    fails (``what`` rendered)."""
     slots = training_slots(job.trainer.gpus, job.trainer.cpu_trainings)
     with gpu_lease(job.trainer.lock_dir, slots, poll=job.trainer.lock_poll) as lease:
         Path(job.variant_dir).mkdir(parents=True, exist_ok=True)
